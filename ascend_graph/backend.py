@@ -1,0 +1,161 @@
+"""The ``ascend`` Dynamo backend: capture -> passes -> codegen -> runtime.
+
+``torch.compile(model, backend="ascend", options={...})`` finds
+:func:`ascend_backend` through the ``torch_dynamo_backends`` entry point (no import of
+this package needed). For each graph Dynamo hands over (several when the user's code
+has graph breaks):
+
+1. ``options`` -> :class:`AscendConfig` (unknown keys are an error);
+2. inputs checked: devices cpu/cuda/npu, no complex or quantized dtypes;
+3. shape analysis (``capture/shapes.py``) on the Dynamo graph: the batch symbol;
+4. AOT trace to functional ATen (``capture/trace.py``); inside, the pass manager runs
+   and the code generator (inductor, or the FX graph as is) compiles the result;
+5. the runtime (``runtime/runner.py``) wraps it: buckets, padding, device graphs.
+
+Inference only: the trace runs under ``no_grad`` and outputs never require grad.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+
+from . import _stats
+from .capture.shapes import ShapeInfo, analyze_graph
+from .capture.trace import aot_trace, make_boxed_func
+from .config import AscendConfig
+from .errors import ConfigError, UnsupportedError
+from .passes.manager import PassManager, build_pass_manager
+
+__all__ = ["ascend_backend", "compile_graph", "CompileContext"]
+
+log = logging.getLogger("ascend_graph.backend")
+
+_graph_ids = itertools.count()
+
+SUPPORTED_DEVICES = ("cpu", "cuda", "npu")
+_UNSUPPORTED_DTYPES = {
+    torch.complex32,
+    torch.complex64,
+    torch.complex128,
+    torch.quint8,
+    torch.qint8,
+    torch.qint32,
+    torch.quint4x2,
+}
+
+
+def ascend_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
+    """Dynamo backend entry point (``torch.compile(..., backend="ascend", options=...)``)."""
+    options = kwargs.pop("options", None)
+    mode = kwargs.pop("mode", None)
+    if kwargs:
+        raise ConfigError(
+            f"unexpected torch.compile argument(s) {sorted(kwargs)} for backend='ascend'",
+            expected="options={...}",
+            got=sorted(kwargs),
+        )
+    if mode not in (None, "default"):
+        raise ConfigError(
+            f"torch.compile mode={mode!r} is not a mode of backend='ascend'",
+            expected="no mode (device graphs are on by default; options={'graphs': False} turns them off)",
+            got=repr(mode),
+        )
+    config = AscendConfig.from_options(options)
+    return compile_graph(gm, example_inputs, config)
+
+
+class CompileContext:
+    """Per-compile state handed down the pipeline (never stored on classes or modules)."""
+
+    def __init__(self, config: AscendConfig, device: torch.device, shapes: ShapeInfo, graph_id: str):
+        self.config = config
+        self.device = device
+        self.shapes = shapes
+        self.graph_id = graph_id
+        self.pass_manager: PassManager | None = None
+        self.pass_counts: dict[str, int] = {}
+        self.post_pass_code: str | None = None
+        self.codegen: str = resolve_codegen(config, device)
+
+
+def resolve_codegen(config: AscendConfig, device: torch.device) -> str:
+    if config.codegen != "auto":
+        return config.codegen
+    return "fx" if device.type == "npu" else "inductor"
+
+
+def check_inputs(example_inputs: Sequence[Any]) -> torch.device:
+    """The graph's device; an unsupported device or dtype is an UnsupportedError."""
+    devices = set()
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor):
+            continue
+        if x.device.type not in SUPPORTED_DEVICES:
+            raise UnsupportedError(
+                f"graph input {i} is on device {x.device}",
+                expected=f"tensors on one of {SUPPORTED_DEVICES}",
+                got=str(x.device),
+            )
+        if x.dtype in _UNSUPPORTED_DTYPES:
+            raise UnsupportedError(
+                f"graph input {i} has dtype {x.dtype}",
+                expected="real floating point (float32/float16/bfloat16/float64), integer or bool tensors",
+                got=str(x.dtype),
+            )
+        devices.add(x.device)
+    accel = sorted({d for d in devices if d.type != "cpu"}, key=str)
+    if len(accel) > 1:
+        raise UnsupportedError("graph inputs are on several accelerators", expected="one device", got=[str(d) for d in accel])
+    return accel[0] if accel else torch.device("cpu")
+
+
+def _codegen(ctx: CompileContext, gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
+    if ctx.codegen == "inductor":
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        with inductor_config.patch(dict(ctx.config.inductor_config)):
+            return compile_fx_inner(gm, list(inputs), is_inference=True)
+    if ctx.codegen == "fx":
+        return make_boxed_func(gm.forward)
+    if ctx.codegen == "torchair":
+        from .integrations import torchair
+
+        return torchair.compile_with_torchair(gm, inputs, ctx.config)
+    raise ConfigError("unknown codegen", expected="auto, inductor, fx or torchair", got=ctx.codegen)
+
+
+def compile_graph(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: AscendConfig,
+    *,
+    wrap_runtime: bool = True,
+) -> Callable[..., Any]:
+    """Compile one Dynamo graph; returns the callable Dynamo will call."""
+    start = time.perf_counter()
+    device = check_inputs(example_inputs)
+    shapes = analyze_graph(gm, example_inputs, config.batch_input, config.batch_dim)
+    ctx = CompileContext(config, device, shapes, graph_id=f"g{next(_graph_ids):03d}")
+    ctx.pass_manager = build_pass_manager(config)
+
+    def fw_compiler(aten_gm: torch.fx.GraphModule, aten_inputs: Sequence[Any]) -> Callable[..., Any]:
+        ctx.pass_counts = ctx.pass_manager(aten_gm, ctx.graph_id)
+        ctx.post_pass_code = aten_gm.code
+        return _codegen(ctx, aten_gm, aten_inputs)
+
+    compiled = aot_trace(gm, example_inputs, fw_compiler)
+    seconds = time.perf_counter() - start
+    _stats.record_compile(seconds)
+    log.info("compiled %s (%s, batch symbol %s) in %.2f s; rewrites %s", ctx.graph_id, ctx.codegen, shapes.batch_symbol, seconds, {k: v for k, v in ctx.pass_counts.items() if v})
+    if not wrap_runtime:
+        return compiled
+    from .runtime.runner import make_runner
+
+    return make_runner(compiled, ctx)

@@ -1,0 +1,178 @@
+"""AscendConfig: the one typed, frozen configuration of a compile.
+
+``torch.compile(model, backend="ascend", options={...})`` turns ``options`` into an
+``AscendConfig`` with :meth:`AscendConfig.from_options`; an unknown key or a value of the
+wrong type is a :class:`~ascend_graph.errors.ConfigError` naming the key and listing the
+valid ones. ``compute_hash()`` feeds the graph-cache key, so it covers every field that
+changes the generated code.
+
+Environment variables are never read here (see STYLE.md): entry points read them and
+pass values in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+__all__ = ["AscendConfig", "FUSION_FAMILIES", "PAD_ROLES"]
+
+#: Fusion families the pass manager knows, in the order they run.
+FUSION_FAMILIES = ("attention", "causal_conv1d", "gated_delta_rule", "moe", "norm_act")
+
+#: How a padded row of a batch-dependent input is filled (runtime/padding.py owns the values).
+PAD_ROLES = ("zero", "index", "slot", "kv_len", "cu_len", "mask")
+
+_CODEGENS = ("auto", "inductor", "fx", "torchair")
+_TORCHAIR_MODES = ("max-autotune", "npugraph_ex", "reduce-overhead")
+
+
+def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    kwargs: dict[str, Any] = {"metadata": {"doc": text}}
+    if factory is not dataclasses.MISSING:
+        kwargs["default_factory"] = factory
+    else:
+        kwargs["default"] = default
+    return field(**kwargs)
+
+
+@dataclass(frozen=True)
+class AscendConfig:
+    """Options of one ``backend="ascend"`` compile. Every field is documented in README.md."""
+
+    codegen: str = _doc("'auto' (inductor on CPU/CUDA, fx on NPU), 'inductor', 'fx' (run the post-pass FX graph as is), or 'torchair'", "auto")
+    fusions: tuple[str, ...] = _doc("fusion families to run, a subset of FUSION_FAMILIES", FUSION_FAMILIES)
+    cleanup: bool = _doc("run the cleanup passes (no-op views/clones, dead code) before and after fusion", True)
+    batch_input: str | int | None = _doc("forward-argument name or graph-input index whose dim `batch_dim` is the batch; default: first non-parameter tensor input with a symbolic dim", None)
+    batch_dim: int = _doc("which dim of `batch_input` is the batch", 0)
+    graphs: bool = _doc("capture device graphs (CUDA/NPU) per bucket; on CPU the bucketed runner keeps the same semantics without graphs", True)
+    buckets: tuple[int, ...] | None = _doc("batch-size buckets; None: vLLM's default list up to max_batch", None)
+    max_batch: int = _doc("largest bucket of the default list", 256)
+    num_speculative_tokens: int = _doc("k: buckets are rounded to multiples of 1+k", 0)
+    max_graphs: int = _doc("cap on graphs per compiled function (keys of other dynamic symbols included); past it calls run without graphs", 64)
+    seq_buckets: tuple[int, ...] | None = _doc("optional buckets for the non-batch symbols (sequence / KV length), padded like the batch", None)
+    warmup: bool = _doc("capture every bucket at the first call instead of lazily", False)
+    pad_roles: tuple[tuple[str, str], ...] = _doc("(input name, role) pairs: how padded rows of that input are filled; roles in PAD_ROLES", ())
+    stream_budget: int | None = _doc("NPU streams this compile may use for graphs (None: the device default, about 2048 less reserve)", None)
+    memory_budget_bytes: int | None = _doc("graph-pool bytes the buckets may use; larger buckets are dropped first", None)
+    cache_dir: str | None = _doc("offline graph cache directory (see `ascend-graph build`)", None)
+    dump_dir: str | None = _doc("write each pass's before/after graph code here", None)
+    debug: bool = _doc("graph.lint() after each pass; check static input addresses at replay", False)
+    explain_node: str | None = _doc("name of a node: the pattern matcher logs why each pattern did or did not match it", None)
+    torchair_mode: str = _doc("with codegen='torchair': 'max-autotune' (GE graph), 'npugraph_ex' or 'reduce-overhead' (ACL graph)", "max-autotune")
+    inductor_config: tuple[tuple[str, Any], ...] = _doc("inductor config patches as (key, value) pairs", ())
+
+    def __post_init__(self) -> None:
+        if self.codegen not in _CODEGENS:
+            raise ConfigError("unknown codegen", expected=f"one of {_CODEGENS}", got=repr(self.codegen))
+        unknown = [f for f in self.fusions if f not in FUSION_FAMILIES]
+        if unknown:
+            raise ConfigError("unknown fusion family", expected=f"a subset of {FUSION_FAMILIES}", got=unknown)
+        if self.torchair_mode not in _TORCHAIR_MODES:
+            raise ConfigError("unknown torchair_mode", expected=f"one of {_TORCHAIR_MODES}", got=repr(self.torchair_mode))
+        if self.buckets is not None:
+            if not self.buckets or any((not isinstance(b, int)) or b < 1 for b in self.buckets):
+                raise ConfigError("buckets must be positive integers", expected="e.g. (1, 2, 4, 8)", got=self.buckets)
+        for name in ("max_batch", "max_graphs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1", expected=">= 1", got=getattr(self, name))
+        if self.num_speculative_tokens < 0:
+            raise ConfigError("num_speculative_tokens must be >= 0", expected=">= 0", got=self.num_speculative_tokens)
+        for name, role in self.pad_roles:
+            if role not in PAD_ROLES:
+                raise ConfigError(f"unknown pad role for input {name!r}", expected=f"one of {PAD_ROLES}", got=role)
+
+    # -- construction ---------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | "AscendConfig" | None) -> "AscendConfig":
+        """Build from a ``torch.compile`` options dict; unknown keys are an error."""
+        if options is None:
+            return cls()
+        if isinstance(options, AscendConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise ConfigError("options must be a dict", expected="dict[str, Any]", got=type(options).__name__)
+        valid = cls.field_names()
+        unknown = sorted(k for k in options if k not in valid)
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {unknown} for backend='ascend'",
+                expected=f"keys among {sorted(valid)}",
+                got=unknown,
+            )
+        kwargs: dict[str, Any] = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for key, value in options.items():
+            kwargs[key] = _coerce(key, types[key], value)
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "AscendConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def pad_role_map(self) -> dict[str, str]:
+        return dict(self.pad_roles)
+
+    # -- hashing --------------------------------------------------------------------
+
+    def compute_hash(self) -> str:
+        """Hash of every field that changes generated code (dump_dir/debug/explain_node do not)."""
+        ignore = {"dump_dir", "debug", "explain_node", "cache_dir", "warmup"}
+        factors = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ignore}
+        blob = json.dumps(factors, sort_keys=True, default=repr)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def describe(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_TUPLE_FIELDS = {"fusions", "buckets", "seq_buckets"}
+_PAIR_FIELDS = {"pad_roles", "inductor_config"}
+
+
+def _coerce(key: str, annotation: str, value: Any) -> Any:
+    """Accept the natural Python spellings (lists, dicts) and check basic types."""
+    if key in _TUPLE_FIELDS:
+        if value is None and "None" in annotation:
+            return None
+        if isinstance(value, str) or not hasattr(value, "__iter__"):
+            raise ConfigError(f"option {key!r} must be a list", expected="a list or tuple", got=repr(value))
+        return tuple(value)
+    if key in _PAIR_FIELDS:
+        if isinstance(value, Mapping):
+            return tuple(sorted(value.items()))
+        try:
+            return tuple((str(k), v) for k, v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"option {key!r} must be a dict", expected="dict[str, ...]", got=repr(value)) from None
+    if annotation == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"option {key!r} must be a bool", expected="True or False", got=repr(value))
+        return value
+    if annotation == "int" or annotation == "int | None":
+        if value is None and "None" in annotation:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"option {key!r} must be an int", expected="int", got=repr(value))
+        return value
+    if annotation in ("str", "str | None"):
+        if value is None and "None" in annotation:
+            return None
+        if not isinstance(value, str):
+            raise ConfigError(f"option {key!r} must be a string", expected="str", got=repr(value))
+        return value
+    if key == "batch_input":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+            raise ConfigError("option 'batch_input' must be a name or an index", expected="str | int | None", got=repr(value))
+        return value
+    return value

@@ -1,0 +1,1 @@
+"""Device implementations of the fused ops: ``triton/`` (CUDA) and ``npu/`` (torch_npu)."""

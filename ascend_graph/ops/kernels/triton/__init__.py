@@ -1,0 +1,1 @@
+"""Triton (CUDA) kernels of the fused ops. Imported lazily: Triton is only needed on CUDA."""

@@ -1,0 +1,51 @@
+"""The face every pass has: ``__call__(graph) -> int``, a stable ``name``, ``uuid()``.
+
+``uuid()`` hashes the pass's source (the class's module and anything listed in
+``uuid_sources``), so a graph cache built with an older version of a pass is not reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import sys
+from typing import Any, Iterable
+
+import torch.fx
+
+__all__ = ["GraphPass", "source_hash"]
+
+
+def source_hash(objects: Iterable[Any]) -> str:
+    """sha256 of the source of each object (module, class or function), in order."""
+    h = hashlib.sha256()
+    for obj in objects:
+        try:
+            src = inspect.getsource(obj)
+        except (OSError, TypeError):
+            src = repr(obj)
+        h.update(src.encode())
+    return h.hexdigest()
+
+
+class GraphPass:
+    """Base of every pass. Subclasses set ``name`` and ``family`` and implement ``__call__``.
+
+    ``family`` is the key its rewrites are counted under in ``stats()["fusions"]``
+    (``None`` for cleanup passes, ``"padding"`` for padding passes).
+    """
+
+    name: str = "unnamed"
+    family: str | None = None
+
+    def __call__(self, graph: torch.fx.Graph) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def uuid_sources(self) -> list[Any]:
+        return [sys.modules[type(self).__module__]]
+
+    def uuid(self) -> str:
+        return source_hash(self.uuid_sources())[:16]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"

@@ -1,0 +1,122 @@
+"""The pass manager: an explicit, ordered list of passes built from ``AscendConfig``.
+
+Order (DESIGN.md): cleanup -> fusion families (in ``FUSION_FAMILIES`` order) ->
+padding -> cleanup. Each pass is timed; its rewrite count goes to ``stats()``
+(``fusions[family]`` for fusion passes); with ``dump_dir`` the graph code before and
+after each pass is written as ``{graph_id}.{index:02d}.{pass}.{before|after}.py``; with
+``debug`` the graph is linted after each pass.
+
+Fusion families live in ``passes/fusion/<family>.py``; each exposes
+``make_pass(config) -> GraphPass | None`` (None where the family has nothing to do under
+this config). The table below is the only place a family is named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch.fx
+
+from .. import _stats
+from ..config import AscendConfig
+from ..errors import CaptureError
+from .base import GraphPass
+from .cleanup import DeadCodeElimination, NoOpElimination
+
+__all__ = ["PassManager", "build_pass_manager", "FAMILY_MODULES"]
+
+log = logging.getLogger("ascend_graph.passes")
+
+#: family name -> module defining ``make_pass(config)``.
+FAMILY_MODULES: dict[str, str] = {
+    "attention": "ascend_graph.passes.fusion.attention",
+    "causal_conv1d": "ascend_graph.passes.fusion.causal_conv",
+    "gated_delta_rule": "ascend_graph.passes.fusion.gated_delta",
+    "moe": "ascend_graph.passes.fusion.moe",
+    "norm_act": "ascend_graph.passes.fusion.norm_act",
+}
+
+
+@dataclass
+class PassManager:
+    """Runs ``passes`` in order over a GraphModule."""
+
+    passes: Sequence[GraphPass]
+    dump_dir: str | None = None
+    debug: bool = False
+    last_counts: dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, gm: torch.fx.GraphModule, graph_id: str = "graph") -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for index, p in enumerate(self.passes):
+            if self.dump_dir:
+                self._dump(gm, graph_id, index, p.name, "before")
+            start = time.perf_counter()
+            n = int(p(gm.graph))
+            seconds = time.perf_counter() - start
+            counts[p.name] = counts.get(p.name, 0) + n
+            _stats.record_pass(p.name, p.family, n, seconds)
+            if n:
+                gm.recompile()
+            log.debug("pass %s: %d rewrites in %.3f s", p.name, n, seconds)
+            if self.debug:
+                try:
+                    gm.graph.lint()
+                except Exception as e:  # lint raises RuntimeError with a fix-it message
+                    raise CaptureError(f"graph is invalid after pass {p.name!r}", expected="a graph that passes graph.lint()", got=str(e)) from e
+            if self.dump_dir:
+                self._dump(gm, graph_id, index, p.name, "after")
+        self.last_counts = counts
+        return counts
+
+    def _dump(self, gm: torch.fx.GraphModule, graph_id: str, index: int, name: str, when: str) -> None:
+        os.makedirs(self.dump_dir, exist_ok=True)
+        path = os.path.join(self.dump_dir, f"{graph_id}.{index:02d}.{name}.{when}.py")
+        with open(path, "w") as f:
+            f.write(gm.graph.python_code(root_module="self").src)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.passes]
+
+    def uuid(self) -> str:
+        """Hash of every pass's uuid, in order: part of the cache key."""
+        h = hashlib.sha256()
+        for p in self.passes:
+            h.update(f"{p.name}:{p.uuid()};".encode())
+        return h.hexdigest()[:16]
+
+
+def fusion_passes(config: AscendConfig) -> list[GraphPass]:
+    out: list[GraphPass] = []
+    for family in config.fusions:
+        module_name = FAMILY_MODULES[family]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:
+                log.debug("fusion family %s is not built yet; skipped", family)
+                continue
+            raise
+        p = module.make_pass(config)
+        if p is not None:
+            out.append(p)
+    return out
+
+
+def build_pass_manager(config: AscendConfig, extra: Sequence[GraphPass] = ()) -> PassManager:
+    """The ordered list: cleanup -> fusion -> ``extra`` (padding) -> cleanup."""
+    passes: list[GraphPass] = []
+    if config.cleanup:
+        passes += [NoOpElimination(), DeadCodeElimination()]
+    passes += fusion_passes(config)
+    passes += list(extra)
+    if config.cleanup:
+        passes += [NoOpElimination(), DeadCodeElimination()]
+    return PassManager(passes=passes, dump_dir=config.dump_dir, debug=config.debug)

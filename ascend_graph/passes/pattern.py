@@ -1,0 +1,134 @@
+"""The one module that touches ``torch._inductor.pattern_matcher``.
+
+A fusion is data: a :class:`Fusion` row (pattern function, replacement function,
+example inputs, extra_check). A family file builds a list of rows and a
+:class:`PatternPass` over them; the pass registers the rows into its own
+``PatternMatcherPass`` the first time it runs (tracing patterns costs ~0.1-1 s each, so
+built matchers are memoised per row set for the life of the process: they are
+immutable once built).
+
+What the pattern matcher needs from us, and what changed across torch 2.11-2.13, is
+kept here: ``register_replacement``'s keywords, ``fwd_only`` tracing, and the
+``TORCHINDUCTOR_PATTERN_MATCH_DEBUG`` switch behind ``AscendConfig.explain_node``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx
+from torch._inductor import pattern_matcher as pm
+
+from .base import GraphPass, source_hash
+
+__all__ = ["Fusion", "PatternPass", "Match", "fwd_only", "explain"]
+
+log = logging.getLogger("ascend_graph.passes.pattern")
+
+Match = pm.Match
+fwd_only = pm.fwd_only
+
+
+def _always(match: "pm.Match") -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """One row of a fusion table.
+
+    ``pattern`` and ``replacement`` are plain module-level functions in plain torch;
+    ``example_inputs`` builds the tensors they are traced with (shapes are not burned
+    in: the matcher generalises sizes). ``extra_check`` gets the match and decides the
+    semantic limits (dtype, head size, token limits) the structure cannot express.
+    ``scalar_workaround`` names float/int arguments of the pattern with a sample value.
+    """
+
+    name: str
+    pattern: Callable[..., Any]
+    replacement: Callable[..., Any]
+    example_inputs: Callable[[], Sequence[Any]]
+    extra_check: Callable[["pm.Match"], bool] = _always
+    scalar_workaround: Mapping[str, float | int] = field(default_factory=dict)
+    exclusive_arg_names: tuple[str, ...] = ()
+
+
+_built: dict[tuple[int, ...], pm.PatternMatcherPass] = {}
+_built_lock = threading.Lock()
+
+
+def _build(fusions: Sequence[Fusion], pass_name: str) -> pm.PatternMatcherPass:
+    key = tuple(id(f) for f in fusions)
+    with _built_lock:
+        if key in _built:
+            return _built[key]
+        matcher = pm.PatternMatcherPass(pass_name=pass_name)
+        for f in fusions:
+            inputs = list(f.example_inputs())
+            # Patterns are traced in inference mode, on the CPU (fake tensors stand in
+            # for the real device at match time: the matcher compares structure).
+            with torch.no_grad():
+                pm.register_replacement(
+                    f.pattern,
+                    f.replacement,
+                    inputs,
+                    pm.fwd_only,
+                    matcher,
+                    extra_check=f.extra_check,
+                    scalar_workaround=dict(f.scalar_workaround) or None,
+                    exclusive_arg_names=f.exclusive_arg_names,
+                )
+        _built[key] = matcher
+        return matcher
+
+
+@contextlib.contextmanager
+def explain(node_name: str | None):
+    """Log, at WARNING on ``torch._inductor.pattern_matcher``, why ``node_name`` matched or not."""
+    if not node_name:
+        yield
+        return
+    old = os.environ.get("TORCHINDUCTOR_PATTERN_MATCH_DEBUG")
+    os.environ["TORCHINDUCTOR_PATTERN_MATCH_DEBUG"] = node_name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCHINDUCTOR_PATTERN_MATCH_DEBUG", None)
+        else:
+            os.environ["TORCHINDUCTOR_PATTERN_MATCH_DEBUG"] = old
+
+
+class PatternPass(GraphPass):
+    """A pass that applies one family's fusion table with the inductor pattern matcher."""
+
+    def __init__(self, name: str, family: str, fusions: Sequence[Fusion], explain_node: str | None = None):
+        self.name = name
+        self.family = family
+        self.fusions = tuple(fusions)
+        self.explain_node = explain_node
+
+    @functools.cached_property
+    def matcher(self) -> pm.PatternMatcherPass:
+        return _build(self.fusions, self.name)
+
+    def __call__(self, graph: torch.fx.Graph) -> int:
+        if not self.fusions:
+            return 0
+        if graph.owning_module is None:
+            raise TypeError(f"{self.name}: the graph must belong to a GraphModule")
+        with explain(self.explain_node):
+            return self.matcher.apply(graph)
+
+    def uuid_sources(self) -> list[Any]:
+        out: list[Any] = super().uuid_sources()
+        for f in self.fusions:
+            out += [f.pattern, f.replacement, f.extra_check]
+        return out
