@@ -150,7 +150,14 @@ def compile_graph(
         ctx.post_pass_code = aten_gm.code
         return _codegen(ctx, aten_gm, aten_inputs)
 
-    compiled = aot_trace(gm, example_inputs, fw_compiler)
+    # --- cache hook (owned by ascend_graph/cache) ---
+    if config.cache_dir:
+        from .cache import compile_with_cache
+
+        compiled = compile_with_cache(gm, example_inputs, ctx, lambda: aot_trace(gm, example_inputs, fw_compiler))
+    else:
+        compiled = aot_trace(gm, example_inputs, fw_compiler)
+    # --- end cache hook ---
     seconds = time.perf_counter() - start
     _stats.record_compile(seconds)
     log.info("compiled %s (%s, batch symbol %s) in %.2f s; rewrites %s", ctx.graph_id, ctx.codegen, shapes.batch_symbol, seconds, {k: v for k, v in ctx.pass_counts.items() if v})
