@@ -81,6 +81,7 @@ class CompileContext:
         self.pass_manager: PassManager | None = None
         self.pass_counts: dict[str, int] = {}
         self.post_pass_code: str | None = None
+        self.mutated_inputs: frozenset[int] = frozenset()
         self.codegen: str = resolve_codegen(config, device)
 
 
@@ -115,6 +116,17 @@ def check_inputs(example_inputs: Sequence[Any]) -> torch.device:
     return accel[0] if accel else torch.device("cpu")
 
 
+def mutated_inputs(aten_gm: torch.fx.GraphModule, offset: int = 0) -> frozenset[int]:
+    """Dynamo-input indices the graph writes (input mutations kept in-graph as copy_)."""
+    placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+    index = {n: i - offset for i, n in enumerate(placeholders)}
+    out = set()
+    for n in aten_gm.graph.nodes:
+        if n.op == "call_function" and n.target is torch.ops.aten.copy_.default and n.args[0] in index:
+            out.add(index[n.args[0]])
+    return frozenset(i for i in out if i >= 0)
+
+
 def _codegen(ctx: CompileContext, gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
     if ctx.codegen == "inductor":
         from torch._inductor import config as inductor_config
@@ -145,7 +157,10 @@ def compile_graph(
     ctx = CompileContext(config, device, shapes, graph_id=f"g{next(_graph_ids):03d}")
     ctx.pass_manager = build_pass_manager(config)
 
+    n_lifted = len(list(gm.parameters())) + len(list(gm.buffers()))
+
     def fw_compiler(aten_gm: torch.fx.GraphModule, aten_inputs: Sequence[Any]) -> Callable[..., Any]:
+        ctx.mutated_inputs = mutated_inputs(aten_gm, offset=n_lifted)
         ctx.pass_counts = ctx.pass_manager(aten_gm, ctx.graph_id)
         ctx.post_pass_code = aten_gm.code
         return _codegen(ctx, aten_gm, aten_inputs)

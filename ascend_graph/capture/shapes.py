@@ -212,10 +212,12 @@ def analyze_values(
 def _pick_batch_symbol(inputs: Sequence[ValueShape], batch_input: str | int | None, batch_dim: int) -> sympy.Symbol | None:
     tensors = [v for v in inputs if v.kind == "tensor"]
     if batch_input is None:
-        for v in tensors:
-            if len(v.dims) > batch_dim and v.dims[batch_dim].free_symbols:
-                return _single_symbol(v, batch_dim)
-        return None
+        # The first tensor input's dim: token ids in HF models, the flattened token count
+        # in vLLM graphs. If Dynamo specialised it (a size-1 batch), the graph is static:
+        # another input's symbolic dim (a cache's slot count) is not a batch.
+        if not tensors or len(tensors[0].dims) <= batch_dim or not tensors[0].dims[batch_dim].free_symbols:
+            return None
+        return _single_symbol(tensors[0], batch_dim)
     if isinstance(batch_input, int):
         chosen = [v for v in inputs if v.index == batch_input]
     else:
@@ -240,11 +242,12 @@ def _pick_batch_symbol(inputs: Sequence[ValueShape], batch_input: str | int | No
 
 def _single_symbol(v: ValueShape, dim: int) -> sympy.Symbol:
     expr = v.dims[dim]
-    if isinstance(expr, sympy.Symbol):
-        return expr
+    if len(expr.free_symbols) == 1:
+        # s0, or an expression of one symbol such as 3*s0 (an MTP verify batch of 1+k tokens a request)
+        return next(iter(expr.free_symbols))
     raise CaptureError(
-        f"dim {dim} of input {v.name!r} is {expr}, not a plain symbol",
-        expected="the batch dim to be one symbol (s0), not an expression",
+        f"dim {dim} of input {v.name!r} is {expr}, an expression of several symbols",
+        expected="the batch dim to be a function of one symbol (s0 or (1+k)*s0)",
         got=str(expr),
         hint="set options['batch_input'] to an input whose batch dim is a plain symbol",
     )

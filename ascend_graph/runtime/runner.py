@@ -1,11 +1,311 @@
-"""Placeholder runner (replaced by the bucketed runner)."""
+"""The bucketed runner: pad to a bucket, capture a device graph once, replay.
+
+Entry point: :func:`make_runner` (called by the backend with the compiled function and
+the compile context). One :class:`BucketedRunner` per compiled graph; one
+:class:`GraphEntry` per key. A key is the bucket plus the values of the graph's other
+symbols (a prefill sequence length, a growing KV length), so a graph whose non-batch
+dims vary gets one graph per value, capped by ``max_graphs``.
+
+Each entry is a small state machine: ``new -> captured`` (a warm-up run, then the
+capture, on first use or at warm-up), or ``failed`` (capture raised: the bucket is
+dropped with a warning, serving continues with the next bucket up or without graphs).
+
+Inputs, by kind:
+
+- parameters and buffers: never copied; the graph reads them where they are
+  (addresses checked at replay in debug mode);
+- inputs the graph mutates and that do not depend on the batch (KV caches): never
+  copied; their addresses are checked at every call, and a change recaptures the entry;
+- everything else: copied into the entry's static buffers, padded by role
+  (``runtime/padding.py``). Buffers whose batch dim is dim 0 are views of one
+  persistent buffer sized for the largest bucket; a batch-dependent input the graph
+  mutates is copied back after the replay.
+
+Outputs are sliced back to the real batch. With real device graphs they are cloned out
+of the graph's static buffers (the next replay overwrites them) unless the config says
+the caller consumes them first.
+
+On the CPU there is no device graph (``NoGraph``): the compiled function runs at the
+padded shape, so padding, bucketing and the counters (a bucket run counts as a replay)
+behave as on a GPU and are tested here.
+"""
+
+from __future__ import annotations
+
 import contextlib
+import contextvars
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
+import torch
 
-def make_runner(compiled, ctx):
-    return compiled
+from .. import _stats
+from ..errors import CaptureError
+from .buckets import BucketPlan, graph_stream_cost, plan_buckets
+from .graphs import DeviceGraph, capture_guard, graph_pool_handle, new_graph, pool_reserved_bytes, supports_graphs
+from .padding import PadPlan, pad_into, plan_padding, role_for, slice_output
+
+__all__ = ["make_runner", "BucketedRunner", "warmup_scope"]
+
+log = logging.getLogger("ascend_graph.runtime")
+
+_warmup_requested: contextvars.ContextVar[bool] = contextvars.ContextVar("ascend_graph_warmup", default=False)
 
 
 @contextlib.contextmanager
 def warmup_scope():
-    yield
+    """Within this scope, a runner's first call captures every bucket (largest first)."""
+    token = _warmup_requested.set(True)
+    try:
+        yield
+    finally:
+        _warmup_requested.reset(token)
+
+
+@dataclass
+class GraphEntry:
+    key: tuple
+    bucket: int | None
+    graph: DeviceGraph
+    static_args: list[Any]
+    pinned_ptrs: dict[int, int] = field(default_factory=dict)  # input index -> data_ptr at capture
+    outputs: Any = None
+    state: str = "new"
+
+
+class BucketedRunner:
+    """Callable Dynamo gets back from the backend."""
+
+    def __init__(self, compiled: Callable[..., Any], ctx: Any):
+        self.compiled = compiled
+        self.ctx = ctx
+        self.config = ctx.config
+        self.shapes = ctx.shapes
+        self.device: torch.device = ctx.device
+        # With codegen='torchair', TorchAir captures its own ACL graphs: do not nest ours.
+        self.use_graphs = bool(self.config.graphs) and supports_graphs(self.device) and ctx.codegen != "torchair"
+        self.mutated: frozenset[int] = frozenset(getattr(ctx, "mutated_inputs", ()) or ())
+        batch = self.shapes.batch_symbol
+        kinds = [v.kind for v in self.shapes.inputs]
+        #: inputs read in place: parameters/buffers, and mutated inputs without a batch dim
+        self.in_place = frozenset(
+            i for i, v in enumerate(self.shapes.inputs) if v.kind == "param" or (i in self.mutated and not v.depends_on(batch))
+        )
+        self.copied = tuple(i for i, k in enumerate(kinds) if k == "tensor" and i not in self.in_place)
+        declared = self.config.pad_role_map
+        self.roles = {i: role_for(self.shapes.inputs[i].name, declared) for i in self.copied}
+        self.plan: BucketPlan | None = None
+        if batch is not None:
+            self.plan = plan_buckets(
+                self.config.buckets,
+                max_size=self.config.max_batch,
+                num_speculative_tokens=self.config.num_speculative_tokens,
+                stream_budget=self.config.stream_budget if self.device.type == "npu" else None,
+                stream_cost=graph_stream_cost(0, piecewise=False),
+            )
+        self.entries: dict[tuple, GraphEntry] = {}
+        self.failed: set[tuple] = set()
+        self.pool: Any = None
+        self._persistent: dict[tuple, torch.Tensor] = {}
+        self._warmed: set[tuple] = set()
+
+    # -- the call ------------------------------------------------------------------
+
+    def __call__(self, *args: Any) -> Any:
+        values = self.shapes.bind(args)
+        others = tuple(values[s] for s in self.shapes.other_symbols)
+        if self.plan is None:
+            return self._run_entry(("static",) + others, None, args, values, None)
+        n = values[self.shapes.batch_symbol]
+        if (self.config.warmup or _warmup_requested.get()) and others not in self._warmed:
+            self._warmed.add(others)
+            self._warmup_all(args, values, others)
+        while True:
+            bucket = self.plan.select(n) if self.plan is not None else None
+            if bucket is None:
+                return self._fallback("above_largest_bucket", args)
+            key = (bucket,) + others
+            if key in self.failed:
+                self.plan = self.plan.without(bucket)
+                continue
+            return self._run_entry(key, bucket, args, values, plan_padding(self.shapes, values, bucket))
+
+    def _run_entry(self, key: tuple, bucket: int | None, args: Sequence[Any], values: dict, pad: PadPlan | None) -> Any:
+        entry = self.entries.get(key)
+        if entry is None:
+            if len(self.entries) >= self.config.max_graphs:
+                return self._fallback("graph_limit", args)
+            entry = self._capture(key, bucket, args, pad)
+            if entry is None:
+                if bucket is None:
+                    return self._fallback("capture_failed", args)
+                return self(*args)  # the failed bucket is gone from the plan
+        elif self._in_place_moved(entry, args):
+            log.warning("an in-place input (KV cache) moved since graph %s was captured; recapturing", key)
+            del self.entries[key]
+            return self._run_entry(key, bucket, args, values, pad)
+        self._load_inputs(entry, args, pad)
+        outs = entry.graph.replay()
+        _stats.record_replay()
+        if pad is not None:
+            _stats.record_padding(pad.real_batch, pad.bucket - pad.real_batch)
+        return self._finish(entry, outs, args, pad)
+
+    def _fallback(self, reason: str, args: Sequence[Any]) -> Any:
+        _stats.record_fallback(reason)
+        return self.compiled(*args)
+
+    # -- inputs ----------------------------------------------------------------------
+
+    def _static_buffer(self, i: int, shape: tuple[int, ...], like: torch.Tensor, others: tuple) -> torch.Tensor:
+        """A buffer of ``shape`` for input i; a view of one max-bucket buffer when the batch is dim 0."""
+        v = self.shapes.inputs[i]
+        batch = self.shapes.batch_symbol
+        dims = v.batch_dims(batch)
+        if self.plan is not None and dims == (0,):
+            values = dict(zip(self.shapes.other_symbols, others))
+            values[batch] = self.plan.largest
+            full_shape = self.shapes.evaluate(v, values)
+            key = (i,) + others
+            full = self._persistent.get(key)
+            if full is None or tuple(full.shape) != tuple(full_shape):
+                full = torch.empty(full_shape, dtype=like.dtype, device=like.device)
+                self._persistent[key] = full
+            return full[: shape[0]]
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+    def _make_static_args(self, key: tuple, args: Sequence[Any], pad: PadPlan | None) -> list[Any]:
+        others = key[1:]
+        static: list[Any] = list(args)
+        for i in self.copied:
+            a = args[i]
+            shape = pad.input_shapes[i] if pad is not None else tuple(a.shape)
+            static[i] = self._static_buffer(i, shape, a, others)
+        if pad is not None:
+            for j, v in enumerate(self.shapes.inputs):
+                if v.kind == "symint":
+                    static[j] = self.shapes.evaluate(v, pad.padded_values)[0]
+        return static
+
+    def _load_inputs(self, entry: GraphEntry, args: Sequence[Any], pad: PadPlan | None) -> None:
+        for i in self.copied:
+            pad_into(entry.static_args[i], args[i], self.roles[i])
+        if self.config.debug:
+            for i in self.in_place:
+                if i in entry.pinned_ptrs and args[i].data_ptr() != entry.pinned_ptrs[i]:
+                    raise CaptureError(
+                        f"parameter/buffer input {self.shapes.inputs[i].name!r} moved since capture",
+                        expected=hex(entry.pinned_ptrs[i]),
+                        got=hex(args[i].data_ptr()),
+                        hint="device graphs read parameters in place; recompile after moving the model",
+                    )
+
+    def _in_place_moved(self, entry: GraphEntry, args: Sequence[Any]) -> bool:
+        return any(args[i].data_ptr() != entry.pinned_ptrs.get(i) for i in self.in_place if i in self.mutated)
+
+    # -- capture ---------------------------------------------------------------------
+
+    def _warmup_all(self, args: Sequence[Any], values: dict, others: tuple) -> None:
+        """Capture every bucket for these other-symbol values, largest first (one pool)."""
+        assert self.plan is not None
+        for bucket in reversed(self.plan.sizes):
+            key = (bucket,) + others
+            if key in self.entries or key in self.failed or len(self.entries) >= self.config.max_graphs:
+                continue
+            b_args, b_values = self._truncate(args, values, bucket)
+            self._capture(key, bucket, b_args, plan_padding(self.shapes, b_values, bucket))
+
+    def _truncate(self, args: Sequence[Any], values: dict, bucket: int) -> tuple[list[Any], dict]:
+        """This call's inputs cut to a smaller bucket's batch (to capture it at warm-up).
+
+        The rows kept are real rows of this call, so anything the warm-up run writes
+        (cache slots) is what the real call writes again.
+        """
+        batch = self.shapes.batch_symbol
+        if bucket >= values[batch]:
+            return list(args), values
+        small = dict(values)
+        small[batch] = bucket
+        out = list(args)
+        for i in self.copied:
+            v = self.shapes.inputs[i]
+            t = args[i]
+            for d, n in enumerate(self.shapes.evaluate(v, small)):
+                t = t.narrow(d, 0, n)
+            out[i] = t
+        for j, v in enumerate(self.shapes.inputs):
+            if v.kind == "symint":
+                out[j] = self.shapes.evaluate(v, small)[0]
+        return out, small
+
+    def _capture(self, key: tuple, bucket: int | None, args: Sequence[Any], pad: PadPlan | None) -> GraphEntry | None:
+        static = self._make_static_args(key, args, pad)
+        graph = new_graph(self.device, self.use_graphs)
+        entry = GraphEntry(key=key, bucket=bucket, graph=graph, static_args=static)
+        entry.pinned_ptrs = {i: args[i].data_ptr() for i in self.in_place if isinstance(args[i], torch.Tensor)}
+        self._load_inputs(entry, args, pad)
+        name = f"{self.ctx.graph_id}:{'x'.join(map(str, key))}"
+        start = time.perf_counter()
+        before = pool_reserved_bytes(self.device)
+        try:
+            if self.use_graphs:
+                if self.pool is None:
+                    self.pool = graph_pool_handle(self.device)
+                # one eager run first: lazy initialisation (cuBLAS handles, autotuning)
+                # must not happen inside the capture
+                self.compiled(*static)
+                with capture_guard(self.device):
+                    graph.capture(lambda: self.compiled(*static), pool=self.pool)
+            else:
+                graph.capture(lambda: self.compiled(*static))
+        except Exception as e:  # out of memory, out of streams, an op that cannot be captured
+            if self.config.debug:
+                raise
+            log.warning("capture of %s failed (%s: %s); serving continues without it", name, type(e).__name__, e)
+            _stats.record_capture_failure(name, f"{type(e).__name__}: {e}"[:200])
+            self.failed.add(key)
+            if bucket is not None and self.plan is not None:
+                self.plan = self.plan.without(bucket)
+            return None
+        seconds = time.perf_counter() - start
+        entry.state = "captured"
+        self.entries[key] = entry
+        if self.use_graphs:
+            _stats.record_capture(name, seconds, pool_reserved_bytes(self.device) - before)
+        else:
+            # CPU: a bucket's compiled function is prepared (counted so counters match GPUs)
+            _stats.record_capture(name, seconds, 0)
+        return entry
+
+    # -- outputs ---------------------------------------------------------------------
+
+    def _finish(self, entry: GraphEntry, outs: Any, args: Sequence[Any], pad: PadPlan | None) -> Any:
+        # mutated inputs that were copied in: write the real region back
+        for i in self.copied:
+            if i in self.mutated:
+                src = entry.static_args[i]
+                for d, n in enumerate(args[i].shape):
+                    src = src.narrow(d, 0, n)
+                args[i].copy_(src)
+        seq = isinstance(outs, (list, tuple))
+        items = list(outs) if seq else [outs]
+        result = []
+        for k, o in enumerate(items):
+            cuts = pad.output_slices[k] if pad is not None and k < len(pad.output_slices) else None
+            if isinstance(o, torch.Tensor):
+                o = slice_output(o, cuts)
+                if self.use_graphs:
+                    o = o.clone()
+            elif pad is not None and k < len(self.shapes.outputs) and self.shapes.outputs[k].kind == "symint":
+                o = self.shapes.evaluate(self.shapes.outputs[k], pad.values)[0]
+            result.append(o)
+        if not seq:
+            return result[0]
+        return type(outs)(result) if isinstance(outs, tuple) else result
+
+
+def make_runner(compiled: Callable[..., Any], ctx: Any) -> Callable[..., Any]:
+    """Wrap a compiled graph in the bucketed runner."""
+    return BucketedRunner(compiled, ctx)

@@ -1,0 +1,168 @@
+"""The bucketed runner on the CPU (no device graph: same padding, buckets and counters)."""
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import ascend_graph
+from ascend_graph.backend import ascend_backend
+
+
+class Toy(nn.Module):
+    """A token-major layer plus a vLLM-style cache write (slot < 0 goes to a trash row)."""
+
+    def __init__(self, n_slots: int = 64):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.n_slots = n_slots
+
+    def forward(self, x, slot_mapping, cache):
+        y = torch.relu(self.lin(x)) * 2
+        # padded rows carry slot -1: redirect them to the trash row past the real slots
+        idx = torch.where(slot_mapping < 0, torch.full_like(slot_mapping, self.n_slots), slot_mapping)
+        cache.index_copy_(0, idx, y)
+        return y.sum(-1), y
+
+
+def bucket_of(key: str) -> int:
+    """Stats keys are 'graph:bucket' or 'graph:bucketxother...'."""
+    return int(key.split(":")[1].split("x")[0])
+
+
+def compiled_toy(**options):
+    torch._dynamo.reset()
+    model = Toy()
+    opts = {"codegen": "fx", "buckets": [1, 2, 4, 8, 16]}
+    opts.update(options)
+    return model, torch.compile(model, backend=ascend_backend, options=opts, dynamic=True)
+
+
+def inputs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    slots = torch.randperm(64, generator=g)[:n]
+    return x, slots
+
+
+def test_padded_then_sliced_equals_unpadded_for_random_batches():
+    model, cm = compiled_toy()
+    rng = random.Random(0)
+    for trial in range(12):
+        n = rng.randint(1, 16)
+        x, slots = inputs(n, trial)
+        cache_a, cache_b = torch.zeros(65, 8), torch.zeros(65, 8)
+        with torch.no_grad():
+            ref = model(x, slots, cache_a)
+            out = cm(x, slots, cache_b)
+        assert out[0].shape == (n,) and out[1].shape == (n, 8)
+        torch.testing.assert_close(out[0], ref[0])
+        torch.testing.assert_close(out[1], ref[1])
+        torch.testing.assert_close(cache_b[:64], cache_a[:64])
+    st = ascend_graph.stats()
+    assert st["replays"] == 12 and st["eager_fallbacks"] == 0
+    assert st["padding"]["real_rows"] + st["padding"]["padded_rows"] > st["padding"]["real_rows"]
+
+
+def test_padded_rows_never_write_the_cache():
+    _, cm = compiled_toy()
+    x, slots = inputs(5)  # bucket 8: three padded rows with slot -1
+    cache = torch.full((65, 8), 7.0)
+    with torch.no_grad():
+        cm(x, slots, cache)
+    untouched = torch.ones(64, dtype=torch.bool)
+    untouched[slots] = False
+    assert (cache[:64][untouched] == 7.0).all()
+    assert ascend_graph.stats()["padding"]["padded_rows"] == 3
+
+
+def test_above_largest_bucket_runs_without_graph_and_is_counted():
+    model, cm = compiled_toy()
+    x, slots = inputs(20)
+    cache = torch.zeros(65, 8)
+    with torch.no_grad():
+        out = cm(x, slots, cache)
+        ref = model(x, slots, torch.zeros(65, 8))
+    torch.testing.assert_close(out[1], ref[1])
+    st = ascend_graph.stats()
+    assert st["eager_fallbacks"] == 1 and st["fallback_reasons"] == {"above_largest_bucket": 1}
+
+
+def test_serving_continues_after_a_failed_capture(monkeypatch, caplog):
+    from ascend_graph.runtime import graphs
+
+    real = graphs.NoGraph.capture
+    calls = {"n": 0}
+
+    def flaky(self, fn, pool=None):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("simulated: no memory for this bucket")
+        return real(self, fn, pool)
+
+    monkeypatch.setattr(graphs.NoGraph, "capture", flaky)
+    model, cm = compiled_toy()
+    x, slots = inputs(3)  # bucket 4 fails, bucket 8 serves
+    with torch.no_grad():
+        out = cm(x, slots, torch.zeros(65, 8))
+        ref = model(x, slots, torch.zeros(65, 8))
+    torch.testing.assert_close(out[1], ref[1])
+    st = ascend_graph.stats()
+    assert st["capture_failures"] == 1
+    ok = [bucket_of(k) for k, v in st["buckets"].items() if "failed" not in v]
+    failed = [bucket_of(k) for k, v in st["buckets"].items() if "failed" in v]
+    assert ok == [8] and failed == [4]
+    assert "capture of" in caplog.text and "failed" in caplog.text
+
+
+def test_graph_cap_bounds_captures():
+    model, cm = compiled_toy(max_graphs=2)
+    with torch.no_grad():
+        # from 2: Dynamo specialises a size-1 batch into a static graph of its own
+        for n in (2, 3, 5, 9, 6):
+            x, slots = inputs(n)
+            cm(x, slots, torch.zeros(65, 8))
+    st = ascend_graph.stats()
+    assert st["buckets_captured"] == 2
+    assert st["fallback_reasons"] == {"graph_limit": 3}
+
+
+def test_warmup_captures_every_bucket_largest_first():
+    model, cm = compiled_toy()
+    x, slots = inputs(5)
+    with torch.no_grad():
+        ascend_graph.warmup(cm, x, slots, torch.zeros(65, 8))
+    keys = list(ascend_graph.stats()["buckets"])
+    assert [bucket_of(k) for k in keys] == [16, 8, 4, 2, 1]
+
+
+class SeqModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):  # [B, S, 6]: S is a second symbol
+        return self.lin(x).softmax(dim=1)
+
+
+def test_other_symbols_key_their_own_graphs():
+    torch._dynamo.reset()
+    model = SeqModel()
+    cm = torch.compile(model, backend=ascend_backend, options={"codegen": "fx", "buckets": [2, 4]}, dynamic=True)
+    with torch.no_grad():
+        for b, s in [(2, 3), (3, 3), (3, 5), (2, 5)]:
+            x = torch.randn(b, s, 6)
+            torch.testing.assert_close(cm(x), model(x))
+    keys = sorted(k.split(":")[1] for k in ascend_graph.stats()["buckets"])
+    assert keys == ["2x3", "2x5", "4x3", "4x5"]
+
+
+def test_unknown_option_names_it_and_lists_valid_ones():
+    torch._dynamo.reset()
+    cm = torch.compile(SeqModel(), backend=ascend_backend, options={"bucketz": [1]})
+    with pytest.raises(Exception) as e:
+        cm(torch.randn(2, 3, 6))
+    inner = e.value.__cause__ or getattr(e.value, "inner_exception", None)
+    assert isinstance(inner, ascend_graph.ConfigError)
+    assert "bucketz" in str(inner) and "buckets" in str(inner)
