@@ -1,0 +1,85 @@
+"""CUDA implementation of ``moe_dispatch_ffn_combine``: sort, two grouped GEMMs, combine.
+
+Entry point: :func:`dispatch_ffn_combine` (attached to the op's ``cuda`` key by
+``ascend_graph/ops/moe.py``).
+
+Invariants:
+
+- static shapes only (no ``nonzero``, no ``.tolist()``, no host sync), so the whole op is
+  capturable in a CUDA graph and one graph serves any routing;
+- the (token, slot) pairs are sorted by expert with masked-out pairs (ids outside
+  ``[0, E)``, inactive tokens) given the sentinel id ``E``, so they sort to the tail and
+  lie past ``offs[-1]``, where ``torch._grouped_mm`` does no work; the rows it leaves
+  unwritten there are zeroed by a ``where`` before the combine;
+- offsets are cumulative int32 on the device (``torch._grouped_mm``'s contract in torch
+  2.9-2.13), counted with ``scatter_add`` rather than ``bincount`` (whose output size
+  depends on the data);
+- the combine accumulates in float32 and casts to ``x.dtype`` once.
+
+``torch._grouped_mm`` needs SM80+ and bf16 operands; elsewhere (fp16/fp32, older GPUs)
+the grouped GEMMs run as one batched GEMM over the gathered per-pair weights, which is
+exact but reads each selected expert once per pair.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+__all__ = ["dispatch_ffn_combine", "grouped_mm_supported"]
+
+log = logging.getLogger("ascend_graph.ops.kernels.triton.moe")
+
+
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs these operands on this device."""
+    if not hasattr(torch, "_grouped_mm") or x.device.type != "cuda":
+        return False
+    if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
+def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
+    from ...moe import apply_activation
+
+    return apply_activation(h, activation)
+
+
+def dispatch_ffn_combine(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    activation: str,
+    active_mask: Optional[torch.Tensor],
+) -> torch.Tensor:
+    t, h = x.shape
+    e, k = w13.shape[0], topk_ids.shape[1]
+    ids = topk_ids.long()
+    valid = (ids >= 0) & (ids < e)
+    if active_mask is not None:
+        valid = valid & active_mask.bool().unsqueeze(1)
+    flat = torch.where(valid, ids, e).reshape(-1)
+    sorted_ids, perm = torch.sort(flat)
+    tokens = perm // k
+    pair_w = topk_weights.reshape(-1)[perm].float()
+    dead = (sorted_ids >= e).unsqueeze(1)
+    xs = x[tokens]
+    if grouped_mm_supported(x, w13):
+        counts = torch.zeros(e + 1, dtype=torch.int32, device=x.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offs = torch.cumsum(counts[:e], 0, dtype=torch.int32)
+        hidden = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)
+        # rows past offs[-1] are left unwritten: zero them before they can make NaNs
+        hidden = torch.where(dead, 0, hidden)
+        y = torch._grouped_mm(_act(hidden, activation), w2.transpose(1, 2), offs=offs)
+    else:
+        safe = sorted_ids.clamp(max=e - 1)
+        hidden = torch.bmm(w13[safe], xs.unsqueeze(-1)).squeeze(-1)
+        y = torch.bmm(w2[safe], _act(hidden, activation).unsqueeze(-1)).squeeze(-1)
+    y = torch.where(dead, 0.0, y.float() * pair_w.unsqueeze(1))
+    out = torch.zeros(t, h, dtype=torch.float32, device=x.device).index_add_(0, tokens, y)
+    return out.to(x.dtype)

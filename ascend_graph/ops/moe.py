@@ -1,0 +1,255 @@
+"""MoE fused ops: ``moe_gating_topk`` (routing) and ``moe_dispatch_ffn_combine`` (experts).
+
+Entry points: ``torch.ops.ascend_graph.moe_gating_topk`` and
+``torch.ops.ascend_graph.moe_dispatch_ffn_combine`` (also importable here as
+:func:`moe_gating_topk` / :func:`moe_dispatch_ffn_combine`).
+
+Contracts (what the fake impls promise and every implementation keeps):
+
+``moe_gating_topk(logits[T, E], top_k, bias[E]?, scoring, n_group, topk_group,
+renormalize, routed_scaling_factor, eps) -> (weights[T, k], ids[T, k] int64)``
+    ``scoring`` is ``"softmax"`` or ``"sigmoid"``. The experts are chosen on
+    ``score + bias`` (DeepSeek-V3's correction bias; ``bias`` None means zeros); with
+    ``n_group > 1`` the experts form ``n_group`` equal groups, each group is scored by the
+    sum of its top-2 choice scores and only the best ``topk_group`` groups may be chosen.
+    The weights are the *unbiased* scores of the chosen experts, divided by their sum
+    (plus ``eps``) when ``renormalize``, times ``routed_scaling_factor``. ``weights`` has
+    the dtype of ``logits``; ``ids`` are int64 (what ``torch.topk`` gives, so the ops
+    downstream of a fused router keep their dtypes).
+
+``moe_dispatch_ffn_combine(x[T, H], topk_weights[T, k], topk_ids[T, k], w13[E, 2I, H],
+w2[E, H, I], activation, active_mask[T]?, shared_gate[Is, H]?, shared_up[Is, H]?,
+shared_down[H, Is]?, ep_group, ep_world_size, ep_rank) -> out[T, H]``
+    Weight layout is HF transformers' (``Qwen3MoeExperts``, ``DeepseekV3Experts``, ...):
+    ``w13[e]`` stacks the gate rows on top of the up rows (``[gate; up]``, each ``I``
+    rows), ``w2[e]`` is the down projection, both as ``nn.Linear`` stores them (out
+    features first), so a model's parameters are used in place, never copied.
+    ``out[t] = sum_j w[t, j] * down_e(act(gate_e(x[t])) * up_e(x[t]))`` with
+    ``e = ids[t, j]``, accumulated in float32 and cast to ``x.dtype``; ids outside
+    ``[0, E)`` (expert-parallel sentinels) contribute nothing. ``activation`` is one of
+    :data:`ACTIVATIONS`. Tokens with ``active_mask`` False (padding rows of a bucket) do
+    no expert work and get zeros (plus the shared experts' output, which is computed for
+    every row). With shared experts given, ``out += down_s(act(gate_s(x)) * up_s(x))``.
+    With ``ep_world_size > 1`` ``w13``/``w2`` hold this rank's ``E / ep_world_size``
+    experts and ``ids`` are global: only the NPU binding (MC2 dispatch/combine over
+    ``ep_group``) implements that.
+
+The output shapes depend on input shapes only, so one captured graph serves any routing.
+Implementations: the CPU reference here (ground truth, any device), CUDA in
+``kernels/triton/moe.py`` (``torch._grouped_mm``, or Triton where it is missing), NPU in
+``kernels/npu/moe.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UnsupportedError
+from .kernels.triton import moe as _cuda
+
+__all__ = ["moe_gating_topk", "moe_dispatch_ffn_combine", "ACTIVATIONS", "SCORINGS", "apply_activation", "gating_reference", "experts_reference"]
+
+log = logging.getLogger("ascend_graph.ops.moe")
+
+#: gated activations the experts may use: ``act(gate) * up``
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+SCORINGS = ("softmax", "sigmoid")
+
+
+def apply_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(gate) * up`` for ``gate_up = [gate | up]`` along the last dim."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    if activation == "silu":
+        return F.silu(gate) * up
+    if activation == "gelu":
+        return F.gelu(gate) * up
+    if activation == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    raise UnsupportedError("unknown MoE activation", expected=f"one of {ACTIVATIONS}", got=repr(activation))
+
+
+def _check_gating(logits: torch.Tensor, top_k: int, scoring: str, n_group: int, topk_group: int) -> None:
+    if logits.dim() != 2:
+        raise UnsupportedError("moe_gating_topk takes 2-D router logits", expected="[tokens, experts]", got=tuple(logits.shape))
+    if scoring not in SCORINGS:
+        raise UnsupportedError("unknown MoE scoring function", expected=f"one of {SCORINGS}", got=repr(scoring))
+    experts = logits.shape[1]
+    if n_group < 1 or experts % n_group != 0 or not (1 <= topk_group <= n_group):
+        raise UnsupportedError(
+            "invalid expert groups",
+            expected=f"n_group dividing {experts} experts and 1 <= topk_group <= n_group",
+            got=f"n_group={n_group}, topk_group={topk_group}",
+        )
+    if not (1 <= top_k <= experts):
+        raise UnsupportedError("top_k out of range", expected=f"1..{experts}", got=top_k)
+
+
+def gating_reference(
+    logits: torch.Tensor,
+    top_k: int,
+    bias: Optional[torch.Tensor],
+    scoring: str,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    routed_scaling_factor: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch routing, written as HF transformers writes it (the ground truth)."""
+    _check_gating(logits, top_k, scoring, n_group, topk_group)
+    scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
+    choice = scores if bias is None else scores + bias
+    if n_group > 1:
+        t, e = choice.shape
+        group_scores = choice.view(t, n_group, e // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = group_scores.topk(topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+        score_mask = group_mask.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
+        choice = choice.masked_fill(score_mask == 0, float("-inf"))
+    ids = choice.topk(top_k, dim=-1)[1]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
+    weights = weights * routed_scaling_factor
+    return weights.to(logits.dtype), ids.to(torch.int64)
+
+
+@torch.library.custom_op("ascend_graph::moe_gating_topk", mutates_args=())
+def moe_gating_topk(
+    logits: torch.Tensor,
+    top_k: int,
+    bias: Optional[torch.Tensor] = None,
+    scoring: str = "softmax",
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = True,
+    routed_scaling_factor: float = 1.0,
+    eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router scores -> (top-k weights, top-k expert ids). See the module docstring."""
+    return gating_reference(logits, top_k, bias, scoring, n_group, topk_group, renormalize, routed_scaling_factor, eps)
+
+
+@moe_gating_topk.register_fake
+def _gating_fake(logits, top_k, bias=None, scoring="softmax", n_group=1, topk_group=1, renormalize=True, routed_scaling_factor=1.0, eps=0.0):
+    _check_gating(logits, top_k, scoring, n_group, topk_group)
+    t = logits.shape[0]
+    return logits.new_empty((t, top_k)), logits.new_empty((t, top_k), dtype=torch.int64)
+
+
+def _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared, ep_world_size) -> None:
+    if x.dim() != 2 or topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != x.shape[0]:
+        raise UnsupportedError(
+            "moe_dispatch_ffn_combine shapes",
+            expected="x [T, H], topk_weights and topk_ids [T, k]",
+            got=f"x {tuple(x.shape)}, topk_weights {tuple(topk_weights.shape)}, topk_ids {tuple(topk_ids.shape)}",
+        )
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise UnsupportedError("topk_ids must be integers", expected="int32 or int64", got=str(topk_ids.dtype))
+    h = x.shape[1]
+    if w13.dim() != 3 or w2.dim() != 3 or w13.shape[2] != h or w2.shape[1] != h or w13.shape[1] != 2 * w2.shape[2] or w13.shape[0] != w2.shape[0]:
+        raise UnsupportedError(
+            "expert weights must be stacked as HF stores them",
+            expected=f"w13 [E, 2I, {h}] and w2 [E, {h}, I]",
+            got=f"w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}",
+        )
+    if activation not in ACTIVATIONS:
+        raise UnsupportedError("unknown MoE activation", expected=f"one of {ACTIVATIONS}", got=repr(activation))
+    if active_mask is not None and (active_mask.dim() != 1 or active_mask.shape[0] != x.shape[0]):
+        raise UnsupportedError("active_mask must be [T]", expected=f"[{x.shape[0]}] bool", got=tuple(active_mask.shape))
+    given = [s is not None for s in shared]
+    if any(given) and not all(given):
+        raise UnsupportedError("shared experts need gate, up and down weights", expected="all three or none", got=given)
+    if ep_world_size < 1:
+        raise UnsupportedError("ep_world_size must be >= 1", expected=">= 1", got=ep_world_size)
+
+
+def shared_experts_reference(x, shared_gate, shared_up, shared_down, activation: str) -> torch.Tensor:
+    """The shared (always-on) experts as one gated MLP, like ``DeepseekV3MLP``."""
+    gate_up = torch.cat([F.linear(x, shared_gate), F.linear(x, shared_up)], dim=-1)
+    return F.linear(apply_activation(gate_up, activation), shared_down)
+
+
+def experts_reference(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    activation: str = "silu",
+    active_mask: Optional[torch.Tensor] = None,
+    shared_gate: Optional[torch.Tensor] = None,
+    shared_up: Optional[torch.Tensor] = None,
+    shared_down: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Plain-torch experts: a loop over the experts that were hit (eager only)."""
+    t, h = x.shape
+    e, k = w13.shape[0], topk_ids.shape[1]
+    valid = (topk_ids >= 0) & (topk_ids < e)
+    if active_mask is not None:
+        valid = valid & active_mask.bool().unsqueeze(1)
+    flat_ids = torch.where(valid, topk_ids, e).reshape(-1).long()
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=e + 1).tolist()
+    flat_w = topk_weights.reshape(-1)
+    out = torch.zeros(t, h, dtype=torch.float32, device=x.device)
+    start = 0
+    for expert, n in enumerate(counts[:e]):
+        if n:
+            rows = order[start : start + n]
+            tokens = rows // k
+            y = F.linear(apply_activation(F.linear(x[tokens], w13[expert]), activation), w2[expert])
+            out.index_add_(0, tokens, y.float() * flat_w[rows].float().unsqueeze(1))
+        start += n
+    if shared_gate is not None:
+        out += shared_experts_reference(x, shared_gate, shared_up, shared_down, activation).float()
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("ascend_graph::moe_dispatch_ffn_combine", mutates_args=())
+def moe_dispatch_ffn_combine(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    activation: str = "silu",
+    active_mask: Optional[torch.Tensor] = None,
+    shared_gate: Optional[torch.Tensor] = None,
+    shared_up: Optional[torch.Tensor] = None,
+    shared_down: Optional[torch.Tensor] = None,
+    ep_group: str = "",
+    ep_world_size: int = 1,
+    ep_rank: int = 0,
+) -> torch.Tensor:
+    """Routed experts (and optional shared experts) of one MoE layer. See the module docstring."""
+    _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, (shared_gate, shared_up, shared_down), ep_world_size)
+    if ep_world_size > 1:
+        raise UnsupportedError(
+            "expert parallelism needs the NPU MC2 dispatch/combine",
+            expected="ep_world_size == 1 off the NPU",
+            got=ep_world_size,
+            hint="run on Ascend with torch_npu, or gather all experts on one device",
+        )
+    return experts_reference(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared_gate, shared_up, shared_down)
+
+
+@moe_dispatch_ffn_combine.register_fake
+def _experts_fake(x, topk_weights, topk_ids, w13, w2, activation="silu", active_mask=None, shared_gate=None, shared_up=None, shared_down=None, ep_group="", ep_world_size=1, ep_rank=0):
+    _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, (shared_gate, shared_up, shared_down), ep_world_size)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@moe_dispatch_ffn_combine.register_kernel("cuda")
+def _experts_cuda(x, topk_weights, topk_ids, w13, w2, activation="silu", active_mask=None, shared_gate=None, shared_up=None, shared_down=None, ep_group="", ep_world_size=1, ep_rank=0):
+    _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, (shared_gate, shared_up, shared_down), ep_world_size)
+    if ep_world_size > 1:
+        raise UnsupportedError("expert parallelism needs the NPU MC2 dispatch/combine", expected="ep_world_size == 1 on CUDA", got=ep_world_size)
+    out = _cuda.dispatch_ffn_combine(x, topk_weights, topk_ids, w13, w2, activation, active_mask)
+    if shared_gate is not None:
+        out = (out.float() + shared_experts_reference(x, shared_gate, shared_up, shared_down, activation).float()).to(x.dtype)
+    return out
