@@ -43,6 +43,7 @@ class ValueShape:
     name: str
     kind: str  # "tensor", "symint", "param" (tensor that is a parameter or buffer), "other"
     dims: tuple[sympy.Expr, ...] = ()  # per dim for tensors; (expr,) for a symint
+    strides: tuple[sympy.Expr, ...] = ()  # per dim for tensors: the layout the graph was traced with
     dtype: torch.dtype | None = None
     device: torch.device | None = None
 
@@ -90,8 +91,15 @@ class ShapeInfo:
 
     def evaluate(self, shape: ValueShape, values: Mapping[sympy.Symbol, int]) -> tuple[int, ...]:
         """Concrete dims of ``shape`` under ``values`` (every free symbol must be bound)."""
+        return self._eval(shape, shape.dims, values)
+
+    def evaluate_strides(self, shape: ValueShape, values: Mapping[sympy.Symbol, int]) -> tuple[int, ...]:
+        """Concrete strides of a tensor input under ``values``."""
+        return self._eval(shape, shape.strides, values)
+
+    def _eval(self, shape: ValueShape, exprs: Sequence[sympy.Expr], values: Mapping[sympy.Symbol, int]) -> tuple[int, ...]:
         out = []
-        for d in shape.dims:
+        for d in exprs:
             v = d.subs(values) if d.free_symbols else d
             if not v.is_number:
                 raise CaptureError(
@@ -123,6 +131,7 @@ def _value_shape(index: int, name: str, value: Any, is_param: bool) -> ValueShap
             name=name,
             kind="param" if is_param else "tensor",
             dims=tuple(to_expr(s) for s in value.shape),
+            strides=tuple(to_expr(s) for s in value.stride()),
             dtype=value.dtype,
             device=value.device,
         )

@@ -134,20 +134,23 @@ class BucketedRunner:
 
     def _run_entry(self, key: tuple, bucket: int | None, args: Sequence[Any], values: dict, pad: PadPlan | None) -> Any:
         entry = self.entries.get(key)
+        if entry is not None and self._in_place_moved(entry, args):
+            log.warning("an in-place input (KV cache) moved since graph %s was captured; recapturing", key)
+            del self.entries[key]
+            entry = None
         if entry is None:
             if len(self.entries) >= self.config.max_graphs:
                 return self._fallback("graph_limit", args)
-            entry = self._capture(key, bucket, args, pad)
-            if entry is None:
+            captured = self._capture(key, bucket, args, pad, real_call=True)
+            if captured is None:
                 if bucket is None:
                     return self._fallback("capture_failed", args)
                 return self(*args)  # the failed bucket is gone from the plan
-        elif self._in_place_moved(entry, args):
-            log.warning("an in-place input (KV cache) moved since graph %s was captured; recapturing", key)
-            del self.entries[key]
-            return self._run_entry(key, bucket, args, values, pad)
-        self._load_inputs(entry, args, pad)
-        outs = entry.graph.replay()
+            # the run that preceded the capture was this call's execution: no replay now
+            entry, outs = captured
+        else:
+            self._load_inputs(entry, args, pad)
+            outs = entry.graph.replay()
         _stats.record_replay()
         if pad is not None:
             _stats.record_padding(pad.real_batch, pad.bucket - pad.real_batch)
@@ -159,30 +162,38 @@ class BucketedRunner:
 
     # -- inputs ----------------------------------------------------------------------
 
-    def _static_buffer(self, i: int, shape: tuple[int, ...], like: torch.Tensor, others: tuple) -> torch.Tensor:
-        """A buffer of ``shape`` for input i; a view of one max-bucket buffer when the batch is dim 0."""
+    def _static_buffer(self, i: int, shape: tuple[int, ...], stride: tuple[int, ...], like: torch.Tensor, others: tuple) -> torch.Tensor:
+        """A buffer for input i with the layout the graph was traced with (a transposed KV
+        cache stays transposed: the graph may index it with those strides). Where the
+        batch is dim 0 and outermost, it is a view of one buffer sized for the largest bucket."""
         v = self.shapes.inputs[i]
         batch = self.shapes.batch_symbol
-        dims = v.batch_dims(batch)
-        if self.plan is not None and dims == (0,):
+        if self.plan is not None and v.batch_dims(batch) == (0,):
             values = dict(zip(self.shapes.other_symbols, others))
             values[batch] = self.plan.largest
             full_shape = self.shapes.evaluate(v, values)
             key = (i,) + others
             full = self._persistent.get(key)
             if full is None or tuple(full.shape) != tuple(full_shape):
-                full = torch.empty(full_shape, dtype=like.dtype, device=like.device)
+                full = torch.empty_strided(full_shape, self.shapes.evaluate_strides(v, values), dtype=like.dtype, device=like.device)
                 self._persistent[key] = full
-            return full[: shape[0]]
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
+            view = full[: shape[0]]
+            if tuple(view.stride()) == tuple(stride) or view.numel() <= 1:
+                return view
+        return torch.empty_strided(shape, stride, dtype=like.dtype, device=like.device)
 
     def _make_static_args(self, key: tuple, args: Sequence[Any], pad: PadPlan | None) -> list[Any]:
         others = key[1:]
         static: list[Any] = list(args)
         for i in self.copied:
             a = args[i]
-            shape = pad.input_shapes[i] if pad is not None else tuple(a.shape)
-            static[i] = self._static_buffer(i, shape, a, others)
+            v = self.shapes.inputs[i]
+            if pad is not None:
+                shape = pad.input_shapes[i]
+                stride = self.shapes.evaluate_strides(v, pad.padded_values)
+            else:
+                shape, stride = tuple(a.shape), tuple(a.stride())
+            static[i] = self._static_buffer(i, shape, stride, a, others)
         if pad is not None:
             for j, v in enumerate(self.shapes.inputs):
                 if v.kind == "symint":
@@ -215,7 +226,7 @@ class BucketedRunner:
             if key in self.entries or key in self.failed or len(self.entries) >= self.config.max_graphs:
                 continue
             b_args, b_values = self._truncate(args, values, bucket)
-            self._capture(key, bucket, b_args, plan_padding(self.shapes, b_values, bucket))
+            self._capture(key, bucket, b_args, plan_padding(self.shapes, b_values, bucket), real_call=False)
 
     def _truncate(self, args: Sequence[Any], values: dict, bucket: int) -> tuple[list[Any], dict]:
         """This call's inputs cut to a smaller bucket's batch (to capture it at warm-up).
@@ -240,27 +251,38 @@ class BucketedRunner:
                 out[j] = self.shapes.evaluate(v, small)[0]
         return out, small
 
-    def _capture(self, key: tuple, bucket: int | None, args: Sequence[Any], pad: PadPlan | None) -> GraphEntry | None:
+    def _capture(self, key: tuple, bucket: int | None, args: Sequence[Any], pad: PadPlan | None, *, real_call: bool) -> tuple[GraphEntry, Any] | None:
+        """Warm up and capture one entry; returns it with the warm-up run's outputs.
+
+        The function runs exactly once here (the eager warm-up before a device capture,
+        which records without executing; or NoGraph's run). For the call being served
+        (``real_call``) that run is its execution. For a warm-up of another bucket the
+        in-place inputs it mutates (caches, recurrent states) are restored afterwards, so
+        a warm-up never changes the model's state.
+        """
         static = self._make_static_args(key, args, pad)
         graph = new_graph(self.device, self.use_graphs)
         entry = GraphEntry(key=key, bucket=bucket, graph=graph, static_args=static)
         entry.pinned_ptrs = {i: args[i].data_ptr() for i in self.in_place if isinstance(args[i], torch.Tensor)}
         self._load_inputs(entry, args, pad)
         name = f"{self.ctx.graph_id}:{'x'.join(map(str, key))}"
+        saved = {} if real_call else {i: args[i].clone() for i in self.in_place & self.mutated}
         start = time.perf_counter()
         before = pool_reserved_bytes(self.device)
         try:
             if self.use_graphs:
                 if self.pool is None:
                     self.pool = graph_pool_handle(self.device)
-                # one eager run first: lazy initialisation (cuBLAS handles, autotuning)
+                # the eager run first: lazy initialisation (cuBLAS handles, autotuning)
                 # must not happen inside the capture
-                self.compiled(*static)
+                outs = self.compiled(*static)
                 with capture_guard(self.device):
                     graph.capture(lambda: self.compiled(*static), pool=self.pool)
             else:
-                graph.capture(lambda: self.compiled(*static))
+                outs = graph.capture(lambda: self.compiled(*static))
         except Exception as e:  # out of memory, out of streams, an op that cannot be captured
+            for i, t in saved.items():
+                args[i].copy_(t)
             if self.config.debug:
                 raise
             log.warning("capture of %s failed (%s: %s); serving continues without it", name, type(e).__name__, e)
@@ -269,6 +291,8 @@ class BucketedRunner:
             if bucket is not None and self.plan is not None:
                 self.plan = self.plan.without(bucket)
             return None
+        for i, t in saved.items():
+            args[i].copy_(t)
         seconds = time.perf_counter() - start
         entry.state = "captured"
         self.entries[key] = entry
@@ -277,7 +301,7 @@ class BucketedRunner:
         else:
             # CPU: a bucket's compiled function is prepared (counted so counters match GPUs)
             _stats.record_capture(name, seconds, 0)
-        return entry
+        return entry, outs
 
     # -- outputs ---------------------------------------------------------------------
 

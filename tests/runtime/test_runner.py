@@ -166,3 +166,40 @@ def test_unknown_option_names_it_and_lists_valid_ones():
     inner = e.value.__cause__ or getattr(e.value, "inner_exception", None)
     assert isinstance(inner, ascend_graph.ConfigError)
     assert "bucketz" in str(inner) and "buckets" in str(inner)
+
+
+class Recurrent(nn.Module):
+    """A non-idempotent in-place state update (like a gated-delta recurrent state)."""
+
+    def forward(self, x, state):
+        state.mul_(0.5).add_(x.sum(0))
+        return x * state.sum()
+
+
+def test_state_updates_run_exactly_once_per_call_and_never_at_warmup():
+    torch._dynamo.reset()
+    model = Recurrent()
+    cm = torch.compile(model, backend=ascend_backend, options={"codegen": "fx", "buckets": [2, 4, 8]}, dynamic=True)
+    s_ref, s_out = torch.ones(3), torch.ones(3)
+    with torch.no_grad():
+        for step, n in enumerate([3, 5, 3, 2, 7]):
+            x = torch.randn(n, 3)
+            ref = model(x, s_ref)
+            out = ascend_graph.warmup(cm, x, s_out) if step == 1 else cm(x, s_out)
+            torch.testing.assert_close(out, ref)
+            torch.testing.assert_close(s_out, s_ref)
+
+
+class Transposed(nn.Module):
+    def forward(self, k):  # k arrives transposed, as HF's value caches do
+        return k.transpose(1, 2).reshape(k.shape[0], -1) * 2
+
+
+def test_inputs_keep_the_layout_they_were_traced_with():
+    torch._dynamo.reset()
+    model = Transposed()
+    cm = torch.compile(model, backend=ascend_backend, options={"codegen": "fx", "buckets": [4, 8]}, dynamic=True)
+    with torch.no_grad():
+        for n in (3, 6, 2):
+            k = torch.randn(n, 5, 4).transpose(1, 2)
+            torch.testing.assert_close(cm(k), model(k))
