@@ -1,0 +1,93 @@
+"""Causal conv1d kernels on CUDA: fused Triton vs the unfused torch path vs inductor.
+
+Qwen3-Next-like dims: conv dim 8192 (2*key_dim + value_dim), kernel 4, bf16. Decode
+(update) at batch 1..256 and prefill at a few lengths. Bytes/s counts the bytes each op
+must move (x, out, state read + write, weights); HBM bandwidth is measured in the same
+run with a large device-to-device copy. Times: median of ``triton.testing.do_bench``
+(eager launches) and ``do_bench_cudagraph`` (inside a CUDA graph, as decode runs).
+
+    python benchmarks/causal_conv.py
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from ascend_graph.ops.kernels.triton import causal_conv as tk
+
+C, K, DT = 8192, 4, torch.bfloat16
+dev = "cuda"
+
+
+def hbm_bandwidth() -> float:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    return 2 * a.numel() / (ms * 1e-3)
+
+
+def torch_update(x, state, w):  # HF's fallback (x [B, C, 1], state [B, C, S])
+    cat = torch.cat([state, x], -1)
+    state.copy_(cat[:, :, -state.shape[-1]:])
+    return F.silu(F.conv1d(cat, w.unsqueeze(1), None, groups=C)[:, :, -1:])
+
+
+def torch_prefill(x, w):
+    return F.silu(F.conv1d(x, w.unsqueeze(1), None, padding=K - 1, groups=C)[:, :, : x.shape[-1]])
+
+
+def bench(fn, graph: bool) -> float:
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    bw = hbm_bandwidth()
+    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"measured HBM bandwidth (1 GiB D2D copy): {bw / 1e12:.2f} TB/s\n")
+    w = torch.randn(C, K, device=dev, dtype=DT)
+    inductor_update = torch.compile(torch_update)
+    inductor_prefill = torch.compile(torch_prefill, dynamic=False)
+
+    print("## decode: causal_conv1d_update, state [B, C, S], x [B, C, 1], silu\n")
+    print("| B | S | fused us (eager) | fused us (graph) | fused %HBM (graph) | torch us | inductor us | best block_c |")
+    print("|---|---|---|---|---|---|---|---|")
+    for S in (K - 1, K):
+        for B in (1, 16, 64, 256):
+            x = torch.randn(B, 1, C, device=dev, dtype=DT).transpose(1, 2)  # HF's transposed view
+            state = torch.randn(B, C, S, device=dev, dtype=DT)
+            nbytes = (2 * B * C + 2 * B * C * S + C * K) * 2
+            best = None
+            for block in (128, 256, 512, 1024):
+                for warps in (2, 4, 8):
+                    if block // (32 * warps) < 1:
+                        continue
+                    t = bench(lambda: tk.causal_conv1d_update(x, state, w, None, None, None, "silu", block_c=block, num_warps=warps), True)
+                    if best is None or t < best[0]:
+                        best = (t, block, warps)
+            t_graph, block, warps = best
+            t_eager = bench(lambda: tk.causal_conv1d_update(x, state, w, None, None, None, "silu", block_c=block, num_warps=warps), False)
+            t_torch = bench(lambda: torch_update(x, state, w), True)
+            t_ind = bench(lambda: inductor_update(x, state, w), True)
+            pct = nbytes / (t_graph * 1e-3) / bw * 100
+            print(f"| {B} | {S} | {t_eager * 1e3:.1f} | {t_graph * 1e3:.1f} | {pct:.0f}% | {t_torch * 1e3:.1f} | {t_ind * 1e3:.1f} | {block}/{warps}w |")
+
+    print("\n## prefill: causal_conv1d, x [B, C, L] (transposed view of [B, L, C]), silu, no state\n")
+    print("| B x L | fused us | fused %HBM | torch us | inductor us |")
+    print("|---|---|---|---|---|")
+    for B, L in ((1, 4096), (4, 2048), (16, 512)):
+        x = torch.randn(B, L, C, device=dev, dtype=DT).transpose(1, 2)
+        nbytes = 2 * B * C * L * 2
+        cfgs = [(bc, bl) for bc in (64, 128) for bl in (16, 32, 64)]
+        t_fused = min(bench(lambda: tk.causal_conv1d(x, w, None, None, None, None, None, "silu", block_c=bc, block_l=bl), False) for bc, bl in cfgs)
+        t_torch = bench(lambda: torch_prefill(x, w), False)
+        t_ind = bench(lambda: inductor_prefill(x, w), False)
+        print(f"| {B}x{L} | {t_fused * 1e3:.1f} | {nbytes / (t_fused * 1e-3) / bw * 100:.0f}% | {t_torch * 1e3:.1f} | {t_ind * 1e3:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
