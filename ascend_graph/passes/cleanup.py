@@ -3,7 +3,7 @@
 Rules (each rewrite keeps the graph functional and adds no input/output aliasing):
 
 - ``view(x, shape) -> x``           when ``shape == x.shape`` (also reshape, _unsafe_view, expand)
-- ``permute(x, identity) -> x``
+- ``permute(x, identity) -> x``, ``alias(x) -> x``
 - ``slice(x, d, 0, end>=size, 1) -> x``
 - ``clone(x) -> x``                 when no memory_format is asked, ``x`` is not mutated
                                     later, and the clone is not a graph output of a
@@ -83,6 +83,8 @@ def _noop_source(node: torch.fx.Node) -> torch.fx.Node | None:
         if len(node.args) >= 2 and _same_shape(sval, node.args[1]):
             return src
         return None
+    if node.target is aten.alias.default:
+        return src
     if node.target is aten.permute.default:
         dims = list(node.args[1])
         return src if dims == list(range(len(dims))) else None

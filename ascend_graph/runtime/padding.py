@@ -119,6 +119,11 @@ def pad_into(dst: torch.Tensor, src: torch.Tensor, role: str) -> None:
     """
     if dst.dim() != src.dim() or any(s > d for s, d in zip(src.shape, dst.shape)):
         raise PaddingError("cannot pad into a smaller or differently ranked buffer", expected=f"a buffer covering {tuple(src.shape)}", got=tuple(dst.shape))
+    # A broadcast (stride-0) dim of the traced layout holds one value: write that one.
+    for d, st in enumerate(dst.stride()):
+        if st == 0 and dst.shape[d] > 1:
+            dst = dst.narrow(d, 0, 1)
+            src = src.narrow(d, 0, 1)
     region = dst
     for d, n in enumerate(src.shape):
         region = region.narrow(d, 0, n)

@@ -203,3 +203,16 @@ def test_inputs_keep_the_layout_they_were_traced_with():
         for n in (3, 6, 2):
             k = torch.randn(n, 5, 4).transpose(1, 2)
             torch.testing.assert_close(cm(k), model(k))
+
+
+def test_broadcast_inputs_keep_their_stride_zero_layout():
+    torch._dynamo.reset()
+
+    def f(x, mask):
+        return x.masked_fill(mask, 0.0)
+
+    cf = torch.compile(f, backend=ascend_backend, options={"codegen": "fx", "buckets": [4, 8]}, dynamic=True)
+    for n in (3, 5):
+        x = torch.randn(n, 6)
+        mask = (torch.arange(6) % 2 == 0).expand(n, 6)  # stride 0 along the batch
+        torch.testing.assert_close(cf(x, mask), f(x, mask))
