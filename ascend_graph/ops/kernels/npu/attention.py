@@ -1,0 +1,250 @@
+"""NPU bindings of the attention contracts (torch-npu 2.13.0; never run on an NPU here).
+
+- ``ascend_graph::attention`` -> ``torch_npu.npu_fused_infer_attention_score_v2`` in
+  ``BNSD``. The ``_v2`` form is used (CustomFunctions.h declares both) because only it
+  takes ``learnable_sink`` (attention sinks); its other arguments are the v1 ones renamed
+  (``num_query_heads``, ``softmax_scale``, ``actual_seq_qlen``/``actual_seq_kvlen``).
+  Masks: causal -> ``sparse_mode=3`` (bottom-right causal, FIA's compressed 2048x2048
+  upper-triangular mask); causal + window -> ``sparse_mode=4`` with ``pre_tokens =
+  window - 1, next_tokens = 0``; an explicit mask -> ``sparse_mode=0`` with FIA's
+  convention (True = masked out), so a bool mask is inverted and a float (additive)
+  mask becomes ``mask != 0`` (exact for the 0 / -inf masks HF builds, not for a general
+  bias). A ``Dv < D`` value (MLA without weight absorption) is zero-padded to ``D`` and
+  the output sliced back. fp32 runs as fp16 (FIA takes fp16/bf16/int8).
+- ``ascend_graph::paged_attention`` -> the same op in ``TND`` with ``block_table``, the
+  caches viewed as ``[blocks, block_size, Nkv*D]`` (vllm-ascend's view), ``sparse_mode=3``.
+  FIA declares ``actual_seq_qlen`` / ``actual_seq_kvlen`` as host int arrays
+  (``OptionalSymIntArrayRef``), so the binding reads the device length tensors with
+  ``.tolist()``: inside a captured ACL graph these arguments must be re-issued at replay
+  (vllm-ascend's ``graph_task_update``), which the runtime owns. FIA requires
+  ``T == cu_seqlens_q[-1]`` and at most 16 query tokens per request (the padding planner's job).
+- ``ascend_graph::reshape_and_cache`` -> ``torch_npu.npu_scatter_pa_kv_cache(...,
+  cache_mode="Norm")``. That ``slot < 0`` rows are skipped by the NPU op is NOT verified
+  (vllm-ascend slices padded tokens off before the call instead).
+
+Each binding is a ``_*_call(torch_npu, ...)`` function taking the module as an argument,
+so :data:`META_CHECKS` can record the exact call the binding makes (no NPU needed) and
+``tests/ops/test_npu_contract.py`` can run torch_npu's own meta function on it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["register", "META_CHECKS"]
+
+log = logging.getLogger("ascend_graph.ops.npu.attention")
+
+#: FIA's compressed causal mask is 2048 x 2048 for sparse_mode 2/3/4 (CANN docs).
+_COMPRESSED_MASK = 2048
+_FIA = "npu_fused_infer_attention_score_v2"
+_SCATTER = "npu_scatter_pa_kv_cache"
+
+
+@functools.lru_cache(maxsize=8)
+def _compressed_causal_mask(device: torch.device) -> torch.Tensor:
+    return torch.triu(torch.ones(_COMPRESSED_MASK, _COMPRESSED_MASK, dtype=torch.bool, device=device), diagonal=1)
+
+
+def _fia_dtype(x: torch.Tensor) -> torch.Tensor:
+    return x.half() if x.dtype == torch.float32 else x
+
+
+def _dense_call(torch_npu: Any, q, k, v, attn_mask, sinks, scale, is_causal, window) -> torch.Tensor:
+    out_dtype = q.dtype
+    d, dv = q.shape[-1], v.shape[-1]
+    q, k, v = _fia_dtype(q), _fia_dtype(k), _fia_dtype(v)
+    if dv < d:
+        v = F.pad(v, (0, d - dv))
+    sparse_mode, pre_tokens, next_tokens = 0, 2147483647, 2147483647
+    mask = None
+    if attn_mask is not None:
+        keep = attn_mask if attn_mask.dtype == torch.bool else attn_mask == 0
+        if is_causal:
+            # FIA cannot combine a compressed causal mask with a user mask: build it whole.
+            sq, skv = q.shape[2], k.shape[2]
+            qpos = torch.arange(sq, device=q.device)[:, None] + (skv - sq)
+            kpos = torch.arange(skv, device=q.device)[None, :]
+            causal = kpos <= qpos
+            if window > 0:
+                causal = causal & (kpos > qpos - window)
+            keep = keep & causal
+        mask = ~keep
+    elif is_causal:
+        mask = _compressed_causal_mask(q.device)
+        sparse_mode = 3
+        if window > 0:
+            sparse_mode, pre_tokens, next_tokens = 4, window - 1, 0
+    out, _ = torch_npu.npu_fused_infer_attention_score_v2(
+        q,
+        k,
+        v,
+        atten_mask=mask,
+        learnable_sink=sinks,
+        num_query_heads=q.shape[1],
+        num_key_value_heads=k.shape[1],
+        softmax_scale=float(scale),
+        pre_tokens=pre_tokens,
+        next_tokens=next_tokens,
+        input_layout="BNSD",
+        sparse_mode=sparse_mode,
+    )
+    if dv < d:
+        out = out[..., :dv]
+    from ...attention import _sdpa_layout
+
+    return _sdpa_layout(out.to(out_dtype))
+
+
+def _paged_call(torch_npu: Any, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens_kv, sinks, scale, window) -> torch.Tensor:
+    out_dtype = q.dtype
+    num_blocks, block_size, nkv, d = k_cache.shape
+    dv = v_cache.shape[3]
+    sparse_mode, pre_tokens, next_tokens = 3, 2147483647, 2147483647
+    if window > 0:
+        sparse_mode, pre_tokens, next_tokens = 4, window - 1, 0
+    out, _ = torch_npu.npu_fused_infer_attention_score_v2(
+        _fia_dtype(q),
+        _fia_dtype(k_cache).view(num_blocks, block_size, nkv * d),
+        _fia_dtype(v_cache).view(num_blocks, block_size, nkv * dv),
+        atten_mask=_compressed_causal_mask(q.device),
+        actual_seq_qlen=cu_seqlens_q[1:].tolist(),
+        actual_seq_kvlen=seq_lens_kv.tolist(),
+        block_table=block_table.to(torch.int32),
+        learnable_sink=sinks,
+        num_query_heads=q.shape[1],
+        num_key_value_heads=nkv,
+        softmax_scale=float(scale),
+        pre_tokens=pre_tokens,
+        next_tokens=next_tokens,
+        input_layout="TND",
+        sparse_mode=sparse_mode,
+        block_size=block_size,
+    )
+    return out.to(out_dtype)
+
+
+def _cache_call(torch_npu: Any, k, v, k_cache, v_cache, slot_mapping) -> None:
+    torch_npu.npu_scatter_pa_kv_cache(k, v, k_cache, v_cache, slot_mapping, cache_mode="Norm")
+
+
+def _with_torch_npu(call: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(call)
+    def kernel(*args: Any) -> Any:
+        import torch_npu
+
+        return call(torch_npu, *args)
+
+    return kernel
+
+
+def register() -> None:
+    """Attach the NPU kernels (needs torch_npu: the "npu" device must exist)."""
+    from ... import attention as ops
+
+    ops.attention.register_kernel("npu", _with_torch_npu(_dense_call))
+    ops.paged_attention.register_kernel("npu", _with_torch_npu(_paged_call))
+    ops.reshape_and_cache.register_kernel("npu", _with_torch_npu(_cache_call))
+
+
+# --------------------------------------------------------------------------- contract rows
+
+
+class _Recorder:
+    """Stands in for torch_npu: records each ``torch_npu.<op>(...)`` call the binding makes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def __getattr__(self, name: str):
+        def op(*args: Any, **kwargs: Any):
+            self.calls.append((name, args, kwargs))
+            # stand-in outputs: 4-D like FIA's BNSD ones, so the binding's post-processing runs
+            empty = torch.empty(0, 0, 0, 0)
+            return empty, empty
+
+        return op
+
+
+def _recorded(call: Callable[..., Any], *args: Any) -> tuple[str, tuple, dict]:
+    rec = _Recorder()
+    call(rec, *args)
+    (only,) = rec.calls
+    return only
+
+
+def _fake_shapes(op: Callable[..., Any], *args: Any) -> list[tuple[int, ...]]:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        out = op(*fakes)
+    outs = out if isinstance(out, (tuple, list)) else ([] if out is None else [out])
+    return [tuple(o.shape) for o in outs]
+
+
+def _dense_case(nq: int, nkv: int, sq: int, skv: int, d: int, *, mask: bool, causal: bool, window: int, sinks: bool):
+    def build():
+        from ... import attention as ops
+
+        q = torch.randn(2, nq, sq, d, dtype=torch.bfloat16)
+        k = torch.randn(2, nkv, skv, d, dtype=torch.bfloat16)
+        v = torch.randn(2, nkv, skv, d, dtype=torch.bfloat16)
+        m = torch.ones(2, 1, sq, skv, dtype=torch.bool) if mask else None
+        s = torch.randn(nq) if sinks else None
+        args = (q, k, v, m, s, d**-0.5, causal, window)
+        expected = _fake_shapes(ops.attention, *args)
+        _, call_args, call_kwargs = _recorded(_dense_call, *args)
+        return expected, call_args, call_kwargs
+
+    return build
+
+
+def _paged_case(nq: int, nkv: int, d: int, dv: int, q_lens: list[int], kv_lens: list[int], window: int):
+    def build():
+        from ... import attention as ops
+
+        block_size, max_blocks = 128, 4
+        t = sum(q_lens)
+        q = torch.randn(t, nq, d, dtype=torch.bfloat16)
+        kc = torch.randn(16, block_size, nkv, d, dtype=torch.bfloat16)
+        vc = torch.randn(16, block_size, nkv, dv, dtype=torch.bfloat16)
+        bt = torch.arange(len(q_lens) * max_blocks, dtype=torch.int32).view(len(q_lens), max_blocks)
+        cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+        kl = torch.tensor(kv_lens, dtype=torch.int32)
+        args = (q, kc, vc, bt, cu, kl, None, d**-0.5, window)
+        expected = _fake_shapes(ops.paged_attention, *args)
+        _, call_args, call_kwargs = _recorded(_paged_call, *args)
+        return expected, call_args, call_kwargs
+
+    return build
+
+
+def _cache_case():
+    from ... import attention as ops
+
+    k = torch.randn(5, 2, 64, dtype=torch.bfloat16)
+    v = torch.randn(5, 2, 64, dtype=torch.bfloat16)
+    kc = torch.zeros(4, 128, 2, 64, dtype=torch.bfloat16)
+    vc = torch.zeros(4, 128, 2, 64, dtype=torch.bfloat16)
+    slots = torch.tensor([0, 1, 130, 7, 300], dtype=torch.int32)
+    expected = _fake_shapes(ops.reshape_and_cache, k, v, kc, vc, slots)
+    _, call_args, call_kwargs = _recorded(_cache_call, k, v, kc, vc, slots)
+    return expected, call_args, call_kwargs
+
+
+#: (torch_npu op, build) rows; build() -> (our fake impl's output shapes, args, kwargs of
+#: the torch_npu call the binding makes for that case).
+META_CHECKS: list[tuple[str, Callable[[], tuple[list, tuple, dict]]]] = [
+    (_FIA, _dense_case(16, 4, 7, 7, 128, mask=False, causal=True, window=-1, sinks=False)),
+    (_FIA, _dense_case(8, 8, 1, 33, 64, mask=True, causal=False, window=-1, sinks=False)),
+    (_FIA, _dense_case(8, 2, 5, 40, 128, mask=False, causal=True, window=16, sinks=True)),
+    (_FIA, _paged_case(16, 8, 128, 128, [1, 1, 1], [300, 17, 512], -1)),
+    (_FIA, _paged_case(8, 1, 192, 128, [3, 1], [60, 200], 32)),
+    (_SCATTER, _cache_case),
+]

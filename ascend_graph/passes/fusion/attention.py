@@ -1,0 +1,328 @@
+"""Attention fusion: attention as models write it -> ``ascend_graph::attention``.
+
+Entry point: :func:`make_pass` (family ``"attention"``; rewrites are counted in
+``stats()["fusions"]["attention"]``).
+
+What is matched (all after AOT tracing with inductor's decompositions, the graph the
+pass manager sees):
+
+- ``F.scaled_dot_product_attention`` in each backend form it is traced to:
+  ``aten._scaled_dot_product_flash_attention_for_cpu`` (CPU),
+  ``_scaled_dot_product_efficient_attention``, ``_scaled_dot_product_flash_attention``,
+  ``_scaled_dot_product_cudnn_attention`` (CUDA); with an explicit (bool or additive)
+  mask, ``is_causal``, or neither; with an explicit ``scale`` or the default ``1/sqrt(D)``;
+- K/V either as given (``enable_gqa``, MHA, MLA) or through HF's ``repeat_kv``
+  (``unsqueeze -> expand -> clone -> view``), folded into the op's GQA;
+- HF's eager attention ``softmax(q @ k^T * scale + mask, float32).to(q.dtype) @ v``,
+  with or without a mask, fp32 and half graphs (the casts differ).
+
+The table :data:`FUSIONS` is built from the product of those forms (one row each).
+Sliding windows and padding reach the op inside the mask (HF builds them into it), so
+the replacement passes the mask through; the op's own ``window`` argument is for
+graphs that build attention directly.
+
+``extra_check`` (see :func:`_supported`) rejects what the NPU contract cannot run:
+dtypes other than fp16/bf16/fp32; q/k head dims or v head dims not a multiple of 16 or
+above 256; masks with a per-head dim (FIA takes ``[B|1, 1, Sq, Skv]``); dropout; and
+SDPA's ``is_causal`` when ``Sq != Skv`` (SDPA aligns it top-left, our op and FIA
+bottom-right: they agree only on square scores).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+
+from ...config import AscendConfig
+from ...ops import attention as _attention_ops  # noqa: F401  (registers ascend_graph::attention)
+from ..base import GraphPass
+from ..pattern import Fusion, Match, PatternPass
+
+__all__ = ["make_pass", "FUSIONS", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "HEAD_DIM_ALIGN"]
+
+log = logging.getLogger("ascend_graph.passes.fusion.attention")
+
+aten = torch.ops.aten
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: FIA takes head dims aligned to 16 elements (32 bytes of fp16/bf16)
+HEAD_DIM_ALIGN = 16
+MAX_HEAD_DIM = 256
+#: sample value the ``scale`` argument is traced with (a pattern input, not a magic constant)
+_SCALE_SAMPLE = 0.125
+
+_SDPA_OPS = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_cudnn_attention.default,
+}
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """HF ``repeat_kv``: [B, Nkv, S, D] -> [B, Nkv*n_rep, S, D]."""
+    b, h, s, d = x.shape
+    return x.unsqueeze(2).expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def _sdpa_cpu(q, k, v, mask, causal, scale):
+    kw: dict[str, Any] = {}
+    if mask is not None:
+        kw["attn_mask"] = mask
+    if scale is not None:
+        kw["scale"] = scale
+    args = (q, k, v, 0.0, True) if causal else (q, k, v)
+    return aten._scaled_dot_product_flash_attention_for_cpu(*args, **kw)[0]
+
+
+def _sdpa_efficient(q, k, v, mask, causal, scale):
+    kw = {"scale": scale} if scale is not None else {}
+    args = (q, k, v, mask, False, 0.0, True) if causal else (q, k, v, mask, False)
+    return aten._scaled_dot_product_efficient_attention(*args, **kw)[0]
+
+
+def _sdpa_flash(q, k, v, mask, causal, scale):
+    kw = {"scale": scale} if scale is not None else {}
+    args = (q, k, v, 0.0, True) if causal else (q, k, v)
+    return aten._scaled_dot_product_flash_attention(*args, **kw)[0]
+
+
+def _sdpa_cudnn(q, k, v, mask, causal, scale):
+    kw = {"scale": scale} if scale is not None else {}
+    args = (q, k, v, mask, False, 0.0, True) if causal else (q, k, v, mask, False)
+    return aten._scaled_dot_product_cudnn_attention(*args, **kw)[0]
+
+
+def _eager(q, k, v, mask, causal, scale):
+    """HF ``eager_attention_forward`` as it reads after AOT tracing and the cleanup passes.
+
+    Written at the ATen level because ``torch.matmul``'s decomposition inserts expands
+    that the cleanup pass (which runs before fusion) removes from the model's graph;
+    tracing ``torch.matmul`` here would keep them and never match. q is HF's transposed
+    [B, S, N, D] (copied to contiguous for the bmm); k/v are contiguous after
+    ``repeat_kv`` (GQA) and transposed, hence copied, otherwise.
+    """
+    b, n, s, d = q.shape
+    skv, dv = k.shape[2], v.shape[3]
+    contiguous = torch.contiguous_format
+    # decode (Sq == 1): the transposed q is already contiguous and needs no copy
+    qf = aten.view(q if q.is_contiguous() else aten.clone(q, memory_format=contiguous), [b * n, s, d])
+    kt = aten.permute(k, [0, 1, 3, 2])
+    vv = v
+    if not k.is_contiguous():
+        kt = aten.clone(kt, memory_format=contiguous)
+        vv = aten.clone(v, memory_format=contiguous)
+    w = aten.mul(aten.view(aten.bmm(qf, aten.view(kt, [b * n, d, skv])), [b, n, s, skv]), scale)
+    if mask is not None:
+        w = aten.add(w, mask)
+    if q.dtype != torch.float32:
+        w = torch.ops.prims.convert_element_type(w, torch.float32)
+    w = aten.sub(w, aten.amax(w, [-1], True))
+    w = aten.exp(w)
+    w = aten.div(w, aten.sum(w, [-1], True))
+    if q.dtype != torch.float32:
+        w = torch.ops.prims.convert_element_type(w, q.dtype)
+    out = aten.bmm(aten.view(w, [b * n, s, skv]), aten.view(vv, [b * n, skv, dv]))
+    return aten.view(out, [b, n, s, dv])
+
+
+#: form name -> (callable, supports a mask, supports causal, device the pattern is traced on)
+_FORMS: dict[str, tuple[Callable[..., torch.Tensor], bool, bool, str]] = {
+    "sdpa_cpu": (_sdpa_cpu, True, True, "cpu"),
+    "sdpa_efficient": (_sdpa_efficient, True, True, "meta"),
+    "sdpa_flash": (_sdpa_flash, False, True, "meta"),
+    "sdpa_cudnn": (_sdpa_cudnn, True, True, "meta"),
+    "eager": (_eager, True, False, "cpu"),
+}
+
+
+def _fused(q, k, v, mask, scale, causal):
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return torch.ops.ascend_graph.attention(q, k, v, mask, None, float(scale), causal, -1)
+
+
+def _row_functions(form: str, mask: bool, causal: bool, scale: bool, repeat: bool):
+    """(pattern, replacement) with exactly the inputs this row needs, as named arguments."""
+    call = _FORMS[form][0]
+
+    def kv(q, k, v):
+        if not repeat:
+            return k, v
+        n_rep = q.shape[1] // k.shape[1]
+        return _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+
+    # register_replacement maps graph values to these functions by argument name, so each
+    # arity gets its own signature.
+    if mask and scale:
+
+        def pattern(q, k, v, mask, scale):
+            return call(q, *kv(q, k, v), mask, causal, scale)
+
+        def replacement(q, k, v, mask, scale):
+            return _fused(q, k, v, mask, scale, causal)
+
+    elif mask:
+
+        def pattern(q, k, v, mask):
+            return call(q, *kv(q, k, v), mask, causal, None)
+
+        def replacement(q, k, v, mask):
+            return _fused(q, k, v, mask, None, causal)
+
+    elif scale:
+
+        def pattern(q, k, v, scale):
+            return call(q, *kv(q, k, v), None, causal, scale)
+
+        def replacement(q, k, v, scale):
+            return _fused(q, k, v, None, scale, causal)
+
+    else:
+
+        def pattern(q, k, v):
+            return call(q, *kv(q, k, v), None, causal, None)
+
+        def replacement(q, k, v):
+            return _fused(q, k, v, None, None, causal)
+
+    return pattern, replacement
+
+
+def _example_inputs(form: str, mask: bool, repeat: bool, dtype: torch.dtype, decode: bool = False) -> Callable[[], list[torch.Tensor]]:
+    device = _FORMS[form][3]
+
+    def build() -> list[torch.Tensor]:
+        b, nq, s, d = 2, 4, 8, 16
+        nkv = 2 if repeat else nq
+        sq = 1 if decode else s
+        # HF layouts: q (and k, v without repeat_kv) are [B, S, N, D] transposed to BNSD;
+        # the strides decide how matmul decomposes, so the patterns need the same ones.
+        # Decode: one query token (q contiguous), K/V concatenated onto the cache (contiguous).
+        q = torch.empty(b, sq, nq, d, device=device, dtype=dtype).transpose(1, 2)
+        k = torch.empty(b, s, nkv, d, device=device, dtype=dtype).transpose(1, 2)
+        v = torch.empty(b, s, nkv, d, device=device, dtype=dtype).transpose(1, 2)
+        if decode:
+            k, v = k.contiguous(), v.contiguous()
+        if device == "cpu":
+            q, k, v = (x.normal_() for x in (q, k, v))
+        out = [q, k, v]
+        if mask:
+            m = torch.zeros(b, 1, sq, s, device=device, dtype=dtype)
+            out.append(m)
+        return out
+
+    return build
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _val(match: Match, name: str) -> Optional[torch.Tensor]:
+    node = match.kwargs.get(name)
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _static_eq(a: Any, b: Any) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(a == b))
+
+
+def _sdpa_node(match: Match) -> Optional[torch.fx.Node]:
+    for node in match.nodes:
+        if node.op == "call_function" and node.target in _SDPA_OPS:
+            return node
+    return None
+
+
+def _supported(match: Match, *, causal: bool, form: str, mask: bool, scale: bool) -> bool:
+    q, k, v = _val(match, "q"), _val(match, "k"), _val(match, "v")
+    if q is None or k is None or v is None:
+        return False
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    for d in (q.shape[-1], v.shape[-1]):
+        if not isinstance(d, int) or d % HEAD_DIM_ALIGN or d > MAX_HEAD_DIM:
+            return False
+    if not isinstance(q.shape[1], int) or not isinstance(k.shape[1], int) or q.shape[1] % k.shape[1]:
+        return False
+    m = _val(match, "mask")
+    if m is not None:
+        if m.dim() != 4 or not _static_eq(m.shape[1], 1):
+            return False
+        if m.dtype != torch.bool and m.dtype not in SUPPORTED_DTYPES:
+            return False
+    if causal and not _static_eq(q.shape[2], k.shape[2]):
+        return False
+    node = _sdpa_node(match)
+    if node is not None:
+        # Positional scalars are wildcards in the pattern: read the real values here.
+        schema = node.target._schema
+        bound = {a.name: (node.args[i] if i < len(node.args) else node.kwargs.get(a.name, a.default_value)) for i, a in enumerate(schema.arguments)}
+        if bound.get("dropout_p", 0.0) not in (0, 0.0, None):
+            return False
+        if bool(bound.get("is_causal", False)) != causal:
+            return False
+        if bound.get("return_debug_mask", False):
+            return False
+        # The matcher ignores a node's kwargs that the pattern does not name, so a row
+        # without a mask (or with the default scale) would also match a node that has
+        # one: check that the node really has none.
+        if not mask and (bound.get("attn_mask") is not None or bound.get("attn_bias") is not None):
+            return False
+        if not scale and bound.get("scale") is not None:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _rows() -> list[Fusion]:
+    rows: list[Fusion] = []
+    for form, (_, takes_mask, takes_causal, _dev) in _FORMS.items():
+        eager = form == "eager"
+        combos = itertools.product(
+            (torch.float32, torch.float16) if eager else (torch.float32,),  # dtype (casts differ in eager)
+            ((True, False), (False, True), (False, False)),  # (mask, causal)
+            (True,) if eager else (True, False),  # explicit scale
+            (False, True),  # through repeat_kv
+            (False, True) if eager else (False,),  # decode layouts (strides differ in eager)
+        )
+        for dtype, (mask, causal), scale, repeat, decode in combos:
+            if (mask and not takes_mask) or (causal and not takes_causal):
+                continue
+            pattern, replacement = _row_functions(form, mask, causal, scale, repeat)
+            name = (
+                f"{form}{'_mask' if mask else ''}{'_causal' if causal else ''}{'' if scale else '_defaultscale'}"
+                f"{'_repeatkv' if repeat else ''}{'_decode' if decode else ''}_{str(dtype)[6:]}"
+            )
+            rows.append(
+                Fusion(
+                    name=name,
+                    pattern=pattern,
+                    replacement=replacement,
+                    example_inputs=_example_inputs(form, mask, repeat, dtype, decode),
+                    extra_check=functools.partial(_supported, causal=causal, form=form, mask=mask, scale=scale),
+                    scalar_workaround={"scale": _SCALE_SAMPLE} if scale else {},
+                )
+            )
+    return rows
+
+
+#: the fusion table (built once: rows are immutable and PatternPass memoises matchers by row identity)
+FUSIONS: tuple[Fusion, ...] = tuple(_rows())
+
+
+def make_pass(config: AscendConfig) -> Optional[GraphPass]:
+    if "attention" not in config.fusions:
+        return None
+    return PatternPass("attention_fusion", "attention", FUSIONS, explain_node=config.explain_node)
