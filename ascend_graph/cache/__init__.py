@@ -1,0 +1,275 @@
+"""The graph cache: key -> load torch's artifacts or build them -> the same runtime.
+
+Entry point: :func:`compile_with_cache`, called by the backend's cache hook when
+``options["cache_dir"]`` is set (and, through ``torch.compile``, by ``ascend-graph
+build``). For one Dynamo graph it:
+
+1. computes the key (``key.py``: package, pass uuids, config hash, graph code and input
+   shapes, torch / triton / torch_npu / CANN / Python versions, device);
+2. under the shared lock, reads and verifies the entry of that key (``store.py``);
+3. on a hit: restores the entry's compiled C++ kernels and hot-loads its torch
+   artifacts into torch's local caches, *then* runs the build, so AOT tracing and our
+   passes run as usual and inductor finds every FX graph and kernel already compiled;
+   the post-pass graph is compared with the stored one;
+4. on a miss: logs which key factor differs from the closest entry of the same graph
+   (WARNING when there is one: passes, config, graph, versions, device), builds while
+   recording torch's artifacts and the kernels the build loaded, and writes the entry
+   atomically under the exclusive lock;
+5. a corrupt or truncated entry (a checksum fails) is logged, never read further, and
+   replaced by the rebuild.
+
+Invariants: the cache only ever *accelerates* the build; the build always runs, so a
+hit cannot change what the compiled function computes. Without ``strict`` a cache
+problem (miss, corrupt entry, lock timeout, unreadable directory) never fails a compile:
+it is logged and the graph is built. With ``strict`` (``options["cache_strict"]`` once
+AscendConfig has that field, or the ``strict`` argument) anything but a verified hit is
+a :class:`~ascend_graph.errors.CacheError` with expected and got. Device graphs are never
+cached: the runtime captures them at startup (they hold device addresses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch.fx
+
+from .. import _stats
+from ..errors import CacheError
+from .key import ENVIRONMENT_FACTORS, KEY_FACTORS, CacheKey, compute_key, environment_factors
+from .store import (
+    TORCH_ARTIFACTS,
+    CacheStore,
+    EntrySummary,
+    KernelRecorder,
+    TorchArtifactRecorder,
+    load_torch_artifacts,
+    restore_kernels,
+)
+
+__all__ = [
+    "compile_with_cache",
+    "CacheEvent",
+    "record_events",
+    "CacheStore",
+    "CacheKey",
+    "KEY_FACTORS",
+    "ENVIRONMENT_FACTORS",
+    "environment_factors",
+    "explain_miss",
+]
+
+log = logging.getLogger("ascend_graph.cache")
+
+GRAPH_FILE = "graph.py"
+POST_PASS_FILE = "post_pass.py"
+
+
+@dataclass
+class CacheEvent:
+    """What happened to one graph: ``status`` is hit, miss, corrupt, mismatch or error."""
+
+    graph_id: str
+    digest: str
+    status: str
+    changed: tuple[str, ...] = ()
+    compile_seconds: float = 0.0
+    load_seconds: float = 0.0
+    detail: str = ""
+
+
+# Collectors opened by record_events(); a ContextVar so nested or concurrent builders
+# each see their own events and nothing is kept on a module-level mutable list.
+_collectors: contextvars.ContextVar[tuple[list[CacheEvent], ...]] = contextvars.ContextVar("ascend_graph_cache_collectors", default=())
+
+
+@contextlib.contextmanager
+def record_events() -> Iterator[list[CacheEvent]]:
+    """Collect the :class:`CacheEvent` of every graph compiled inside the block."""
+    events: list[CacheEvent] = []
+    token = _collectors.set(_collectors.get() + (events,))
+    try:
+        yield events
+    finally:
+        _collectors.reset(token)
+
+
+def _emit(event: CacheEvent) -> None:
+    for events in _collectors.get():
+        events.append(event)
+    # stats: ascend_graph.stats()["cache"] once _stats.record_cache exists (see the cache report).
+    record = getattr(_stats, "record_cache", None)
+    if record is not None:
+        record(event.status, event.changed, event.load_seconds)
+
+
+def _short(value: str | None) -> str:
+    if value is None:
+        return "absent"
+    return value if len(value) <= 24 else value[:16] + "..."
+
+
+def explain_miss(key: CacheKey, candidates: Sequence[EntrySummary]) -> tuple[EntrySummary | None, dict[str, tuple[str | None, str | None]]]:
+    """The closest entry of the same graph slot and the factors that differ from it.
+
+    ``(None, {})`` when no readable entry has this slot (a graph never built here).
+    Ties go to the newest entry.
+    """
+    same = [c for c in candidates if c.manifest is not None and c.slot == key.slot]
+    if not same:
+        return None, {}
+    same.sort(key=lambda c: (len(key.diff(c.factors)), _negated_time(c)))
+    best = same[0]
+    return best, key.diff(best.factors)
+
+
+def _negated_time(summary: EntrySummary) -> float:
+    created = (summary.manifest or {}).get("created_unix", 0.0)
+    return -float(created or 0.0)
+
+
+def _describe_diff(diff: dict[str, tuple[str | None, str | None]]) -> str:
+    return ", ".join(f"{name} (now {_short(now)}, entry {_short(then)})" for name, (now, then) in diff.items())
+
+
+def compile_with_cache(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    ctx: Any,
+    build: Callable[[], Callable[..., Any]],
+    *,
+    strict: bool | None = None,
+) -> Callable[..., Any]:
+    """Compile one Dynamo graph through the cache at ``ctx.config.cache_dir`` (see the module docstring)."""
+    if strict is None:
+        strict = bool(getattr(ctx.config, "cache_strict", False))
+    store = CacheStore(ctx.config.cache_dir)
+    key = compute_key(gm, example_inputs, ctx)
+    digest = key.digest
+    try:
+        store.ensure()
+        with store.lock(exclusive=False):
+            entry, problems = store.read_entry(digest)
+            candidates = [] if entry is not None or problems else [s for s in store.summaries() if s.digest != digest]
+    except (CacheError, OSError) as e:
+        if strict:
+            raise e if isinstance(e, CacheError) else CacheError("graph cache is unreadable", expected=f"a readable cache at {store.root}", got=str(e)) from e
+        log.warning("graph cache %s is unusable (%s); compiling %s without it", store.root, e, ctx.graph_id)
+        _emit(CacheEvent(ctx.graph_id, digest, "error", detail=str(e)))
+        return build()
+
+    if entry is not None:
+        start = time.perf_counter()
+        try:
+            restored = restore_kernels(entry.kernels)
+            counts = load_torch_artifacts(entry.torch_artifacts) if entry.torch_artifacts else {}
+        except (CacheError, OSError) as e:
+            # Checksums held, yet torch cannot read it (say, a torch build with the same
+            # version string): the entry is as good as corrupt.
+            problems = [f"{TORCH_ARTIFACTS}: {e}"]
+            entry = None
+        else:
+            load_seconds = time.perf_counter() - start
+            log.info("graph cache hit for %s (%s): %d kernels restored, torch artifacts %s, in %.2f s", ctx.graph_id, digest[:12], restored, counts, load_seconds)
+            compiled, artifacts, kernels, seconds = _build(build)
+            cached_code = entry.text(POST_PASS_FILE)
+            if ctx.post_pass_code is not None and cached_code is not None and ctx.post_pass_code != cached_code:
+                # The key matched but our passes produced another graph: some input of
+                # the passes is missing from the key. Correctness is unaffected (we built
+                # it); record it so the gap gets found, and keep the entry current.
+                log.warning("graph cache entry %s matched %s but the post-pass graph differs from the stored one; the cache key misses a factor; entry rewritten", digest[:12], ctx.graph_id)
+                _save(store, key, gm, ctx, artifacts, kernels, seconds, replace=True)
+                _emit(CacheEvent(ctx.graph_id, digest, "mismatch", compile_seconds=seconds, load_seconds=load_seconds))
+            else:
+                _emit(CacheEvent(ctx.graph_id, digest, "hit", compile_seconds=seconds, load_seconds=load_seconds))
+            return compiled
+
+    if problems:
+        detail = "; ".join(problems)
+        if strict:
+            raise CacheError(f"graph cache entry {digest[:12]} for {ctx.graph_id} is corrupt", expected="every checksum of the manifest to hold", got=detail, hint="run `ascend-graph verify` and rebuild")
+        log.warning("graph cache entry %s for %s is corrupt (%s); not loaded, rebuilding", digest[:12], ctx.graph_id, detail)
+        status, changed = "corrupt", ()
+    else:
+        closest, diff = explain_miss(key, candidates)
+        changed = tuple(diff)
+        if strict:
+            if closest is None:
+                raise CacheError(f"graph cache has no entry for {ctx.graph_id}", expected=f"entry {digest[:12]} in {store.root}", got=f"{len(candidates)} entries of other graphs", hint="build it with `ascend-graph build`")
+            raise CacheError(
+                f"graph cache entry for {ctx.graph_id} was built for another setup",
+                expected={name: now for name, (now, _) in diff.items()},
+                got={name: then for name, (_, then) in diff.items()},
+                hint=f"entry {closest.digest[:12]}; rebuild with `ascend-graph build`",
+            )
+        if closest is None:
+            log.info("graph cache miss for %s: no entry for this graph in %s; building it", ctx.graph_id, store.root)
+            changed = ("new",)
+            detail = "no entry for this graph"
+        else:
+            detail = _describe_diff(diff)
+            log.warning("graph cache miss for %s: entry %s was built with a different %s; rebuilding", ctx.graph_id, closest.digest[:12], detail)
+        status = "miss"
+
+    compiled, artifacts, kernels, seconds = _build(build)
+    # replace: an entry whose checksums hold but that torch could not read must go too.
+    _save(store, key, gm, ctx, artifacts, kernels, seconds, replace=bool(problems))
+    _emit(CacheEvent(ctx.graph_id, digest, status, changed=changed, compile_seconds=seconds, detail=detail))
+    return compiled
+
+
+def _build(build: Callable[[], Callable[..., Any]]) -> tuple[Callable[..., Any], TorchArtifactRecorder, dict[str, bytes], float]:
+    start = time.perf_counter()
+    artifacts = TorchArtifactRecorder()
+    with artifacts.record(), KernelRecorder() as kernels_recorder:
+        compiled = build()
+    return compiled, artifacts, kernels_recorder.collect(), time.perf_counter() - start
+
+
+def _save(
+    store: CacheStore,
+    key: CacheKey,
+    gm: torch.fx.GraphModule,
+    ctx: Any,
+    artifacts: TorchArtifactRecorder,
+    kernels: dict[str, bytes],
+    build_seconds: float,
+    *,
+    replace: bool = False,
+) -> None:
+    files: dict[str, bytes] = {GRAPH_FILE: gm.code.encode()}
+    if ctx.post_pass_code is not None:
+        files[POST_PASS_FILE] = ctx.post_pass_code.encode()
+    if artifacts.data is not None:
+        files[TORCH_ARTIFACTS] = artifacts.data
+    for rel, data in kernels.items():
+        files[f"kernels/{rel}"] = data
+    now = time.time()
+    manifest = {
+        "factors": dict(key.factors),
+        "slot": key.slot,
+        "graph_id": ctx.graph_id,
+        "codegen": ctx.codegen,
+        "buckets": list(ctx.config.buckets) if ctx.config.buckets else None,
+        "shapes": ctx.shapes.describe(),
+        "passes": list(ctx.pass_manager.names) if ctx.pass_manager is not None else [],
+        "config": ctx.config.describe(),
+        "created": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created_unix": now,
+        "timings": {"build_seconds": round(build_seconds, 3)},
+        "torch_artifacts": artifacts.counts,
+        "kernels": len(kernels),
+    }
+    start = time.perf_counter()
+    try:
+        with store.lock(exclusive=True):
+            store.write_entry(key.digest, manifest, files, replace=replace)
+    except (CacheError, OSError) as e:
+        log.warning("could not write graph cache entry %s for %s (%s); the compiled graph is used anyway", key.digest[:12], ctx.graph_id, e)
+        return
+    log.info("graph cache entry %s written for %s (%d files, %.2f s)", key.digest[:12], ctx.graph_id, len(files), time.perf_counter() - start)

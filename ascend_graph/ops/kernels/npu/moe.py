@@ -179,7 +179,17 @@ def dispatch_ffn_combine_npu(x, topk_weights, topk_ids, w13, w2, activation="sil
             x, ids, active_num=t * k, expert_num=e, expert_tokens_num_type=1, expert_tokens_num_flag=True, quant_mode=-1, active_expert_range=[0, e], row_idx_type=0
         )
         y = _gmm(_act_npu(_gmm(expanded_x, w13, counts), activation), w2, counts)
-        out = torch_npu.npu_moe_finalize_routing(y, None, None, None, weights.to(y.dtype), expanded_row_idx, None, drop_pad_mode=2, k=k)
+        out = torch_npu.npu_moe_finalize_routing(
+            y,
+            skip1=None,
+            skip2=None,
+            bias=None,
+            scales=weights.to(y.dtype),
+            expanded_src_to_dst_row=expanded_row_idx,
+            export_for_source_row=None,
+            drop_pad_mode=2,
+            k=k,
+        )
     if shared_gate is not None:
         from ...moe import shared_experts_reference
 
