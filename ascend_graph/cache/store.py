@@ -1,0 +1,607 @@
+"""On-disk graph cache: layout, locking, atomic writes, checksums, torch artifacts.
+
+Entry point: :class:`CacheStore` (used by :func:`ascend_graph.cache.compile_with_cache`
+and by the ``ascend-graph`` CLI). Layout of a cache directory::
+
+    DIR/ascend-graph-cache.json     marker + format version (``clear`` refuses a dir without it)
+    DIR/.lock                       flock: shared to read an entry, exclusive to write/remove one
+    DIR/.build.lock                 flock: held by ``ascend-graph build`` for its whole run
+    DIR/entries/<digest>/           one entry per compiled Dynamo graph
+        manifest.json               key factors, slot, buckets, shapes, timings, file checksums
+        graph.py                    the Dynamo graph's code (what the "graph" factor hashes)
+        post_pass.py                the ATen graph after our passes (compared on every hit)
+        torch_artifacts.bin         torch.compiler.save_cache_artifacts() of this graph's build
+        kernels/<xx>/<key>*.so      inductor's compiled C++ kernels (see below)
+    DIR/builds/<name>.json          one record per ``ascend-graph build`` (buckets, timings)
+    DIR/.tmp-*                      an entry being written (renamed into entries/ when complete)
+
+Invariants:
+
+- An entry directory appears complete or not at all: it is written into ``.tmp-*`` in
+  the same parent, fsynced, then ``os.rename``d, under the exclusive lock.
+- Every file of an entry has its sha256 and size in the manifest, and the manifest
+  carries a checksum of itself; an entry whose checks fail is never read further (its
+  torch artifacts are never deserialized) and is replaced by the rebuild.
+- Two processes never write one cache at once (``fcntl.flock``; no dependency), and a
+  reader never sees a half-replaced entry (readers hold the shared lock while reading).
+
+Why kernels are stored: torch's mega-cache (``save_cache_artifacts``) bundles Triton
+kernels into inductor's FX-graph entries, but not the C++ kernels of the CPU backend.
+On a warm start with an empty ``TORCHINDUCTOR_CACHE_DIR`` the FX-graph cache hits and
+then every C++ kernel is compiled again, which is most of a CPU compile. Inductor skips
+that compile when ``<cache_dir>/<key[1:3]>/<key>.so`` exists (``CppCodeCache.load_async``),
+so the entry keeps those files and restores them before the build. The keys are hashes of
+source and compiler command line, so a restored file is only ever used by the kernel it
+was built from. This relies on inductor's cache layout: ``tests/cache`` checks it on the
+installed torch (a warm start must compile no C++).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+from ..errors import CacheError
+
+__all__ = [
+    "CacheStore",
+    "Entry",
+    "EntrySummary",
+    "FORMAT_VERSION",
+    "MARKER",
+    "TorchArtifactRecorder",
+    "load_torch_artifacts",
+    "KernelRecorder",
+    "restore_kernels",
+]
+
+log = logging.getLogger("ascend_graph.cache")
+
+FORMAT_VERSION = 1
+MARKER = "ascend-graph-cache.json"
+ENTRIES = "entries"
+BUILDS = "builds"
+LOCK = ".lock"
+BUILD_LOCK = ".build.lock"
+MANIFEST = "manifest.json"
+TORCH_ARTIFACTS = "torch_artifacts.bin"
+KERNELS = "kernels"
+
+#: How often a waiting process retries a held lock (flock has no timeout of its own).
+_LOCK_POLL_SECONDS = 0.05
+
+
+# -- small helpers --------------------------------------------------------------------
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _manifest_checksum(manifest: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return sha256_bytes(json.dumps(body, sort_keys=True).encode())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory."""
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{os.path.basename(path)}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def dir_size(path: str) -> int:
+    total = 0
+    for parent, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(parent, name))
+    return total
+
+
+# -- locking --------------------------------------------------------------------------
+
+
+class FileLock:
+    """An ``fcntl.flock`` lock on one file, shared or exclusive, with a timeout.
+
+    flock locks belong to an open file description, so each acquisition opens the file
+    anew; a second acquisition in the same process therefore waits like any other
+    process would (callers never nest the same lock). The holder's pid is written into
+    the file so a waiting process can say whom it waits for.
+    """
+
+    def __init__(self, path: str, *, exclusive: bool, timeout: float | None, what: str):
+        self.path = path
+        self.exclusive = exclusive
+        self.timeout = timeout
+        self.what = what
+        self._fd: int | None = None
+
+    def _holder(self) -> str:
+        with contextlib.suppress(OSError, ValueError):
+            with open(self.path, encoding="utf-8") as f:
+                text = f.read().strip()
+            if text:
+                return f"pid {int(text)}"
+        return "another process"
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        mode = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
+        start = time.monotonic()
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    os.close(fd)
+                    raise
+            waited = time.monotonic() - start
+            if not announced:
+                log.warning("waiting for the %s held by %s (%s)", self.what, self._holder(), self.path)
+                announced = True
+            if self.timeout is not None and waited >= self.timeout:
+                os.close(fd)
+                raise CacheError(
+                    f"timed out waiting for the {self.what}",
+                    expected=f"the lock free within {self.timeout:g} s",
+                    got=f"held by {self._holder()} ({self.path})",
+                    hint="another build or compile is writing this cache; wait for it or raise the timeout",
+                )
+            time.sleep(_LOCK_POLL_SECONDS)
+        if self.exclusive:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            if self.exclusive:
+                os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> "FileLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# -- entries --------------------------------------------------------------------------
+
+
+@dataclass
+class EntrySummary:
+    """What ``inspect`` and a miss explanation need: the manifest, or why it is unreadable."""
+
+    digest: str
+    path: str
+    manifest: dict[str, Any] | None
+    problem: str | None = None
+
+    @property
+    def factors(self) -> dict[str, str]:
+        return dict((self.manifest or {}).get("factors", {}))
+
+    @property
+    def slot(self) -> str | None:
+        return (self.manifest or {}).get("slot")
+
+
+@dataclass
+class Entry:
+    """A verified entry, read into memory."""
+
+    digest: str
+    manifest: dict[str, Any]
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    def text(self, name: str) -> str | None:
+        data = self.files.get(name)
+        return data.decode("utf-8") if data is not None else None
+
+    @property
+    def torch_artifacts(self) -> bytes | None:
+        return self.files.get(TORCH_ARTIFACTS)
+
+    @property
+    def kernels(self) -> dict[str, bytes]:
+        prefix = KERNELS + "/"
+        return {name[len(prefix):]: data for name, data in self.files.items() if name.startswith(prefix)}
+
+
+class CacheStore:
+    """One cache directory (see the module docstring for its layout)."""
+
+    def __init__(self, root: str, *, lock_timeout: float | None = 300.0):
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.lock_timeout = lock_timeout
+
+    # -- directory ------------------------------------------------------------------
+
+    @property
+    def entries_dir(self) -> str:
+        return os.path.join(self.root, ENTRIES)
+
+    @property
+    def builds_dir(self) -> str:
+        return os.path.join(self.root, BUILDS)
+
+    def entry_dir(self, digest: str) -> str:
+        return os.path.join(self.entries_dir, digest)
+
+    def is_cache(self) -> bool:
+        return os.path.isfile(os.path.join(self.root, MARKER))
+
+    def ensure(self) -> None:
+        """Create the directory and its marker; refuse a directory of another format."""
+        os.makedirs(self.entries_dir, exist_ok=True)
+        marker = os.path.join(self.root, MARKER)
+        if os.path.exists(marker):
+            self.check_format()
+            return
+        write_file_atomic(marker, json.dumps({"tool": "ascend-graph", "format": FORMAT_VERSION}, indent=1).encode())
+
+    def check_format(self) -> None:
+        marker = os.path.join(self.root, MARKER)
+        try:
+            with open(marker, encoding="utf-8") as f:
+                fmt = json.load(f).get("format")
+        except (OSError, ValueError, AttributeError) as e:
+            raise CacheError("cache marker is unreadable", expected=f"a JSON file {MARKER}", got=f"{marker}: {e}") from None
+        if fmt != FORMAT_VERSION:
+            raise CacheError("cache directory has another format", expected=f"format {FORMAT_VERSION}", got=f"format {fmt} in {marker}", hint="clear it or use another --cache-dir")
+
+    # -- locks ----------------------------------------------------------------------
+
+    def lock(self, *, exclusive: bool, timeout: float | None = -1.0) -> FileLock:
+        t = self.lock_timeout if timeout == -1.0 else timeout
+        return FileLock(os.path.join(self.root, LOCK), exclusive=exclusive, timeout=t, what="cache lock")
+
+    def build_lock(self, timeout: float | None = None) -> FileLock:
+        return FileLock(os.path.join(self.root, BUILD_LOCK), exclusive=True, timeout=timeout, what="build lock")
+
+    # -- reading --------------------------------------------------------------------
+
+    def digests(self) -> list[str]:
+        try:
+            names = os.listdir(self.entries_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if not n.startswith("."))
+
+    def summary(self, digest: str) -> EntrySummary:
+        path = self.entry_dir(digest)
+        try:
+            manifest = self._read_manifest(path)
+        except CacheError as e:
+            return EntrySummary(digest, path, None, problem=e.what + (f" ({e.got})" if e.got else ""))
+        return EntrySummary(digest, path, manifest)
+
+    def summaries(self) -> list[EntrySummary]:
+        return [self.summary(d) for d in self.digests()]
+
+    def _read_manifest(self, path: str) -> dict[str, Any]:
+        file = os.path.join(path, MANIFEST)
+        try:
+            with open(file, "rb") as f:
+                manifest = json.loads(f.read().decode("utf-8"))
+        except FileNotFoundError:
+            raise CacheError("entry has no manifest", expected=MANIFEST, got="missing") from None
+        except (OSError, ValueError) as e:
+            raise CacheError("entry manifest is unreadable", expected="valid JSON", got=str(e)[:120]) from None
+        if not isinstance(manifest, dict):
+            raise CacheError("entry manifest is unreadable", expected="a JSON object", got=type(manifest).__name__)
+        want = manifest.get("manifest_sha256")
+        if want != _manifest_checksum(manifest):
+            raise CacheError("entry manifest checksum mismatch", expected=want, got=_manifest_checksum(manifest))
+        if manifest.get("format") != FORMAT_VERSION:
+            raise CacheError("entry has another format", expected=FORMAT_VERSION, got=manifest.get("format"))
+        return manifest
+
+    def verify(self, digest: str) -> list[str]:
+        """Problems of one entry (empty when every checksum holds)."""
+        problems: list[str] = []
+        self._check(digest, problems, keep=None)
+        return problems
+
+    def _check(self, digest: str, problems: list[str], keep: dict[str, bytes] | None) -> dict[str, Any] | None:
+        path = self.entry_dir(digest)
+        try:
+            manifest = self._read_manifest(path)
+        except CacheError as e:
+            problems.append(str(e))
+            return None
+        if manifest.get("key") != digest:
+            problems.append(f"manifest key {manifest.get('key')!r} does not match the entry directory {digest!r}")
+        for name, meta in sorted(manifest.get("files", {}).items()):
+            file = os.path.join(path, name)
+            try:
+                with open(file, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                problems.append(f"{name}: unreadable ({e.strerror or e})")
+                continue
+            if len(data) != meta.get("bytes"):
+                problems.append(f"{name}: size {len(data)} bytes, manifest says {meta.get('bytes')} (truncated?)")
+            elif sha256_bytes(data) != meta.get("sha256"):
+                problems.append(f"{name}: sha256 mismatch (corrupt)")
+            elif keep is not None:
+                keep[name] = data
+        return manifest
+
+    def read_entry(self, digest: str) -> tuple[Entry | None, list[str]]:
+        """The verified entry, or ``(None, problems)``; the caller holds the shared lock."""
+        if not os.path.isdir(self.entry_dir(digest)):
+            return None, []
+        problems: list[str] = []
+        files: dict[str, bytes] = {}
+        manifest = self._check(digest, problems, keep=files)
+        if problems or manifest is None:
+            return None, problems
+        return Entry(digest, manifest, files), []
+
+    # -- writing --------------------------------------------------------------------
+
+    def write_entry(self, digest: str, manifest: dict[str, Any], files: Mapping[str, bytes], *, replace: bool = False) -> None:
+        """Write one entry atomically; the caller holds the exclusive lock.
+
+        An existing valid entry of the same digest is kept (another process built the
+        same graph first; both builds are equivalent) unless ``replace``. An invalid one
+        is always replaced.
+        """
+        final = self.entry_dir(digest)
+        if not replace and os.path.isdir(final) and not self.verify(digest):
+            log.info("cache entry %s was written meanwhile by another process; kept", digest[:12])
+            return
+        os.makedirs(self.entries_dir, exist_ok=True)
+        tmp = os.path.join(self.entries_dir, f".tmp-{digest[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(tmp)
+        try:
+            # JSON-native values only, so the checksum of what is read back equals this one.
+            manifest = json.loads(json.dumps(dict(manifest), default=str))
+            manifest["format"] = FORMAT_VERSION
+            manifest["key"] = digest
+            manifest["files"] = {}
+            for name, data in sorted(files.items()):
+                file = os.path.join(tmp, name)
+                os.makedirs(os.path.dirname(file), exist_ok=True)
+                with open(file, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                manifest["files"][name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
+            manifest["manifest_sha256"] = _manifest_checksum(manifest)
+            with open(os.path.join(tmp, MANIFEST), "wb") as f:
+                f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            if os.path.isdir(final):
+                self._remove(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.entries_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _remove(self, path: str) -> None:
+        # Rename first so that the entry disappears at once even if rmtree is interrupted.
+        trash = os.path.join(os.path.dirname(path), f".tmp-trash-{os.path.basename(path)[:12]}-{uuid.uuid4().hex[:8]}")
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def remove_entry(self, digest: str) -> None:
+        """Remove one entry; the caller holds the exclusive lock."""
+        path = self.entry_dir(digest)
+        if os.path.isdir(path):
+            self._remove(path)
+
+    def leftovers(self) -> list[str]:
+        """Temporary directories of writers that died (only meaningful under a lock)."""
+        try:
+            return sorted(os.path.join(self.entries_dir, n) for n in os.listdir(self.entries_dir) if n.startswith(".tmp-"))
+        except FileNotFoundError:
+            return []
+
+    def write_build_record(self, name: str, record: Mapping[str, Any]) -> str:
+        path = os.path.join(self.builds_dir, f"{name}.json")
+        write_file_atomic(path, json.dumps(record, indent=1, sort_keys=True, default=str).encode())
+        return path
+
+    def build_records(self) -> list[dict[str, Any]]:
+        out = []
+        try:
+            names = sorted(os.listdir(self.builds_dir))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            try:
+                with open(os.path.join(self.builds_dir, name), encoding="utf-8") as f:
+                    record = json.load(f)
+            except (OSError, ValueError) as e:
+                record = {"problem": f"unreadable: {e}"}
+            record["_file"] = name
+            out.append(record)
+        return out
+
+    def clear(self, digests: list[str] | None = None) -> int:
+        """Remove the given entries (all of them, the build records and leftovers when None).
+
+        The caller holds the exclusive lock. Returns the number of entries removed.
+        """
+        targets = self.digests() if digests is None else digests
+        for digest in targets:
+            self.remove_entry(digest)
+        if digests is None:
+            for path in self.leftovers():
+                shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(self.builds_dir, ignore_errors=True)
+        return len(targets)
+
+
+# -- torch's compile artifacts --------------------------------------------------------
+
+
+class TorchArtifactRecorder:
+    """Collects the torch compile artifacts (``torch.compiler.save_cache_artifacts``) of one build.
+
+    ``save_cache_artifacts`` returns everything recorded in the process so far, so an
+    entry would carry every earlier graph's artifacts too. The build therefore runs
+    inside ``CacheArtifactManager.with_fresh_cache()`` (torch/compiler/_cache.py), and
+    what it recorded is handed back to the outer recorder afterwards, so a user's own
+    ``save_cache_artifacts()`` still sees our compiles. This is the one place the cache
+    touches that internal class.
+    """
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.counts: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator["TorchArtifactRecorder"]:
+        from torch.compiler._cache import CacheArtifactManager
+
+        with CacheArtifactManager.with_fresh_cache():
+            yield self
+            recorded = [a for artifacts in CacheArtifactManager._new_cache_artifacts.values() for a in artifacts]
+            result = CacheArtifactManager.serialize()
+        if result is not None:
+            self.data, info = result
+            self.counts = {kind: len(keys) for kind, keys in info.artifacts.items()}
+        for artifact in recorded:
+            if artifact not in CacheArtifactManager._seen_artifacts:
+                CacheArtifactManager._new_cache_artifacts[artifact.type()].append(artifact)
+                CacheArtifactManager._seen_artifacts.add(artifact)
+
+
+def load_torch_artifacts(data: bytes) -> dict[str, int]:
+    """Hot-load artifacts into torch's local caches; returns counts per artifact kind."""
+    import torch
+
+    info = torch.compiler.load_cache_artifacts(data)
+    if info is None:
+        raise CacheError("torch could not deserialize the cache artifacts", expected="artifacts written by this torch", got=f"{len(data)} bytes")
+    return {kind: len(keys) for kind, keys in info.artifacts.items()}
+
+
+# -- inductor's compiled C++ kernels --------------------------------------------------
+
+
+def _code_caches() -> list[Any]:
+    from torch._inductor import codecache
+
+    names = ("CppCodeCache", "CppPythonBindingsCodeCache", "CppWrapperCodeCache")
+    return [getattr(codecache, n) for n in names if hasattr(codecache, n)]
+
+
+def _inductor_cache_dir() -> str:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
+
+class KernelRecorder:
+    """Finds the C++ binaries a build used, and reads them.
+
+    Two sources, because each misses something: binaries that appear in the inductor
+    cache directory during the build (this includes the little programs inductor
+    compiles once per process to probe the CPU's vector ISA, which no code cache lists),
+    and the keys new to the in-process code caches (a kernel whose binary was already on
+    disk from an earlier process is used, not created). A kernel already loaded in this
+    process by an earlier graph stays with that graph's entry.
+    """
+
+    _BINARY_SUFFIXES = (".so", ".o")
+
+    def __init__(self) -> None:
+        self.keys_before: set[str] = set()
+        self.files_before: set[str] = set()
+
+    @classmethod
+    def _binaries(cls, root: str) -> set[str]:
+        out: set[str] = set()
+        try:
+            subdirs = [e for e in os.scandir(root) if e.is_dir() and len(e.name) == 2]
+        except FileNotFoundError:
+            return out
+        for sub in subdirs:
+            with contextlib.suppress(OSError):
+                out.update(f"{sub.name}/{e.name}" for e in os.scandir(sub.path) if e.name.endswith(cls._BINARY_SUFFIXES))
+        return out
+
+    def __enter__(self) -> "KernelRecorder":
+        self.keys_before = {k for c in _code_caches() for k in c.cache}
+        self.files_before = self._binaries(_inductor_cache_dir())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def collect(self) -> dict[str, bytes]:
+        """``{relative path in the inductor cache dir: bytes}`` of the binaries this build used."""
+        root = _inductor_cache_dir()
+        files = self._binaries(root)
+        wanted = files - self.files_before
+        new_keys = {k for c in _code_caches() for k in c.cache} - self.keys_before
+        wanted |= {rel for rel in files if rel.split("/", 1)[1].split(".", 1)[0] in new_keys}
+        out: dict[str, bytes] = {}
+        for rel in sorted(wanted):
+            with contextlib.suppress(OSError):
+                with open(os.path.join(root, rel), "rb") as f:
+                    out[rel] = f.read()
+        return out
+
+
+def restore_kernels(kernels: Mapping[str, bytes]) -> int:
+    """Put stored kernel binaries where inductor looks for them; returns how many were written.
+
+    Files already present are left alone (same key, same source and command line).
+    """
+    root = _inductor_cache_dir()
+    written = 0
+    for rel, data in kernels.items():
+        parts = rel.split("/")
+        if len(parts) != 2 or any(p in ("", ".", "..") for p in parts):
+            raise CacheError("kernel path in a cache entry escapes the kernel directory", expected="<xx>/<key>.so", got=rel)
+        path = os.path.join(root, *parts)
+        if os.path.exists(path):
+            continue
+        write_file_atomic(path, data)
+        os.chmod(path, 0o755)
+        written += 1
+    return written
