@@ -66,8 +66,13 @@ def ascend_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kw
             expected="no mode (device graphs are on by default; options={'graphs': False} turns them off)",
             got=repr(mode),
         )
-    config = AscendConfig.from_options(options)
-    return compile_graph(gm, example_inputs, config)
+    # Inside a vLLM engine (CompilationConfig(mode=DYNAMO_TRACE_ONCE, backend="ascend")),
+    # vLLM's capture sizes become our buckets; explicit options win. Imports no vLLM.
+    from .integrations.vllm import options_from_vllm, vllm_pass_manager
+
+    from_vllm = options_from_vllm()
+    config = AscendConfig.from_options({**from_vllm, **(options or {})})
+    return compile_graph(gm, example_inputs, config, pass_manager=vllm_pass_manager(config) if from_vllm else None)
 
 
 class CompileContext:
@@ -149,13 +154,14 @@ def compile_graph(
     config: AscendConfig,
     *,
     wrap_runtime: bool = True,
+    pass_manager: PassManager | None = None,
 ) -> Callable[..., Any]:
     """Compile one Dynamo graph; returns the callable Dynamo will call."""
     start = time.perf_counter()
     device = check_inputs(example_inputs)
     shapes = analyze_graph(gm, example_inputs, config.batch_input, config.batch_dim)
     ctx = CompileContext(config, device, shapes, graph_id=f"g{next(_graph_ids):03d}")
-    ctx.pass_manager = build_pass_manager(config)
+    ctx.pass_manager = pass_manager if pass_manager is not None else build_pass_manager(config)
 
     n_lifted = len(list(gm.parameters())) + len(list(gm.buffers()))
 

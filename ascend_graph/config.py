@@ -61,6 +61,8 @@ class AscendConfig:
     stream_budget: int | None = _doc("NPU streams this compile may use for graphs (None: the device default, about 2048 less reserve)", None)
     memory_budget_bytes: int | None = _doc("graph-pool bytes the buckets may use; larger buckets are dropped first", None)
     cache_dir: str | None = _doc("offline graph cache directory (see `ascend-graph build`)", None)
+    cache_strict: bool = _doc("with cache_dir: anything but a verified cache hit is a CacheError (expected/got) instead of a logged rebuild", False)
+    clone_outputs: bool = _doc("with device graphs: copy outputs out of the graph's static buffers so they survive the next replay", True)
     dump_dir: str | None = _doc("write each pass's before/after graph code here", None)
     debug: bool = _doc("graph.lint() after each pass; check static input addresses at replay", False)
     explain_node: str | None = _doc("name of a node: the pattern matcher logs why each pattern did or did not match it", None)
@@ -127,7 +129,7 @@ class AscendConfig:
 
     def compute_hash(self) -> str:
         """Hash of every field that changes generated code (dump_dir/debug/explain_node do not)."""
-        ignore = {"dump_dir", "debug", "explain_node", "cache_dir", "warmup"}
+        ignore = {"dump_dir", "debug", "explain_node", "cache_dir", "cache_strict", "warmup"}
         factors = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ignore}
         blob = json.dumps(factors, sort_keys=True, default=repr)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -320,7 +320,7 @@ class BucketedRunner:
             cuts = pad.output_slices[k] if pad is not None and k < len(pad.output_slices) else None
             if isinstance(o, torch.Tensor):
                 o = slice_output(o, cuts)
-                if self.use_graphs:
+                if self.use_graphs and self.config.clone_outputs:
                     o = o.clone()
             elif pad is not None and k < len(self.shapes.outputs) and self.shapes.outputs[k].kind == "symint":
                 o = self.shapes.evaluate(self.shapes.outputs[k], pad.values)[0]

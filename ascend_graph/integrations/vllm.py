@@ -1,0 +1,496 @@
+"""vLLM adapters: the three ways ascend-graph plugs into vLLM (checked against vLLM 0.32.0).
+
+1. ``CompilationConfig(mode=CompilationMode.DYNAMO_TRACE_ONCE, backend="ascend")``:
+   vLLM hands the whole Dynamo graph to the ``ascend`` Dynamo backend. vLLM passes no
+   options to a string backend (only ``guard_filter_fn``, which ``torch.compile`` pops),
+   so the backend learns vLLM's settings from the current vLLM config:
+   :func:`options_from_vllm`. :func:`ascend_vllm_backend` is that backend with the
+   lookup built in (usable today as ``backend="ascend_graph.integrations.vllm.ascend_vllm_backend"``).
+2. A platform's ``get_compile_backend()`` names :class:`AscendGraphCompiler` (a vLLM
+   ``CompilerInterface``): vLLM's piecewise ``VllmBackend`` calls ``compile``/``load`` on
+   each piece. Mode 3 rejects any backend string but ``""/eager/inductor``, and
+   ``make_compiler`` resolves the *platform's* compile backend (vLLM issue #35084), so
+   this route needs a platform plugin (or vllm-ascend) naming the class.
+3. ``CompilationConfig(inductor_passes={"post_grad_custom_post_pass": AscendFusionPass()})``:
+   vLLM appends the pass to its ``PostGradPassManager`` (it asserts ``InductorPass``).
+   A platform's ``get_static_graph_wrapper_cls()`` may name :class:`AscendGraphWrapper`.
+
+Everything here is glue: the pipeline is ``backend.compile_graph`` and the pass manager;
+the only vLLM-specific logic is the fusion table for vLLM's own ops (below) and the
+reading of vLLM's config and forward context. vLLM is imported lazily, so importing
+this module needs vLLM only where a vLLM class is subclassed (the classes are built on
+first attribute access).
+
+vLLM ops matched (``VLLM_FUSIONS``), as they appear in a vLLM 0.32 graph after AOT
+tracing with inductor's decompositions:
+
+- ``vllm_ir.rms_norm(x, w, eps)`` (what ``RMSNorm.forward_native`` emits: an opaque vLLM
+  IR op that vLLM's own ``VllmIRLoweringPass`` lowers only under ``VLLM_COMPILE``)
+  -> ``ascend_graph::vllm_rms_norm`` (mirrors ``npu_rms_norm``);
+- ``SiluAndMul.forward_native`` (``silu(x[..., :d]) * x[..., d:]``, decomposed to
+  neg/exp/add/div * slice) -> ``ascend_graph::vllm_silu_and_mul`` (mirrors ``npu_swiglu``).
+
+Not matched yet: ``vllm_ir.fused_add_rms_norm.maybe_inplace`` (it reaches the graph
+as ``auto_functionalized_v2`` over two mutated inputs; the replacement must write both
+back, which the graph contract does not cover yet); ``vllm::unified_attention_with_output``
+(vLLM's paged attention: its metadata lives in the forward context, not in the graph,
+so a replacement by ``ascend_graph::paged_attention`` needs the metadata lifted into
+graph inputs first: that is an attention-backend change, not a graph rewrite);
+``vllm::moe_forward``/``moe_forward_shared`` (vLLM's fused-MoE op takes the layer by
+name and reads expert weights from the layer object, so the weights are not graph
+values a pattern could hand to ``ascend_graph::moe_dispatch_ffn_combine``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import sys
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+
+from .. import _stats
+from .._version import __version__
+from ..config import AscendConfig
+from ..passes.base import GraphPass
+from ..passes.manager import PassManager, build_pass_manager
+from ..passes.pattern import Fusion, PatternPass
+from ..runtime import graphs as device_graphs
+
+__all__ = [
+    "options_from_vllm",
+    "ascend_vllm_backend",
+    "vllm_ops_pass",
+    "vllm_pass_manager",
+    "VLLM_FUSIONS",
+    "AscendGraphCompiler",
+    "AscendFusionPass",
+    "AscendGraphWrapper",
+]
+
+log = logging.getLogger("ascend_graph.integrations.vllm")
+
+_INSTALL_HINT = "pip install vllm (see docs/vllm.md for a CPU development install)"
+
+
+def _require_vllm() -> None:
+    try:
+        import vllm.config  # noqa: F401
+    except ImportError as e:  # pragma: no cover - exercised only without vLLM
+        raise ImportError(f"ascend_graph.integrations.vllm needs vLLM: {e}; {_INSTALL_HINT}") from e
+
+
+# --------------------------------------------------------------------------------------
+# 1. vLLM's config -> AscendConfig options
+# --------------------------------------------------------------------------------------
+
+
+def _current_vllm_config() -> Any:
+    """The vLLM config of the running compile, or None (never imports vLLM itself)."""
+    if "vllm.config" not in sys.modules:
+        return None
+    from vllm.config import get_current_vllm_config_or_none
+
+    return get_current_vllm_config_or_none()
+
+
+def options_from_vllm(vllm_config: Any = None) -> dict[str, Any]:
+    """``torch.compile`` options for backend ``"ascend"`` taken from a vLLM config.
+
+    ``vllm_config`` defaults to vLLM's current config (set while vLLM compiles a model);
+    with none, ``{}``. Keys: ``buckets`` (vLLM's ``cudagraph_capture_sizes``),
+    ``max_batch`` (``max_cudagraph_capture_size``), ``num_speculative_tokens``, and
+    ``graphs=False`` where vLLM captures whole-model graphs itself (FULL modes: a graph
+    captured inside vLLM's capture would nest).
+    """
+    if vllm_config is None:
+        vllm_config = _current_vllm_config()
+    if vllm_config is None:
+        return {}
+    cc = vllm_config.compilation_config
+    options: dict[str, Any] = {}
+    sizes = sorted(set(cc.cudagraph_capture_sizes or ()))
+    if sizes:
+        options["buckets"] = sizes
+        options["max_batch"] = int(cc.max_cudagraph_capture_size or sizes[-1])
+    spec = getattr(vllm_config, "speculative_config", None)
+    k = getattr(spec, "num_speculative_tokens", None) if spec is not None else None
+    if k:
+        options["num_speculative_tokens"] = int(k)
+    mode = cc.cudagraph_mode
+    if mode is not None and mode.has_full_cudagraphs():
+        options["graphs"] = False
+    return options
+
+
+def ascend_vllm_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
+    """The ``ascend`` Dynamo backend with vLLM's settings (for ``DYNAMO_TRACE_ONCE``).
+
+    Explicit ``options`` win over what :func:`options_from_vllm` reads. The vLLM op
+    fusions (:data:`VLLM_FUSIONS`) run after the fusion families.
+    """
+    options = dict(options_from_vllm())
+    options.update(kwargs.pop("options", None) or {})
+    if kwargs:
+        from ..backend import ascend_backend
+
+        return ascend_backend(gm, example_inputs, options=options, **kwargs)  # raises the usual ConfigError
+    return _compile_with_vllm_passes(gm, example_inputs, AscendConfig.from_options(options))
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_with_vllm_passes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: AscendConfig, wrap_runtime: bool = True) -> Callable[..., Any]:
+    """``compile_graph`` with the vLLM op fusions appended to its pass manager."""
+    from .. import backend
+
+    return backend.compile_graph(gm, example_inputs, config, wrap_runtime=wrap_runtime, pass_manager=vllm_pass_manager(config))
+
+
+# --------------------------------------------------------------------------------------
+# vLLM op fusions: contracts, fusion rows, the pass
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ascend_graph::vllm_rms_norm", mutates_args=())
+def vllm_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as vLLM's ``rms_norm`` computes it (fp32 accumulation); mirrors npu_rms_norm."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y.to(x.dtype) * weight).to(x.dtype)
+
+
+@vllm_rms_norm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("ascend_graph::vllm_silu_and_mul", mutates_args=())
+def vllm_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` with ``d = x.shape[-1] // 2``; mirrors npu_swiglu."""
+    d = x.shape[-1] // 2
+    return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
+
+
+@vllm_silu_and_mul.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+_EPS = 1e-6  # sample value only: the eps argument is generalised by scalar_workaround
+_HALF = 37  # sample split point: generalised by scalar_workaround (odd, so it is unique)
+
+
+def _rms_norm_pattern(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.ops.vllm_ir.rms_norm.default(x, weight, eps)
+
+
+def _rms_norm_replacement(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.ops.ascend_graph.vllm_rms_norm.default(x, weight, eps)
+
+
+def _rms_norm_inputs() -> list[Any]:
+    return [torch.randn(3, 16), torch.randn(16)]
+
+
+def _rms_norm_check(match: Any) -> bool:
+    # vllm_ir.rms_norm(x, None, eps) (no weight) and variance_size_override are not ours.
+    x, w = match.kwargs.get("x"), match.kwargs.get("weight")
+    if not isinstance(w, torch.fx.Node) or not isinstance(x, torch.fx.Node):
+        return False
+    node = match.nodes[-1] if match.nodes else None
+    if node is not None and len(node.args) > 3 and node.args[3] is not None:
+        return False
+    xv, wv = x.meta.get("val"), w.meta.get("val")
+    return xv is not None and wv is not None and wv.dim() == 1 and xv.shape[-1] == wv.shape[0]
+
+
+# silu(x1) * x2 = x1 * sigmoid(x1) * x2; SiluAndMul.forward_native: x1, x2 = halves of x
+def _silu_and_mul_pattern(x: torch.Tensor, half: int) -> torch.Tensor:
+    return torch.nn.functional.silu(x[..., :half]) * x[..., half:]
+
+
+def _silu_and_mul_replacement(x: torch.Tensor, half: int) -> torch.Tensor:
+    return torch.ops.ascend_graph.vllm_silu_and_mul.default(x)
+
+
+def _silu_and_mul_inputs() -> list[Any]:
+    return [torch.randn(3, 2 * _HALF)]
+
+
+def _silu_and_mul_check(match: Any) -> bool:
+    x, half = match.kwargs.get("x"), match.kwargs.get("half")
+    xv = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+    if xv is None or xv.dim() != 2 or not isinstance(half, int):
+        return False
+    return bool(xv.shape[-1] == 2 * half)
+
+
+def _vllm_fusions() -> tuple[Fusion, ...]:
+    rows = [
+        Fusion("vllm_silu_and_mul", _silu_and_mul_pattern, _silu_and_mul_replacement, _silu_and_mul_inputs, _silu_and_mul_check, scalar_workaround={"half": _HALF}),
+    ]
+    if _has_vllm_ir():
+        rows.insert(0, Fusion("vllm_rms_norm", _rms_norm_pattern, _rms_norm_replacement, _rms_norm_inputs, _rms_norm_check, scalar_workaround={"eps": _EPS}))
+    return tuple(rows)
+
+
+def _has_vllm_ir() -> bool:
+    if "vllm" not in sys.modules:
+        try:
+            import vllm.ir  # noqa: F401  (registers torch.ops.vllm_ir)
+        except ImportError:
+            return False
+    try:
+        torch.ops.vllm_ir.rms_norm.default
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+#: the vLLM op fusion rows (built once per process: rows are identity-keyed by the matcher cache)
+VLLM_FUSIONS: tuple[Fusion, ...] = ()
+
+
+def vllm_fusions() -> tuple[Fusion, ...]:
+    global VLLM_FUSIONS
+    if not VLLM_FUSIONS:
+        VLLM_FUSIONS = _vllm_fusions()
+    return VLLM_FUSIONS
+
+
+def vllm_ops_pass(config: AscendConfig) -> GraphPass | None:
+    """The pass over vLLM's own ops (family ``norm_act``); None when that family is off."""
+    if "norm_act" not in config.fusions:
+        return None
+    return PatternPass("vllm_norm_act", "norm_act", vllm_fusions(), explain_node=config.explain_node)
+
+
+def vllm_pass_manager(config: AscendConfig) -> PassManager:
+    """cleanup -> fusion families -> vLLM op fusions -> cleanup."""
+    p = vllm_ops_pass(config)
+    return build_pass_manager(config, extra=[p] if p is not None else [])
+
+
+def _versions() -> dict[str, str]:
+    out = {"ascend_graph": __version__, "torch": torch.__version__}
+    try:
+        import vllm
+
+        out["vllm"] = getattr(vllm, "__version__", "?")
+    except ImportError:  # pragma: no cover
+        pass
+    npu = sys.modules.get("torch_npu")
+    if npu is not None:
+        out["torch_npu"] = getattr(npu, "__version__", "?")
+    return out
+
+
+def _hash(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# 2-4. Classes that subclass vLLM's (built lazily so this module imports without vLLM)
+# --------------------------------------------------------------------------------------
+
+
+def _build_compiler_cls() -> type:
+    _require_vllm()
+    from vllm.compilation.compiler_interface import CompilerInterface
+
+    class AscendGraphCompiler(CompilerInterface):
+        """vLLM ``CompilerInterface``: our passes and codegen on each piecewise graph.
+
+        A platform names it: ``get_compile_backend() -> "ascend_graph.integrations.vllm.AscendGraphCompiler"``.
+        ``compiler_config`` is vLLM's inductor config dict; the pass manager vLLM put in
+        it under ``current_platform.pass_key`` is left to vLLM (under the default key
+        inductor runs it; a platform with its own key, as vllm-ascend, runs it itself).
+        Options come from :func:`options_from_vllm` (of the config given to
+        ``compute_hash``, else the current one), with graphs off: vLLM's static graph
+        wrapper captures the pieces.
+        """
+
+        name = "ascend_graph"
+
+        def __init__(self, options: dict[str, Any] | None = None) -> None:
+            self._options = dict(options or {})
+            self.cache_dir: str | None = None
+            self.disable_cache = False
+            self.prefix = ""
+            self._vllm_config: Any = None
+
+        def config(self) -> AscendConfig:
+            options = options_from_vllm(self._vllm_config)
+            options["graphs"] = False
+            options.update(self._options)
+            return AscendConfig.from_options(options)
+
+        def initialize_cache(self, cache_dir: str, disable_cache: bool = False, prefix: str = "") -> None:
+            self.cache_dir, self.disable_cache, self.prefix = cache_dir, disable_cache, prefix
+
+        def compute_hash(self, vllm_config: Any) -> str:
+            self._vllm_config = vllm_config
+            config = self.config()
+            versions = ";".join(f"{k}={v}" for k, v in sorted(_versions().items()))
+            return _hash(versions, config.compute_hash(), vllm_pass_manager(config).uuid())[:10]
+
+        def compile(self, graph: torch.fx.GraphModule, example_inputs: list[Any], compiler_config: dict[str, Any], compile_range: Any, key: str | None = None) -> tuple[Callable[..., Any] | None, Any | None]:
+            config = self.config()
+            if compiler_config:
+                inductor = {k: v for k, v in compiler_config.items() if _is_plain_inductor_key(k, v)}
+                config = config.replace(inductor_config=tuple(sorted({**dict(config.inductor_config), **inductor}.items())))
+            # hashed before compiling: the trace may recompile the graph module in place
+            digest = self._digest(graph)
+            compiled = _compile_with_vllm_passes(graph, example_inputs, config, wrap_runtime=False)
+            return compiled, (key or f"ascend_graph_{compile_range.start}_{compile_range.end}", digest)
+
+        def _digest(self, graph: torch.fx.GraphModule) -> str:
+            config = self.config()
+            return _hash(config.compute_hash(), vllm_pass_manager(config).uuid(), graph.graph.python_code("self").src)[:16]
+
+        def load(self, handle: Any, graph: torch.fx.GraphModule, example_inputs: list[Any], graph_index: int, compile_range: Any) -> Callable[..., Any]:
+            """Rebuild from the graph vLLM hands back; the handle's hash must still match.
+
+            No artifact is stored on disk yet (the graph cache, ``ascend_graph/cache``,
+            owns that): a load recompiles, and a handle from another pass set or config
+            is refused, so vLLM compiles afresh.
+            """
+            key, digest = handle
+            config = self.config()
+            want = self._digest(graph)
+            if digest != want:
+                raise ValueError(f"ascend_graph handle {key!r} was built for another graph, pass set or config (expected {want}, got {digest})")
+            compiled = _compile_with_vllm_passes(graph, example_inputs, config, wrap_runtime=False)
+            return compiled
+
+    return AscendGraphCompiler
+
+
+# Inductor config keys that vLLM fills with objects (pass managers, ignore lists) are
+# not ours to forward; plain scalar settings are.
+def _is_plain_inductor_key(key: str, value: Any) -> bool:
+    if key.endswith("_pass") or key.startswith("_") or key in ("post_grad_custom_post_pass", "pre_grad_custom_pass"):
+        return False
+    return isinstance(value, (bool, int, float, str)) or value is None
+
+
+def _build_fusion_pass_cls() -> type:
+    _require_vllm()
+    from vllm.compilation.passes.inductor_pass import InductorPass
+
+    class AscendFusionPass(InductorPass):
+        """Our fusion families plus the vLLM op fusions, as a vLLM ``InductorPass``.
+
+        ``CompilationConfig(inductor_passes={"post_grad_custom_post_pass": AscendFusionPass()})``:
+        vLLM appends it to its ``PostGradPassManager`` and runs it on inductor's
+        post-grad graph; ``uuid()`` covers every pass's source hash and the config hash.
+        No cleanup passes: vLLM's manager runs its own after this one.
+        """
+
+        def __init__(self, options: dict[str, Any] | None = None) -> None:
+            self.config = AscendConfig.from_options({**(options or {}), "cleanup": False})
+            self.manager = vllm_pass_manager(self.config)
+
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            gm = graph.owning_module
+            if gm is None:
+                raise TypeError("AscendFusionPass: the graph must belong to a GraphModule")
+            self.manager(gm, "vllm_post_grad")
+
+        def uuid(self) -> str:
+            return _hash(self.config.compute_hash(), self.manager.uuid(), __version__)
+
+    return AscendFusionPass
+
+
+def _build_wrapper_cls() -> type:
+    _require_vllm()
+    from vllm.config import CUDAGraphMode
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    class AscendGraphWrapper:
+        """A platform's static graph wrapper (``get_static_graph_wrapper_cls``).
+
+        Same call contract as vLLM's ``CUDAGraphWrapper``: the runtime mode and batch
+        descriptor come from vLLM's forward context and are trusted; mode NONE, or a mode
+        other than this wrapper's, calls the runnable directly (so a FULL wrapper nests
+        with PIECEWISE ones); otherwise the first call per descriptor captures (through
+        ``ascend_graph.runtime.graphs``: CUDA graph, NPU graph, or NoGraph on the CPU)
+        into one pool shared by every wrapper, and later calls replay. Like vLLM's, it
+        owns no input buffers: vLLM keeps input addresses stable.
+        """
+
+        def __init__(self, runnable: Callable[..., Any], vllm_config: Any, runtime_mode: Any, cudagraph_options: Any = None) -> None:
+            if runtime_mode == CUDAGraphMode.NONE:
+                raise ValueError("AscendGraphWrapper needs runtime_mode PIECEWISE or FULL, got NONE: do not wrap")
+            from vllm.platforms import current_platform
+
+            self.runnable = runnable
+            self.vllm_config = vllm_config
+            self.runtime_mode = runtime_mode
+            self.cudagraph_options = cudagraph_options
+            self.device = torch.device(current_platform.device_type)
+            self.graph_pool = current_platform.get_global_graph_pool() if device_graphs.supports_graphs(self.device) else None
+            self.entries: dict[Any, device_graphs.DeviceGraph] = {}
+
+        def __getattr__(self, key: str) -> Any:
+            if key == "runnable":
+                raise AttributeError(key)
+            return getattr(self.runnable, key)
+
+        def unwrap(self) -> Callable[..., Any]:
+            runnable = self.runnable
+            return runnable.unwrap() if hasattr(runnable, "unwrap") else runnable
+
+        def clear_graphs(self) -> None:
+            self.entries.clear()
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            if not is_forward_context_available():
+                return self.runnable(*args, **kwargs)
+            ctx = get_forward_context()
+            mode, descriptor = ctx.cudagraph_runtime_mode, ctx.batch_descriptor
+            if mode == CUDAGraphMode.NONE or mode != self.runtime_mode:
+                return self.runnable(*args, **kwargs)
+            if descriptor is None:
+                raise ValueError(f"forward context has runtime mode {mode.name} but no batch_descriptor")
+            graph = self.entries.get(descriptor)
+            if graph is not None:
+                _stats.record_replay()
+                return graph.replay()
+            from vllm.compilation.monitor import validate_cudagraph_capturing_enabled
+
+            validate_cudagraph_capturing_enabled()
+            graph = device_graphs.new_graph(self.device)
+            import time
+
+            start = time.perf_counter()
+            with device_graphs.capture_guard(self.device):
+                output = graph.capture(lambda: self.runnable(*args, **kwargs), pool=self.graph_pool)
+            _stats.record_capture(f"vllm:{self.runtime_mode.name}:{descriptor}", time.perf_counter() - start, device_graphs.pool_reserved_bytes(self.device))
+            self.entries[descriptor] = graph
+            return output
+
+    return AscendGraphWrapper
+
+
+_LAZY = {
+    "AscendGraphCompiler": _build_compiler_cls,
+    "AscendFusionPass": _build_fusion_pass_cls,
+    "AscendGraphWrapper": _build_wrapper_cls,
+}
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the vLLM-subclassing classes are built (and vLLM imported) on first use.
+    builder = _LAZY.get(name)
+    if builder is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = builder()
+    cls.__module__ = __name__
+    cls.__qualname__ = name
+    globals()[name] = cls
+    return cls
