@@ -164,8 +164,8 @@ def main() -> None:
     with torch.no_grad():
         backends = {
             "eager": lambda: model,
-            "inductor": lambda: torch.compile(model, dynamic=False),
-            "reduce-overhead": lambda: torch.compile(model, mode="reduce-overhead", dynamic=False),
+            "inductor": lambda: torch.compile(model),
+            "reduce-overhead": lambda: torch.compile(model, mode="reduce-overhead"),
         }
         for name, make in backends.items():
             torch._dynamo.reset()
