@@ -119,10 +119,17 @@ class BucketedRunner:
         others = tuple(values[s] for s in self.shapes.other_symbols)
         if self.plan is None:
             return self._run_entry(("static",) + others, None, args, values, None)
-        n = values[self.shapes.batch_symbol]
         if (self.config.warmup or _warmup_requested.get()) and others not in self._warmed:
             self._warmed.add(others)
+            # this call first (its bucket's eager run also initialises cuBLAS and
+            # autotuning), then every other bucket, largest first, by capture alone
+            result = self._serve(args, values, others)
             self._warmup_all(args, values, others)
+            return result
+        return self._serve(args, values, others)
+
+    def _serve(self, args: Sequence[Any], values: dict, others: tuple) -> Any:
+        n = values[self.shapes.batch_symbol]
         while True:
             bucket = self.plan.select(n) if self.plan is not None else None
             if bucket is None:
@@ -150,7 +157,7 @@ class BucketedRunner:
             if captured is None:
                 if bucket is None:
                     return self._fallback("capture_failed", args)
-                return self(*args)  # the failed bucket is gone from the plan
+                return self._serve(args, values, key[1:])  # the failed bucket is gone from the plan
             # the run that preceded the capture was this call's execution: no replay now
             entry, outs = captured
         else:
@@ -259,11 +266,11 @@ class BucketedRunner:
     def _capture(self, key: tuple, bucket: int | None, args: Sequence[Any], pad: PadPlan | None, *, real_call: bool) -> tuple[GraphEntry, Any] | None:
         """Warm up and capture one entry; returns it with the warm-up run's outputs.
 
-        The function runs exactly once here (the eager warm-up before a device capture,
-        which records without executing; or NoGraph's run). For the call being served
-        (``real_call``) that run is its execution. For a warm-up of another bucket the
-        in-place inputs it mutates (caches, recurrent states) are restored afterwards, so
-        a warm-up never changes the model's state.
+        For the call being served (``real_call``) the function runs exactly once here:
+        the eager run before a device capture (which records without executing) is its
+        execution. A warm-up of another bucket on a device only records, so it never
+        changes the model's state (KV caches, recurrent states); without device graphs
+        (NoGraph runs the function) the in-place inputs it mutates are restored.
         """
         static = self._make_static_args(key, args, pad)
         graph = new_graph(self.device, self.use_graphs)
@@ -271,7 +278,7 @@ class BucketedRunner:
         entry.pinned_ptrs = {i: args[i].data_ptr() for i in self.in_place if isinstance(args[i], torch.Tensor)}
         self._load_inputs(entry, args, pad)
         name = f"{self.ctx.graph_id}:{'x'.join(map(str, key))}"
-        saved = {} if real_call else {i: args[i].clone() for i in self.in_place & self.mutated}
+        saved = {} if (real_call or self.use_graphs) else {i: args[i].clone() for i in self.in_place & self.mutated}
         start = time.perf_counter()
         before = pool_reserved_bytes(self.device)
         try:
@@ -280,7 +287,7 @@ class BucketedRunner:
                     self.pool = graph_pool_handle(self.device)
                 # the eager run first: lazy initialisation (cuBLAS handles, autotuning)
                 # must not happen inside the capture
-                outs = self.compiled(*static)
+                outs = self.compiled(*static) if real_call else None
                 with capture_guard(self.device):
                     graph.capture(lambda: self.compiled(*static), pool=self.pool)
             else:
