@@ -141,7 +141,6 @@ def ascend_vllm_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     return _compile_with_vllm_passes(gm, example_inputs, AscendConfig.from_options(options))
 
 
-@functools.lru_cache(maxsize=None)
 def _compile_with_vllm_passes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: AscendConfig, wrap_runtime: bool = True) -> Callable[..., Any]:
     """``compile_graph`` with the vLLM op fusions appended to its pass manager."""
     from .. import backend
