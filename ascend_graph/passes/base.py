@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
+import re
 import sys
 from typing import Any, Iterable
 
@@ -16,15 +18,30 @@ import torch.fx
 __all__ = ["GraphPass", "source_hash"]
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _stable_source(obj: Any) -> str:
+    """Source text of ``obj``; for partials, their function's source and arguments.
+
+    Never a bare ``repr``: it holds memory addresses, which would change the hash in
+    every process and make every graph-cache lookup miss.
+    """
+    if isinstance(obj, functools.partial):
+        args = repr(obj.args) + repr(sorted(obj.keywords.items()))
+        return _stable_source(obj.func) + _ADDRESS.sub("", args)
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+        return f"{getattr(obj, '__module__', type(obj).__module__)}.{name}:" + _ADDRESS.sub("", repr(obj))
+
+
 def source_hash(objects: Iterable[Any]) -> str:
     """sha256 of the source of each object (module, class or function), in order."""
     h = hashlib.sha256()
     for obj in objects:
-        try:
-            src = inspect.getsource(obj)
-        except (OSError, TypeError):
-            src = repr(obj)
-        h.update(src.encode())
+        h.update(_stable_source(obj).encode())
     return h.hexdigest()
 
 

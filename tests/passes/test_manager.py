@@ -104,3 +104,13 @@ def test_uuid_hashes_pass_source():
     assert a.uuid() == NoOpElimination().uuid()
     pm1, pm2 = PassManager([a, b]), PassManager([b, a])
     assert pm1.uuid() != pm2.uuid()
+
+
+def test_pass_uuids_are_the_same_in_every_process():
+    """A uuid that changes per process (a repr with an address) makes every cache lookup miss."""
+    import subprocess
+    import sys
+
+    code = "from ascend_graph.passes.manager import build_pass_manager as b; from ascend_graph.config import AscendConfig as C; print(b(C()).uuid())"
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout.strip() for _ in range(2)}
+    assert len(runs) == 1 and "" not in runs
