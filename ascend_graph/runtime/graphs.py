@@ -151,9 +151,15 @@ def synchronize(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def capture_guard(device: torch.device) -> Iterator[None]:
-    """gc frozen and cache-emptying held off for the duration of a capture."""
-    gc.collect()
+def capture_guard(device: torch.device, collect: bool = True) -> Iterator[None]:
+    """gc frozen and cache-emptying held off for the duration of a capture.
+
+    ``collect`` runs one full collection first; a loop of captures (warm-up of every
+    bucket) collects once, before the loop, not once a bucket (a full collection of a
+    large model's heap costs a large part of a second).
+    """
+    if collect:
+        gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
     module = getattr(torch, device.type, None) if device.type in ("cuda", "npu") else None

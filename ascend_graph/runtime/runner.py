@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -233,6 +234,7 @@ class BucketedRunner:
     def _warmup_all(self, args: Sequence[Any], values: dict, others: tuple) -> None:
         """Capture every bucket for these other-symbol values, largest first (one pool)."""
         assert self.plan is not None
+        gc.collect()  # once for the whole loop (each capture then skips its own)
         for bucket in reversed(self.plan.sizes):
             key = (bucket,) + others
             if key in self.entries or key in self.failed or len(self.entries) >= self.config.max_graphs:
@@ -288,7 +290,7 @@ class BucketedRunner:
                 # the eager run first: lazy initialisation (cuBLAS handles, autotuning)
                 # must not happen inside the capture
                 outs = self.compiled(*static) if real_call else None
-                with capture_guard(self.device):
+                with capture_guard(self.device, collect=real_call):
                     graph.capture(lambda: self.compiled(*static), pool=self.pool)
             else:
                 outs = graph.capture(lambda: self.compiled(*static))
