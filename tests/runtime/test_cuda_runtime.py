@@ -21,6 +21,7 @@ class Block(nn.Module):
         self.n_slots = n_slots
 
     def forward(self, x, slot_mapping):
+        torch._check(slot_mapping.shape[0] == x.shape[0])  # one slot a token: one batch symbol
         y = self.down(torch.nn.functional.gelu(self.up(x))) + x
         idx = torch.where(slot_mapping < 0, torch.full_like(slot_mapping, self.n_slots), slot_mapping)
         self.cache.index_copy_(0, idx, y)
@@ -55,8 +56,10 @@ def test_replay_equals_eager_for_every_bucket_and_random_batches():
             torch.testing.assert_close(out, ref)
             torch.testing.assert_close(model.cache[:256], ref_cache[:256].index_copy(0, slots, model.cache[slots]))
     st = ascend_graph.stats()
-    dynamic = runners[-1]
-    assert dynamic.use_graphs and len(dynamic.entries) == len(buckets)
+    # batch 1 gets a static graph of its own (Dynamo specialises size 1)
+    dynamic = next(r for r in runners if r.plan is not None)
+    assert dynamic.use_graphs
+    assert set(dynamic.entries) == {(b,) for b in buckets if b > 1}
     assert st["eager_fallbacks"] == 0 and st["capture_failures"] == 0
 
 
@@ -66,7 +69,7 @@ def test_static_input_addresses_are_stable_and_parameters_never_copied():
     with torch.no_grad():
         for n in (3, 5, 6, 7, 2):
             cm(torch.randn(n, 64, device="cuda"), torch.arange(n, device="cuda"))
-    runner = runners[-1]
+    runner = next(r for r in runners if r.plan is not None)
     entry = runner.entries[(8,)]
     ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else None for a in entry.static_args]
     with torch.no_grad():
