@@ -55,11 +55,10 @@ class AscendConfig:
     max_batch: int = _doc("largest bucket of the default list", 256)
     num_speculative_tokens: int = _doc("k: buckets are rounded to multiples of 1+k", 0)
     max_graphs: int = _doc("cap on graphs per compiled function (keys of other dynamic symbols included); past it calls run without graphs", 64)
-    seq_buckets: tuple[int, ...] | None = _doc("optional buckets for the non-batch symbols (sequence / KV length), padded like the batch", None)
     warmup: bool = _doc("capture every bucket at the first call instead of lazily", False)
     pad_roles: tuple[tuple[str, str], ...] = _doc("(input name, role) pairs: how padded rows of that input are filled; roles in PAD_ROLES", ())
     stream_budget: int | None = _doc("NPU streams this compile may use for graphs (None: the device default, about 2048 less reserve)", None)
-    memory_budget_bytes: int | None = _doc("graph-pool bytes the buckets may use; larger buckets are dropped first", None)
+    memory_budget_bytes: int | None = _doc("graph-pool bytes the captured buckets may use together; a capture that would exceed it is dropped (counted as a capture failure) and its batches go to the next bucket up or run without graphs", None)
     cache_dir: str | None = _doc("offline graph cache directory (see `ascend-graph build`)", None)
     cache_strict: bool = _doc("with cache_dir: anything but a verified cache hit is a CacheError (expected/got) instead of a logged rebuild", False)
     clone_outputs: bool = _doc("with device graphs: copy outputs out of the graph's static buffers so they survive the next replay", True)
@@ -138,7 +137,7 @@ class AscendConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-_TUPLE_FIELDS = {"fusions", "buckets", "seq_buckets"}
+_TUPLE_FIELDS = {"fusions", "buckets"}
 _PAIR_FIELDS = {"pad_roles", "inductor_config"}
 
 

@@ -112,6 +112,7 @@ class BucketedRunner:
         self._persistent: dict[tuple, torch.Tensor] = {}
         self._warmed: set[tuple] = set()
         self._pad_plans: dict[tuple, PadPlan] = {}
+        self._pool_bytes = 0  # measured pool growth of the captured entries
 
     # -- the call ------------------------------------------------------------------
 
@@ -308,10 +309,21 @@ class BucketedRunner:
         for i, t in saved.items():
             args[i].copy_(t)
         seconds = time.perf_counter() - start
+        growth = pool_reserved_bytes(self.device) - before
+        budget = self.config.memory_budget_bytes
+        if budget is not None and self.use_graphs and self._pool_bytes + growth > budget:
+            # measured, not estimated: the graph is released and its bucket leaves the plan
+            log.warning("capture of %s needs %d pool bytes, over the budget of %d (%d used); dropped", name, growth, budget, self._pool_bytes)
+            _stats.record_capture_failure(name, f"memory budget: {self._pool_bytes + growth} > {budget} bytes")
+            self.failed.add(key)
+            if bucket is not None and self.plan is not None:
+                self.plan = self.plan.without(bucket)
+            return (entry, outs) if real_call else None
+        self._pool_bytes += max(growth, 0)
         entry.state = "captured"
         self.entries[key] = entry
         if self.use_graphs:
-            _stats.record_capture(name, seconds, pool_reserved_bytes(self.device) - before)
+            _stats.record_capture(name, seconds, growth)
         else:
             # CPU: a bucket's compiled function is prepared (counted so counters match GPUs)
             _stats.record_capture(name, seconds, 0)

@@ -217,3 +217,30 @@ def test_broadcast_inputs_keep_their_stride_zero_layout():
         x = torch.randn(n, 6)
         mask = (torch.arange(6) % 2 == 0).expand(n, 6)  # stride 0 along the batch
         torch.testing.assert_close(cf(x, mask), f(x, mask))
+
+
+def test_memory_budget_drops_captures_that_do_not_fit(monkeypatch):
+    """Each capture 'grows the pool' by 600 bytes; the budget holds one."""
+    from ascend_graph.runtime import graphs
+    from ascend_graph.runtime import runner as R
+
+    monkeypatch.setattr(R, "supports_graphs", lambda device: True)
+    monkeypatch.setattr(R, "new_graph", lambda device, enabled=True: graphs.NoGraph())
+    reserved = {"n": 0}
+
+    def fake_reserved(device):
+        reserved["n"] += 600  # read before and after each capture: +600 a capture
+        return reserved["n"]
+
+    monkeypatch.setattr(R, "pool_reserved_bytes", fake_reserved)
+    model, cm = compiled_toy(memory_budget_bytes=1000)
+    with torch.no_grad():
+        for n in (3, 5, 6, 7):  # bucket 4 fits; 8 and then 16 would not; then nothing is left above 4
+            x, slots = inputs(n)
+            torch.testing.assert_close(cm(x, slots, torch.zeros(65, 8))[1], model(x, slots, torch.zeros(65, 8))[1])
+    st = ascend_graph.stats()
+    kept = [bucket_of(k) for k, v in st["buckets"].items() if "failed" not in v]
+    dropped = sorted(bucket_of(k) for k, v in st["buckets"].items() if "failed" in v)
+    assert kept == [4] and dropped == [8, 16]
+    assert all("memory budget" in v["failed"] for v in st["buckets"].values() if "failed" in v)
+    assert st["fallback_reasons"] == {"above_largest_bucket": 1}
