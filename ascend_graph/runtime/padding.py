@@ -30,10 +30,10 @@ from typing import Any, Mapping, Sequence
 import sympy
 import torch
 
-from ..capture.shapes import ShapeInfo, ValueShape
+from ..capture.shapes import ShapeInfo
 from ..errors import PaddingError
 
-__all__ = ["PadPlan", "plan_padding", "pad_into", "role_for", "PAD_VALUE", "DEFAULT_ROLES_BY_NAME"]
+__all__ = ["PadPlan", "plan_padding", "pad_into", "slice_output", "role_for", "PAD_VALUE", "DEFAULT_ROLES_BY_NAME"]
 
 PAD_VALUE: dict[str, Any] = {"zero": 0, "index": 0, "slot": -1, "kv_len": 1, "mask": False}
 
@@ -155,11 +155,3 @@ def slice_output(out: Any, cuts: Sequence[tuple[int, int]] | None) -> Any:
     for d, n in cuts:
         out = out.narrow(d, 0, n)
     return out
-
-
-def all_symbols(shapes: ShapeInfo) -> list[sympy.Symbol]:
-    return ([shapes.batch_symbol] if shapes.batch_symbol is not None else []) + list(shapes.other_symbols)
-
-
-def value_shape_of(shapes: ShapeInfo, index: int) -> ValueShape:
-    return shapes.inputs[index]

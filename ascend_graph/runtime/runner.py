@@ -72,7 +72,6 @@ class GraphEntry:
     graph: DeviceGraph
     static_args: list[Any]
     pinned_ptrs: dict[int, int] = field(default_factory=dict)  # input index -> data_ptr at capture
-    outputs: Any = None
     state: str = "new"
 
 
