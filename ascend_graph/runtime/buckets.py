@@ -7,7 +7,11 @@ Policy, in order (DESIGN.md "Runtime", reference/anchors.md section 3):
 1. the list: the user's, or vLLM's default ``[1, 2, 4] + 8..248 step 8 + 256..max step 16``
    (sizes above ``max_size`` dropped);
 2. speculative decoding with k tokens: every size rounded up to a multiple of ``1+k``
-   (a uniform decode batch of r requests has r*(1+k) tokens; vLLM issue #28207);
+   (a uniform decode batch of r requests has r*(1+k) tokens; vLLM issue #28207). Sizes
+   count tokens; where a graph's batch symbol counts requests (its token dim is
+   ``(1+k)*s``), the runner turns them into request buckets with
+   :meth:`BucketPlan.in_units_of` (token buckets 3, 6, 12 -> 1, 2, 4 requests), so an MTP
+   verify or drafter batch pads to a multiple of 1+k tokens either way;
 3. NPU stream budget: a device has about 2048 streams; a full graph costs 1, a
    piecewise graph ``layers + 1``; when the list does not fit, keep the smallest and the
    largest and sample the rest evenly (vllm-ascend's ``update_aclgraph_sizes``);
@@ -122,6 +126,14 @@ class BucketPlan:
         """The smallest bucket >= n, or None when n is above the largest."""
         i = bisect.bisect_left(self.sizes, n)
         return self.sizes[i] if i < len(self.sizes) else None
+
+    def in_units_of(self, per_item: int) -> "BucketPlan":
+        """The same buckets counted in items of ``per_item`` rows each (token buckets of an
+        MTP batch, multiples of 1+k, as request buckets: ``(3, 6, 12) -> (1, 2, 4)``)."""
+        bad = [s for s in self.sizes if s % per_item]
+        if per_item < 1 or bad:
+            raise ConfigError(f"buckets are not whole multiples of {per_item}", expected=f"multiples of {per_item}", got=bad or per_item)
+        return BucketPlan(tuple(s // per_item for s in self.sizes), 1)
 
     def without(self, size: int) -> "BucketPlan | None":
         rest = tuple(s for s in self.sizes if s != size)

@@ -21,6 +21,18 @@ Inputs, by kind:
   persistent buffer sized for the largest bucket; a batch-dependent input the graph
   mutates is copied back after the replay.
 
+FIA metadata: each ``cu_len`` input (``query_start_loc``) is planned with
+:func:`~ascend_graph.runtime.padding.plan_fia` against the token count (the batch
+input's batch dim): its padded tail is the plan's dummy requests, so ``T_pad ==
+cu_q[-1]`` holds at every bucket; a batch whose token count is ``q`` times its request
+count is a uniform decode batch and its dummies hold ``q`` tokens each. Plans are made
+(and their invariants checked) before the bucket is captured; the tail is written with
+device copies, so a replay needs no host synchronisation and no argument patching.
+
+MTP batches: bucket sizes count tokens. When the batch symbol counts requests and the
+token dim is ``(1+k)*s`` (``num_speculative_tokens=k``), the token buckets (multiples
+of 1+k) become request buckets, so the padded batch is ``bucket`` tokens, still uniform.
+
 Outputs are sliced back to the real batch. With real device graphs they are cloned out
 of the graph's static buffers (the next replay overwrites them) unless the config says
 the caller consumes them first.
@@ -40,13 +52,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import sympy
 import torch
 
 from .. import _stats
 from ..errors import CaptureError
 from .buckets import BucketPlan, graph_stream_cost, plan_buckets
 from .graphs import DeviceGraph, capture_guard, graph_pool_handle, new_graph, pool_reserved_bytes, supports_graphs
-from .padding import PadPlan, pad_into, plan_padding, role_for, slice_output
+from .padding import FiaPlan, FiaSpec, PadPlan, fia_specs, pad_into, plan_padding, role_for, slice_output
 
 __all__ = ["make_runner", "BucketedRunner", "warmup_scope"]
 
@@ -97,6 +110,7 @@ class BucketedRunner:
         declared = self.config.pad_role_map
         self.roles = {i: role_for(self.shapes.inputs[i].name, declared) for i in self.copied}
         self.plan: BucketPlan | None = None
+        self.fia: tuple[FiaSpec, ...] = ()
         if batch is not None:
             self.plan = plan_buckets(
                 self.config.buckets,
@@ -105,12 +119,18 @@ class BucketedRunner:
                 stream_budget=self.config.stream_budget if self.device.type == "npu" else None,
                 stream_cost=graph_stream_cost(0, piecewise=False),
             )
+            tokens = _token_dim(self.shapes, self.config)
+            q = 1 + self.config.num_speculative_tokens
+            if q > 1 and sympy.simplify(tokens / batch) == q:
+                self.plan = self.plan.in_units_of(q)  # token buckets -> request buckets
+            self.fia = fia_specs(self.shapes, self.roles, tokens)
         self.entries: dict[tuple, GraphEntry] = {}
         self.failed: set[tuple] = set()
         self.pool: Any = None
         self._persistent: dict[tuple, torch.Tensor] = {}
         self._warmed: set[tuple] = set()
         self._pad_plans: dict[tuple, PadPlan] = {}
+        self._cu_tails: dict[tuple, torch.Tensor] = {}  # (FIA plan, device, dtype) -> its tail on the device
         self._pool_bytes = 0  # measured pool growth of the captured entries
 
     # -- the call ------------------------------------------------------------------
@@ -142,7 +162,7 @@ class BucketedRunner:
             # sympy substitution costs ~0.1 ms an expression: plan once per (batch, others)
             pad = self._pad_plans.get((n,) + key)
             if pad is None:
-                pad = self._pad_plans[(n,) + key] = plan_padding(self.shapes, values, bucket)
+                pad = self._pad_plans[(n,) + key] = plan_padding(self.shapes, values, bucket, self.fia)
             return self._run_entry(key, bucket, args, values, pad)
 
     def _run_entry(self, key: tuple, bucket: int | None, args: Sequence[Any], values: dict, pad: PadPlan | None) -> Any:
@@ -215,7 +235,14 @@ class BucketedRunner:
 
     def _load_inputs(self, entry: GraphEntry, args: Sequence[Any], pad: PadPlan | None) -> None:
         for i in self.copied:
-            pad_into(entry.static_args[i], args[i], self.roles[i])
+            fia = pad.fia.get(i) if pad is not None else None
+            if fia is None:
+                pad_into(entry.static_args[i], args[i], self.roles[i])
+                continue
+            if self.config.debug:
+                fia.query_start_loc(args[i].tolist())  # host sync: the real metadata matches the plan
+            dst = entry.static_args[i]
+            pad_into(dst, args[i], "cu_len", self._cu_tail(fia, dst))
         if self.config.debug:
             for i in self.in_place:
                 if i in entry.pinned_ptrs and args[i].data_ptr() != entry.pinned_ptrs[i]:
@@ -225,6 +252,15 @@ class BucketedRunner:
                         got=hex(args[i].data_ptr()),
                         hint="device graphs read parameters in place; recompile after moving the model",
                     )
+
+    def _cu_tail(self, fia: FiaPlan, like: torch.Tensor) -> torch.Tensor:
+        """The plan's query_start_loc tail on the device, made once per plan (one copy
+        from the host then; every later call copies device to device)."""
+        key = (fia, like.device, like.dtype)
+        tail = self._cu_tails.get(key)
+        if tail is None:
+            tail = self._cu_tails[key] = torch.tensor(fia.cu_tail, dtype=like.dtype, device=like.device)
+        return tail
 
     def _in_place_moved(self, entry: GraphEntry, args: Sequence[Any]) -> bool:
         return any(args[i].data_ptr() != entry.pinned_ptrs.get(i) for i in self.in_place if i in self.mutated)
@@ -240,7 +276,7 @@ class BucketedRunner:
             if key in self.entries or key in self.failed or len(self.entries) >= self.config.max_graphs:
                 continue
             b_args, b_values = self._truncate(args, values, bucket)
-            self._capture(key, bucket, b_args, plan_padding(self.shapes, b_values, bucket), real_call=False)
+            self._capture(key, bucket, b_args, plan_padding(self.shapes, b_values, bucket, self.fia), real_call=False)
 
     def _truncate(self, args: Sequence[Any], values: dict, bucket: int) -> tuple[list[Any], dict]:
         """This call's inputs cut to a smaller bucket's batch (to capture it at warm-up).
@@ -353,6 +389,18 @@ class BucketedRunner:
         if not seq:
             return result[0]
         return type(outs)(result) if isinstance(outs, tuple) else result
+
+
+def _token_dim(shapes: Any, config: Any) -> sympy.Expr:
+    """The batch input's batch dim (the token count in vLLM-style graphs): the input
+    ``capture/shapes.py`` takes the batch symbol from."""
+    if config.batch_input is None:
+        v = next(x for x in shapes.inputs if x.kind == "tensor")
+    elif isinstance(config.batch_input, int):
+        v = shapes.inputs[config.batch_input]
+    else:
+        v = next(x for x in shapes.inputs if x.name == config.batch_input)
+    return v.dims[config.batch_dim]
 
 
 def make_runner(compiled: Callable[..., Any], ctx: Any) -> Callable[..., Any]:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from ascend_graph.capture.shapes import ValueShape, analyze_values
 from ascend_graph.errors import PaddingError
-from ascend_graph.runtime.padding import pad_into, plan_padding, role_for
+from ascend_graph.runtime.padding import pad_into, plan_fia, plan_padding, role_for
 
 s0, s1 = sympy.symbols("s0 s1", integer=True, positive=True)
 
@@ -53,8 +53,11 @@ def test_pad_values_by_role():
     assert dst.tolist() == [5, 6, 7, -1, -1, -1]
     pad_into(dst, torch.tensor([3, 4, 9]), "kv_len")
     assert dst.tolist() == [3, 4, 9, 1, 1, 1]
-    pad_into(dst, torch.tensor([0, 3, 4]), "cu_len")
-    assert dst.tolist() == [0, 3, 4, 5, 6, 7]  # each dummy request holds one token
+    # query_start_loc of 2 requests / 4 tokens padded to 5 requests / 10 tokens: the FIA
+    # plan's dummies hold the 6 padded tokens (2 each), so cu_q[-1] == 10 == T_pad
+    plan = plan_fia(4, 2, 10, 5)
+    pad_into(dst, torch.tensor([0, 3, 4]), "cu_len", torch.tensor(plan.cu_tail))
+    assert dst.tolist() == [0, 3, 4, 6, 8, 10]
     m = torch.empty(4, dtype=torch.bool)
     pad_into(m, torch.tensor([True, True]), "mask")
     assert m.tolist() == [True, True, False, False]
@@ -80,3 +83,29 @@ def test_padded_then_sliced_is_identity(b, extra, s):
 
     logits = torch.randn(b + extra, 8)
     assert slice_output(logits, plan.output_slices[0]).shape == (b, 8)
+
+
+def test_fia_specs_find_uniform_batches_and_plan_padding_lays_out_dummies():
+    from ascend_graph.runtime.padding import fia_specs
+
+    k = 2
+    info = _shapes(k)  # input_ids [3*s0], query_start_loc [s0 + 1]
+    specs = fia_specs(info, {0: "zero", 2: "cu_len", 3: "zero"}, info.inputs[0].dims[0])
+    assert len(specs) == 1 and specs[0].cu_input == 2 and specs[0].uniform_query_len == 3
+    plan = plan_padding(info, {s0: 5, s1: 7}, bucket=8, fia=specs)
+    fia = plan.fia[2]
+    assert (fia.num_tokens, fia.padded_tokens, fia.num_reqs, fia.padded_reqs) == (15, 24, 5, 8)
+    assert fia.dummy_query_lens == (3, 3, 3) and fia.cu_tail[-1] == 24  # T_pad == cu_q[-1]
+
+
+def test_fia_specs_mixed_batch_without_request_padding_is_refused_before_capture():
+    from ascend_graph.runtime.padding import fia_specs
+
+    inputs = [ValueShape(0, "input_ids", "tensor", (s0,)), ValueShape(1, "query_start_loc", "tensor", (s1 + 1,))]
+    info = analyze_values(inputs, [ValueShape(0, "out", "tensor", (s0,))])
+    specs = fia_specs(info, {0: "zero", 1: "cu_len"}, s0)
+    assert specs[0].uniform_query_len is None
+    plan_padding(info, {s0: 8, s1: 3}, bucket=8, fia=specs)  # nothing padded: fine
+    with pytest.raises(PaddingError) as e:
+        plan_padding(info, {s0: 6, s1: 3}, bucket=8, fia=specs)
+    assert "no dummy request" in str(e.value)
