@@ -19,7 +19,7 @@ renormalize, routed_scaling_factor, eps) -> (weights[T, k], ids[T, k] int64)``
 
 ``moe_dispatch_ffn_combine(x[T, H], topk_weights[T, k], topk_ids[T, k], w13[E, 2I, H],
 w2[E, H, I], activation, active_mask[T]?, shared_gate[Is, H]?, shared_up[Is, H]?,
-shared_down[H, Is]?, ep_group, ep_world_size, ep_rank) -> out[T, H]``
+shared_down[H, Is]?, ep_group, ep_world_size, ep_rank, shared_expert_gate[1, H]?) -> out[T, H]``
     Weight layout is HF transformers' (``Qwen3MoeExperts``, ``DeepseekV3Experts``, ...):
     ``w13[e]`` stacks the gate rows on top of the up rows (``[gate; up]``, each ``I``
     rows), ``w2[e]`` is the down projection, both as ``nn.Linear`` stores them (out
@@ -29,7 +29,9 @@ shared_down[H, Is]?, ep_group, ep_world_size, ep_rank) -> out[T, H]``
     ``[0, E)`` (expert-parallel sentinels) contribute nothing. ``activation`` is one of
     :data:`ACTIVATIONS`. Tokens with ``active_mask`` False (padding rows of a bucket) do
     no expert work and get zeros (plus the shared experts' output, which is computed for
-    every row). With shared experts given, ``out += down_s(act(gate_s(x)) * up_s(x))``.
+    every row). With shared experts given, ``out += down_s(act(gate_s(x)) * up_s(x))``,
+    scaled per token by ``sigmoid(x @ shared_expert_gate.T)`` when that is given
+    (Qwen2-MoE / Qwen3-Next's gated shared expert; DeepSeek-V3's are not gated).
     With ``ep_world_size > 1`` ``w13``/``w2`` hold this rank's ``E / ep_world_size``
     experts and ``ids`` are global: only the NPU binding (MC2 dispatch/combine over
     ``ep_group``) implements that.
@@ -141,7 +143,7 @@ def _gating_fake(logits, top_k, bias=None, scoring="softmax", n_group=1, topk_gr
     return logits.new_empty((t, top_k)), logits.new_empty((t, top_k), dtype=torch.int64)
 
 
-def _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared, ep_world_size) -> None:
+def _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared, ep_world_size, shared_expert_gate=None) -> None:
     if x.dim() != 2 or topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != x.shape[0]:
         raise UnsupportedError(
             "moe_dispatch_ffn_combine shapes",
@@ -164,14 +166,28 @@ def _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, 
     given = [s is not None for s in shared]
     if any(given) and not all(given):
         raise UnsupportedError("shared experts need gate, up and down weights", expected="all three or none", got=given)
+    if shared_expert_gate is not None and (not all(given) or tuple(shared_expert_gate.shape) != (1, h)):
+        raise UnsupportedError(
+            "shared_expert_gate scales the shared experts' output per token",
+            expected=f"shared experts given and shared_expert_gate [1, {h}]",
+            got=f"shared experts given: {all(given)}, shared_expert_gate {tuple(shared_expert_gate.shape)}",
+        )
     if ep_world_size < 1:
         raise UnsupportedError("ep_world_size must be >= 1", expected=">= 1", got=ep_world_size)
 
 
-def shared_experts_reference(x, shared_gate, shared_up, shared_down, activation: str) -> torch.Tensor:
-    """The shared (always-on) experts as one gated MLP, like ``DeepseekV3MLP``."""
+def shared_experts_reference(x, shared_gate, shared_up, shared_down, activation: str, shared_expert_gate=None) -> torch.Tensor:
+    """The shared (always-on) experts as one gated MLP, like ``DeepseekV3MLP``.
+
+    With ``shared_expert_gate`` ([1, H], an ``nn.Linear(H, 1)`` weight) the output is
+    scaled per token by ``sigmoid(x @ shared_expert_gate.T)``, as Qwen2-MoE and
+    Qwen3-Next's ``shared_expert_gate`` does.
+    """
     gate_up = torch.cat([F.linear(x, shared_gate), F.linear(x, shared_up)], dim=-1)
-    return F.linear(apply_activation(gate_up, activation), shared_down)
+    out = F.linear(apply_activation(gate_up, activation), shared_down)
+    if shared_expert_gate is not None:
+        out = torch.sigmoid(F.linear(x, shared_expert_gate)) * out
+    return out
 
 
 def experts_reference(
@@ -185,6 +201,7 @@ def experts_reference(
     shared_gate: Optional[torch.Tensor] = None,
     shared_up: Optional[torch.Tensor] = None,
     shared_down: Optional[torch.Tensor] = None,
+    shared_expert_gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Plain-torch experts: a loop over the experts that were hit (eager only)."""
     t, h = x.shape
@@ -206,7 +223,7 @@ def experts_reference(
             out.index_add_(0, tokens, y.float() * flat_w[rows].float().unsqueeze(1))
         start += n
     if shared_gate is not None:
-        out += shared_experts_reference(x, shared_gate, shared_up, shared_down, activation).float()
+        out += shared_experts_reference(x, shared_gate, shared_up, shared_down, activation, shared_expert_gate).float()
     return out.to(x.dtype)
 
 
@@ -225,9 +242,10 @@ def moe_dispatch_ffn_combine(
     ep_group: str = "",
     ep_world_size: int = 1,
     ep_rank: int = 0,
+    shared_expert_gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Routed experts (and optional shared experts) of one MoE layer. See the module docstring."""
-    _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, (shared_gate, shared_up, shared_down), ep_world_size)
+    _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, (shared_gate, shared_up, shared_down), ep_world_size, shared_expert_gate)
     if ep_world_size > 1:
         raise UnsupportedError(
             "expert parallelism needs the NPU MC2 dispatch/combine",
@@ -235,21 +253,21 @@ def moe_dispatch_ffn_combine(
             got=ep_world_size,
             hint="run on Ascend with torch_npu, or gather all experts on one device",
         )
-    return experts_reference(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared_gate, shared_up, shared_down)
+    return experts_reference(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared_gate, shared_up, shared_down, shared_expert_gate)
 
 
 @moe_dispatch_ffn_combine.register_fake
-def _experts_fake(x, topk_weights, topk_ids, w13, w2, activation="silu", active_mask=None, shared_gate=None, shared_up=None, shared_down=None, ep_group="", ep_world_size=1, ep_rank=0):
-    _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, (shared_gate, shared_up, shared_down), ep_world_size)
+def _experts_fake(x, topk_weights, topk_ids, w13, w2, activation="silu", active_mask=None, shared_gate=None, shared_up=None, shared_down=None, ep_group="", ep_world_size=1, ep_rank=0, shared_expert_gate=None):
+    _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, (shared_gate, shared_up, shared_down), ep_world_size, shared_expert_gate)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @moe_dispatch_ffn_combine.register_kernel("cuda")
-def _experts_cuda(x, topk_weights, topk_ids, w13, w2, activation="silu", active_mask=None, shared_gate=None, shared_up=None, shared_down=None, ep_group="", ep_world_size=1, ep_rank=0):
+def _experts_cuda(x, topk_weights, topk_ids, w13, w2, activation="silu", active_mask=None, shared_gate=None, shared_up=None, shared_down=None, ep_group="", ep_world_size=1, ep_rank=0, shared_expert_gate=None):
     _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, (shared_gate, shared_up, shared_down), ep_world_size)
     if ep_world_size > 1:
         raise UnsupportedError("expert parallelism needs the NPU MC2 dispatch/combine", expected="ep_world_size == 1 on CUDA", got=ep_world_size)
     out = _cuda.dispatch_ffn_combine(x, topk_weights, topk_ids, w13, w2, activation, active_mask)
     if shared_gate is not None:
-        out = (out.float() + shared_experts_reference(x, shared_gate, shared_up, shared_down, activation).float()).to(x.dtype)
+        out = (out.float() + shared_experts_reference(x, shared_gate, shared_up, shared_down, activation, shared_expert_gate).float()).to(x.dtype)
     return out

@@ -150,7 +150,7 @@ def _gmm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor
     return torch_npu.npu_grouped_matmul([x], [w.transpose(1, 2)], group_list=counts, split_item=2, group_type=0, group_list_type=1)[0]
 
 
-def dispatch_ffn_combine_npu(x, topk_weights, topk_ids, w13, w2, activation="silu", active_mask=None, shared_gate=None, shared_up=None, shared_down=None, ep_group="", ep_world_size=1, ep_rank=0):
+def dispatch_ffn_combine_npu(x, topk_weights, topk_ids, w13, w2, activation="silu", active_mask=None, shared_gate=None, shared_up=None, shared_down=None, ep_group="", ep_world_size=1, ep_rank=0, shared_expert_gate=None):
     import torch_npu
 
     t, h = x.shape
@@ -193,7 +193,7 @@ def dispatch_ffn_combine_npu(x, topk_weights, topk_ids, w13, w2, activation="sil
     if shared_gate is not None:
         from ...moe import shared_experts_reference
 
-        out = out + shared_experts_reference(x, shared_gate, shared_up, shared_down, activation)
+        out = out + shared_experts_reference(x, shared_gate, shared_up, shared_down, activation, shared_expert_gate)
     return out.to(x.dtype)
 
 
