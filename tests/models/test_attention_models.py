@@ -89,7 +89,6 @@ def test_qwen3_next_full_attention_layers_fused():
     _compiled_vs_eager(Qwen3NextForCausalLM(cfg), 1, atol=5e-5, decode_vs_unfused=True)
 
 
-@pytest.mark.xfail(strict=True, reason="MLA (Dv != D) makes CPU SDPA take its math path; that decomposed form has no fusion row yet")
 def test_deepseek_v3_mla_fused():
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 

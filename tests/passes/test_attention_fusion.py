@@ -126,7 +126,6 @@ def test_eager_attention_fused(dtype):
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
-@pytest.mark.xfail(strict=True, reason="Dv != D makes CPU SDPA take its math path; that decomposed form has no row yet")
 def test_mla_value_head_dim_fused():
     q, k, v = _qkv(nq=4, nkv=4, d=48, dv=32)
     out, ref = _run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3), q, k, v)

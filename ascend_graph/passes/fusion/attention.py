@@ -133,6 +133,58 @@ def _eager(q, k, v, mask, causal, scale):
     return aten.view(out, [b, n, s, dv])
 
 
+def _mergeable(x: torch.Tensor) -> bool:
+    """Whether ``x.view(B*N, ...)`` works (dims 0 and 1 merge), as matmul's reshape decides it."""
+    return x.shape[0] == 1 or x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1)
+
+
+def _causal_bias(s: int, skv: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """SDPA's math path's causal mask: ``where(tril, 0, -inf)`` built from two iotas."""
+    full = aten.full([s, skv], True, dtype=torch.bool, layout=torch.strided, device=device, pin_memory=False)
+    rows = aten.unsqueeze(torch.ops.prims.iota(skv, start=0, step=1, dtype=torch.int64, device=device, requires_grad=False), -2)
+    cols = aten.unsqueeze(torch.ops.prims.iota(s, start=0, step=1, dtype=torch.int64, device=device, requires_grad=False), -1)
+    keep = aten.logical_and(aten.le.Scalar(aten.sub.Tensor(rows, cols), 0), full)
+    neg = aten.scalar_tensor(float("-inf"), dtype=dtype, device=device)
+    zero = aten.scalar_tensor(0.0, dtype=dtype, layout=torch.strided, device=device)
+    return aten.where.self(keep, zero, neg)
+
+
+def _sdpa_math(q, k, v, mask, causal, scale):
+    """SDPA's math path (``_scaled_dot_product_attention_math``) after decomposition and cleanup.
+
+    The CPU dispatcher takes it where the flash kernel cannot run, e.g. MLA's v head dim
+    != q/k head dim (DeepSeek-V2/V3). q and k are each scaled by ``sqrt(scale)``, so the
+    pattern's ``scale`` binds that square root (the replacement squares it); half inputs
+    are upcast to fp32 and the result cast back; a row whose every score is ``-inf``
+    gives zeros. q/k/v are copied before the bmm only when their batch and head dims do
+    not merge (as matmul's reshape decides), which the example layouts fix per row.
+    """
+    dtype = q.dtype
+    if dtype != torch.float32:
+        q, k, v = (torch.ops.prims.convert_element_type(x, torch.float32) for x in (q, k, v))
+    b, n, s, d = q.shape
+    skv, dv = k.shape[2], v.shape[3]
+    contiguous = torch.contiguous_format
+    qs = aten.mul.Scalar(q, scale)
+    ks = aten.mul.Scalar(aten.permute(k, [0, 1, 3, 2]), scale)
+    qf = aten.view(qs if _mergeable(qs) else aten.clone(qs, memory_format=contiguous), [b * n, s, d])
+    kf = aten.view(ks if _mergeable(ks) else aten.clone(ks, memory_format=contiguous), [b * n, d, skv])
+    w = aten.view(aten.bmm(qf, kf), [b, n, s, skv])
+    if causal:
+        w = aten.add.Tensor(w, _causal_bias(s, skv, torch.float32, q.device))
+    elif mask is not None:
+        w = aten.add.Tensor(w, mask)
+    e = aten.exp(aten.sub.Tensor(w, aten.amax(w, [-1], True)))
+    p = aten.div.Tensor(e, aten.sum.dim_IntList(e, [-1], True))
+    dead = aten.logical_not(aten.any.dim(aten.logical_not(aten.eq.Scalar(w, float("-inf"))), -1, True))
+    p = aten.where.self(dead, aten.full([b, n, s, skv], 0, dtype=torch.float32, layout=torch.strided, device=q.device, pin_memory=False), p)
+    vf = aten.view(v if _mergeable(v) else aten.clone(v, memory_format=contiguous), [b * n, skv, dv])
+    out = aten.view(aten.bmm(aten.view(p, [b * n, s, skv]), vf), [b, n, s, dv])
+    if dtype != torch.float32:
+        out = torch.ops.prims.convert_element_type(out, dtype)
+    return out
+
+
 #: form name -> (callable, supports a mask, supports causal, device the pattern is traced on)
 _FORMS: dict[str, tuple[Callable[..., torch.Tensor], bool, bool, str]] = {
     "sdpa_cpu": (_sdpa_cpu, True, True, "cpu"),
@@ -140,7 +192,13 @@ _FORMS: dict[str, tuple[Callable[..., torch.Tensor], bool, bool, str]] = {
     "sdpa_flash": (_sdpa_flash, False, True, "meta"),
     "sdpa_cudnn": (_sdpa_cudnn, True, True, "meta"),
     "eager": (_eager, True, False, "cpu"),
+    "sdpa_math": (_sdpa_math, True, True, "cpu"),
 }
+
+#: math-form example layouts: (q, k, v) each HF's transposed [B, S, N, D] view ("t") or
+#: contiguous BNSD ("c"). "ttt": HF prefill; "cct": MLA (q and k concatenated from their
+#: nope/rope parts, v split off the kv projection); "ccc": decode over a concatenated cache
+_MATH_LAYOUTS = ("ttt", "cct", "ccc")
 
 
 def _fused(q, k, v, mask, scale, causal):
@@ -149,9 +207,15 @@ def _fused(q, k, v, mask, scale, causal):
     return torch.ops.ascend_graph.attention(q, k, v, mask, None, float(scale), causal, -1)
 
 
+def _fused_sqrt_scale(q, k, v, mask, scale, causal):
+    """For the math form, whose ``scale`` binds the square root of the softmax scale."""
+    return _fused(q, k, v, mask, float(scale) * float(scale), causal)
+
+
 def _row_functions(form: str, mask: bool, causal: bool, scale: bool, repeat: bool):
     """(pattern, replacement) with exactly the inputs this row needs, as named arguments."""
     call = _FORMS[form][0]
+    fused = _fused_sqrt_scale if form == "sdpa_math" else _fused
 
     def kv(q, k, v):
         if not repeat:
@@ -167,7 +231,7 @@ def _row_functions(form: str, mask: bool, causal: bool, scale: bool, repeat: boo
             return call(q, *kv(q, k, v), mask, causal, scale)
 
         def replacement(q, k, v, mask, scale):
-            return _fused(q, k, v, mask, scale, causal)
+            return fused(q, k, v, mask, scale, causal)
 
     elif mask:
 
@@ -175,7 +239,7 @@ def _row_functions(form: str, mask: bool, causal: bool, scale: bool, repeat: boo
             return call(q, *kv(q, k, v), mask, causal, None)
 
         def replacement(q, k, v, mask):
-            return _fused(q, k, v, mask, None, causal)
+            return fused(q, k, v, mask, None, causal)
 
     elif scale:
 
@@ -183,7 +247,7 @@ def _row_functions(form: str, mask: bool, causal: bool, scale: bool, repeat: boo
             return call(q, *kv(q, k, v), None, causal, scale)
 
         def replacement(q, k, v, scale):
-            return _fused(q, k, v, None, scale, causal)
+            return fused(q, k, v, None, scale, causal)
 
     else:
 
@@ -191,9 +255,26 @@ def _row_functions(form: str, mask: bool, causal: bool, scale: bool, repeat: boo
             return call(q, *kv(q, k, v), None, causal, None)
 
         def replacement(q, k, v):
-            return _fused(q, k, v, None, None, causal)
+            return fused(q, k, v, None, None, causal)
 
     return pattern, replacement
+
+
+def _math_example_inputs(layout: str, mask: bool, dtype: torch.dtype) -> Callable[[], list[torch.Tensor]]:
+    def build() -> list[torch.Tensor]:
+        b, n, s, d, dv = 2, 4, 8, 16, 8  # dv != d: the case that takes the math path
+
+        def make(kind: str, dim: int) -> torch.Tensor:
+            if kind == "t":
+                return torch.randn(b, s, n, dim, dtype=dtype).transpose(1, 2)
+            return torch.randn(b, n, s, dim, dtype=dtype)
+
+        out = [make(layout[0], d), make(layout[1], d), make(layout[2], dv)]
+        if mask:
+            out.append(torch.zeros(b, 1, s, s, dtype=torch.float32))  # additive, fp32 (after the upcast)
+        return out
+
+    return build
 
 
 def _example_inputs(form: str, mask: bool, repeat: bool, dtype: torch.dtype, decode: bool = False) -> Callable[[], list[torch.Tensor]]:
@@ -289,6 +370,8 @@ def _supported(match: Match, *, causal: bool, form: str, mask: bool, scale: bool
 def _rows() -> list[Fusion]:
     rows: list[Fusion] = []
     for form, (_, takes_mask, takes_causal, _dev) in _FORMS.items():
+        if form == "sdpa_math":
+            continue
         eager = form == "eager"
         combos = itertools.product(
             (torch.float32, torch.float16) if eager else (torch.float32,),  # dtype (casts differ in eager)
@@ -315,6 +398,22 @@ def _rows() -> list[Fusion]:
                     scalar_workaround={"scale": _SCALE_SAMPLE} if scale else {},
                 )
             )
+    # SDPA's math path: the scale is always there (a constant sqrt), no repeat_kv (MLA
+    # expands its shared rope key to every head itself)
+    for dtype, (mask, causal), layout in itertools.product(
+        (torch.float32, torch.float16), ((True, False), (False, True), (False, False)), _MATH_LAYOUTS
+    ):
+        pattern, replacement = _row_functions("sdpa_math", mask, causal, True, False)
+        rows.append(
+            Fusion(
+                name=f"sdpa_math{'_mask' if mask else ''}{'_causal' if causal else ''}_{layout}_{str(dtype)[6:]}",
+                pattern=pattern,
+                replacement=replacement,
+                example_inputs=_math_example_inputs(layout, mask, dtype),
+                extra_check=functools.partial(_supported, causal=causal, form="sdpa_math", mask=mask, scale=True),
+                scalar_workaround={"scale": _SCALE_SAMPLE},
+            )
+        )
     return rows
 
 

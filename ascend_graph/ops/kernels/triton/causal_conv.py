@@ -58,6 +58,9 @@ def _update_kernel(
         win0 = S - (K - 1)
         shift = L
     sbase = state_ptr + slot * ss_n + c[:, None] * ss_c
+    # x and the taps do not depend on the slot: their loads carry no `valid` mask, so they
+    # are in flight while the cache index load (a dependent round trip) resolves; a padded
+    # request's output is zeroed below and its state is neither read nor written
     xbase = x_ptr + b * sx_b + c[:, None] * sx_c
 
     # outputs: seq = window (K-1 state columns) ++ x; out[t] = sum_k w[k] * seq[t + k]
@@ -68,7 +71,7 @@ def _update_kernel(
         pos = t + k
         from_state = pos < K - 1
         sv = tl.load(sbase + (win0 + pos)[None, :] * ss_s, mask=cm[:, None] & (from_state & tm)[None, :] & valid, other=0.0)
-        xv = tl.load(xbase + (pos - (K - 1))[None, :] * sx_l, mask=cm[:, None] & ((pos >= K - 1) & tm)[None, :] & valid, other=0.0)
+        xv = tl.load(xbase + (pos - (K - 1))[None, :] * sx_l, mask=cm[:, None] & ((pos >= K - 1) & tm)[None, :], other=0.0)
         wk = tl.load(w_ptr + c * sw_c + k * sw_k, mask=cm, other=0.0).to(tl.float32)
         acc += wk[:, None] * (sv.to(tl.float32) + xv.to(tl.float32))
     if HAS_BIAS:
@@ -83,7 +86,7 @@ def _update_kernel(
     jm = j < S
     keep = j < S - L
     sv = tl.load(sbase + (shift + j)[None, :] * ss_s, mask=cm[:, None] & (keep & jm)[None, :] & valid, other=0.0)
-    xv = tl.load(xbase + (j - (S - L))[None, :] * sx_l, mask=cm[:, None] & ((j >= S - L) & jm)[None, :] & valid, other=0.0)
+    xv = tl.load(xbase + (j - (S - L))[None, :] * sx_l, mask=cm[:, None] & ((j >= S - L) & jm)[None, :], other=0.0)
     new = tl.where(keep[None, :], sv, xv)
     tl.debug_barrier()
     tl.store(sbase + j[None, :] * ss_s, new.to(state_ptr.dtype.element_ty), mask=cm[:, None] & jm[None, :] & valid)
