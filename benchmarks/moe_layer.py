@@ -6,26 +6,39 @@ Shape: 128 experts, top-8, hidden 2048, expert dim 768, bf16, tokens 1..512.
   implementation, ``grouped_mm``);
 - ``hf_compile``: the same block under ``torch.compile`` (inductor, dynamic shapes);
 - ``fused``: router GEMM + ``ascend_graph::moe_gating_topk`` +
-  ``ascend_graph::moe_dispatch_ffn_combine`` (CUDA: ``torch._grouped_mm``), replayed
-  from a CUDA graph as the ascend backend runs it (and eager, ``fused_eager``);
+  ``ascend_graph::moe_dispatch_ffn_combine``, replayed from a CUDA graph as the ascend
+  backend runs it (and eager, ``fused eager``); the op picks the Triton path up to
+  ``TRITON_MAX_TOKENS`` tokens. The experts alone are timed on both paths (``Triton
+  experts``, ``grouped_mm experts``) at every size, which is where that threshold comes from;
 - ``floor``: bytes that must be read (the distinct experts actually selected, router
   weight, activations) / HBM bandwidth measured by a large device-to-device copy in
   the same run.
 
-Timing: CUDA events via ``triton.testing.do_bench`` (median, warm-up, random data).
-Usage: ``python benchmarks/moe_layer.py [--tokens 1,2,4,...]``; prints a markdown table.
+Timing: ``triton.testing.do_bench`` (CUDA events, median, warm-up) of CUDA-graph replays.
+Every graph runs the layer on ``ROTATE`` different inputs in turn (different routings,
+so repeated replays do not find the same experts in L2); times are per call and the
+floor is the mean of the inputs' floors.
+
+Usage: ``python benchmarks/moe_layer.py [--tokens 1,2,4,...]`` prints a markdown table;
+``--sweep`` times the Triton block-size candidates per token count first (how
+``moe_fused.CONFIGS`` was chosen) and prints the best of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 
 import torch
 import triton.testing
 
 import ascend_graph.ops  # noqa: F401  (registers the ops)
+from ascend_graph.ops.kernels.triton import moe as moe_cuda
+from ascend_graph.ops.kernels.triton import moe_fused
 
 E, K, H, I = 128, 8, 2048, 768
+ROTATE = 4
 
 
 def hbm_bandwidth() -> float:
@@ -55,58 +68,144 @@ def fused_forward(block):
 
     def fwd(x):
         x2 = x.view(-1, H)
-        logits = torch.nn.functional.linear(x2, router).float()
+        # bf16 logits straight in: the gating kernel scores in fp32 and returns bf16
+        # weights, which is what HF's router does (softmax in fp32, weights cast back)
+        logits = torch.nn.functional.linear(x2, router)
         w, ids = ops.moe_gating_topk(logits, K, None, "softmax", 1, 1, True, 1.0, 0.0)
-        return ops.moe_dispatch_ffn_combine(x2, w.to(x.dtype), ids, experts.gate_up_proj, experts.down_proj, "silu").view_as(x)
+        return ops.moe_dispatch_ffn_combine(x2, w, ids, experts.gate_up_proj, experts.down_proj, "silu").view_as(x)
 
     return fwd
 
 
-def graphed(fn, x):
-    static_x = x.clone()
+def graph_time_us(fn, inputs) -> float:
+    """Median time of one call, from replays of a graph that calls ``fn`` on each input in turn."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(3):
-            fn(static_x)
+        for inp in inputs:
+            fn(*inp)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        static_out = fn(static_x)
-    return g, static_x, static_out
+        for inp in inputs:
+            fn(*inp)
+    ms = triton.testing.do_bench(g.replay, warmup=25, rep=150, return_mode="median")
+    return ms * 1e3 / len(inputs)
+
+
+def routed_inputs(block, t):
+    """ROTATE sets of (x, weights, ids) with the block's own routing, and their distinct-expert counts."""
+    sets, hits = [], []
+    for _ in range(ROTATE):
+        x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
+        logits = torch.nn.functional.linear(x, block.gate.weight)
+        w, ids = torch.ops.ascend_graph.moe_gating_topk(logits, K, None, "softmax", 1, 1, True, 1.0, 0.0)
+        sets.append((x, w, ids))
+        hits.append(int(torch.unique(ids).numel()))
+    return sets, hits
+
+
+def sweep_candidates(t):
+    splits = (1, 2, 4) if t <= 2 else (1, 2) if t <= 8 else (1,)
+    naive = (True, False) if t <= 2 else (False,)
+    base = moe_fused.config_for(t)
+    for nv, bn, bk, sp in itertools.product(naive, (16, 32, 64), (128, 256), splits):
+        stages = 3 if bn * bk >= 64 * 256 else 4  # shared memory: 4 stages of 64x256 gate+up tiles do not fit
+        yield dataclasses.replace(base, naive=nv, w13_n=bn, w13_k=bk, split_k=sp, w13_stages=stages)
+
+
+def w2_candidates(best):
+    for bn, bk in itertools.product((32, 64, 128), (64, 128, 256)):
+        yield dataclasses.replace(best, w2_n=bn, w2_k=bk, w2_stages=3 if bn * bk >= 128 * 256 else 4)
+
+
+def sweep(block, tokens, expert_bytes, bw) -> dict[int, moe_fused.MoeConfig]:
+    experts = block.experts
+    w13, w2 = experts.gate_up_proj, experts.down_proj
+    best_cfgs = {}
+    print("## sweep (experts op alone, graph-replayed, us per call)\n", flush=True)
+    for t in tokens:
+        sets, hits = routed_inputs(block, t)
+        floor = sum(hits) / len(hits) * expert_bytes / bw * 1e6
+        ref = moe_cuda.sorted_experts(sets[0][0], sets[0][1], sets[0][2], w13, w2, "silu", None).float()
+        results = []
+
+        def measure(cfg):
+            fn = lambda x, w, ids: moe_fused.fused_experts(x, w, ids, w13, w2, "silu", None, cfg)  # noqa: E731
+            try:
+                err = ((fn(*sets[0]).float() - ref).norm() / ref.norm()).item()
+                us = graph_time_us(fn, sets)
+            except Exception as exc:  # out of shared memory etc.: skip the candidate
+                print(f"  skip {cfg}: {type(exc).__name__}", flush=True)
+                return None
+            results.append((us, err, cfg))
+            return us
+
+        for cfg in sweep_candidates(t):
+            measure(cfg)
+        best = min(results, key=lambda r: r[0])[2]
+        for cfg in w2_candidates(best):
+            measure(cfg)
+        results.sort(key=lambda r: r[0])
+        grouped = graph_time_us(lambda x, w, ids: moe_cuda.sorted_experts(x, w, ids, w13, w2, "silu", None), sets)
+        print(f"T={t}: experts floor {floor:.1f} us, grouped_mm path {grouped:.1f} us, {len(results)} configs; best:", flush=True)
+        for us, err, cfg in results[:4]:
+            print(f"  {us:7.1f} us ({us / floor:.2f}x floor, rel err {err:.1e})  {cfg}", flush=True)
+        worst_err = max(r[1] for r in results)
+        print(f"  worst rel err over all configs: {worst_err:.1e}", flush=True)
+        best_cfgs[t] = results[0][2]
+    print(flush=True)
+    return best_cfgs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256,512")
+    parser.add_argument("--sweep", default="", help="token counts to sweep Triton configs at, e.g. 1,2,4,8,16,32,64")
+    parser.add_argument("--use-sweep", action="store_true", help="run the table with the swept configs (preview)")
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     torch.manual_seed(0)
     bw = hbm_bandwidth()
     block = make_block()
-    fused = fused_forward(block)
-    compiled = torch.compile(block, dynamic=True)
     expert_bytes = 3 * I * H * 2
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, measured copy bandwidth {bw / 1e9:.0f} GB/s")
-    print()
-    print("| tokens | experts hit | floor us | fused (graph) us | fused/floor | fused eager us | HF eager us | HF compile us | max abs err vs HF |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"Triton path up to {moe_cuda.TRITON_MAX_TOKENS} tokens; {ROTATE} routings per graph\n", flush=True)
+    if args.sweep:
+        best = sweep(block, [int(t) for t in args.sweep.split(",")], expert_bytes, bw)
+        if args.use_sweep:
+            swept = tuple(sorted(best.items())) + ((1 << 62, moe_fused.CONFIGS[-1][1]),)
+            moe_fused.CONFIGS = swept
+            print("table below uses the swept configs:", swept, "\n", flush=True)
+    fused = fused_forward(block)
+    compiled = torch.compile(block, dynamic=True)
+    experts = block.experts
+    w13, w2 = experts.gate_up_proj, experts.down_proj
+    print("| tokens | experts hit | floor us | fused (graph) us | fused/floor | Triton experts us | Triton / experts floor | grouped_mm experts us | fused eager us | HF eager us | HF compile us | max abs err vs HF |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     with torch.no_grad():
         for t in tokens:
-            x = torch.randn(1, t, H, device="cuda", dtype=torch.bfloat16)
-            ids = block.gate(x.view(-1, H))[2]
-            hit = int(torch.unique(ids).numel())
+            sets, hits = routed_inputs(block, t)
+            hit = sum(hits) / len(hits)
             floor_us = (hit * expert_bytes + E * H * 2 + 2 * t * H * 2) / bw * 1e6
+            experts_floor = hit * expert_bytes / bw * 1e6
+            xs = [(s[0].view(1, t, H),) for s in sets]
+            x = xs[0][0]
             ref = block(x)
-            err = (fused(x).float() - ref.float()).abs().max().item()
-            g, sx, sout = graphed(fused, x)
-            sx.copy_(x)
-            t_graph = triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median") * 1e3
+            err = max((fused(xi[0]).float() - block(xi[0]).float()).abs().max().item() for xi in xs)
+            t_graph = graph_time_us(fused, xs)
+            t_op = graph_time_us(lambda xx, w, ids: moe_fused.fused_experts(xx, w, ids, w13, w2, "silu", None), sets)
+            t_grouped = graph_time_us(lambda xx, w, ids: moe_cuda.sorted_experts(xx, w, ids, w13, w2, "silu", None), sets)
             t_fused = triton.testing.do_bench(lambda: fused(x), warmup=10, rep=100, return_mode="median") * 1e3
             t_eager = triton.testing.do_bench(lambda: block(x), warmup=5, rep=50, return_mode="median") * 1e3
             compiled(x)
             t_comp = triton.testing.do_bench(lambda: compiled(x), warmup=5, rep=50, return_mode="median") * 1e3
-            print(f"| {t} | {hit} | {floor_us:.1f} | {t_graph:.1f} | {t_graph / floor_us:.2f}x | {t_fused:.1f} | {t_eager:.1f} | {t_comp:.1f} | {err:.3g} |", flush=True)
+            del ref
+            print(
+                f"| {t} | {hit:.1f} | {floor_us:.1f} | {t_graph:.1f} | {t_graph / floor_us:.2f}x | {t_op:.1f} | {t_op / experts_floor:.2f}x | {t_grouped:.1f} "
+                f"| {t_fused:.1f} | {t_eager:.1f} | {t_comp:.1f} | {err:.3g} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

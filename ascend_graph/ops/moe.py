@@ -143,6 +143,16 @@ def _gating_fake(logits, top_k, bias=None, scoring="softmax", n_group=1, topk_gr
     return logits.new_empty((t, top_k)), logits.new_empty((t, top_k), dtype=torch.int64)
 
 
+@moe_gating_topk.register_kernel("cuda")
+def _gating_cuda(logits, top_k, bias=None, scoring="softmax", n_group=1, topk_group=1, renormalize=True, routed_scaling_factor=1.0, eps=0.0):
+    _check_gating(logits, top_k, scoring, n_group, topk_group)
+    from .kernels.triton import moe_gating  # one launch instead of ~8 (decode latency)
+
+    if moe_gating.gating_supported(logits, n_group):
+        return moe_gating.gating_topk(logits, top_k, bias, scoring, n_group, topk_group, renormalize, routed_scaling_factor, eps)
+    return gating_reference(logits, top_k, bias, scoring, n_group, topk_group, renormalize, routed_scaling_factor, eps)
+
+
 def _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared, ep_world_size, shared_expert_gate=None) -> None:
     if x.dim() != 2 or topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != x.shape[0]:
         raise UnsupportedError(

@@ -1,9 +1,19 @@
-"""CUDA implementation of ``moe_dispatch_ffn_combine``: sort, two grouped GEMMs, combine.
+"""CUDA implementation of ``moe_dispatch_ffn_combine``: picks the Triton fused path or grouped GEMMs.
 
 Entry point: :func:`dispatch_ffn_combine` (attached to the op's ``cuda`` key by
 ``ascend_graph/ops/moe.py``).
 
-Invariants:
+Which path (by static shapes only, so one captured graph per bucket keeps one path):
+
+- up to :data:`TRITON_MAX_TOKENS` tokens, or whenever ``torch._grouped_mm`` cannot run the
+  operands (fp16/fp32, GPUs before SM80): the Triton kernels of ``moe_fused.py``, which
+  read each selected expert once per block of its pairs and nothing of the others;
+- above it, with bf16 on SM80+: sort + two ``torch._grouped_mm`` + ``index_add`` below,
+  which wins once most experts are hit and the GEMMs have real M;
+- operands of mixed dtypes: one batched GEMM over per-pair gathered weights (exact, but
+  it reads each selected expert once per pair).
+
+Invariants of the grouped-GEMM path:
 
 - static shapes only (no ``nonzero``, no ``.tolist()``, no host sync), so the whole op is
   capturable in a CUDA graph and one graph serves any routing;
@@ -15,10 +25,6 @@ Invariants:
   2.9-2.13), counted with ``scatter_add`` rather than ``bincount`` (whose output size
   depends on the data);
 - the combine accumulates in float32 and casts to ``x.dtype`` once.
-
-``torch._grouped_mm`` needs SM80+ and bf16 operands; elsewhere (fp16/fp32, older GPUs)
-the grouped GEMMs run as one batched GEMM over the gathered per-pair weights, which is
-exact but reads each selected expert once per pair.
 """
 
 from __future__ import annotations
@@ -28,7 +34,11 @@ from typing import Optional
 
 import torch
 
-__all__ = ["dispatch_ffn_combine", "grouped_mm_supported"]
+__all__ = ["dispatch_ffn_combine", "sorted_experts", "grouped_mm_supported", "TRITON_MAX_TOKENS"]
+
+#: largest token count sent to the Triton path when ``torch._grouped_mm`` is available
+#: (H100, Qwen3-30B-A3B shape: benchmarks/results/moe.md has the crossover measurement)
+TRITON_MAX_TOKENS = 64
 
 log = logging.getLogger("ascend_graph.ops.kernels.triton.moe")
 
@@ -57,7 +67,25 @@ def dispatch_ffn_combine(
     activation: str,
     active_mask: Optional[torch.Tensor],
 ) -> torch.Tensor:
+    from . import moe_fused
+
+    if moe_fused.triton_supported(x, w13, w2) and (x.shape[0] <= TRITON_MAX_TOKENS or not grouped_mm_supported(x, w13)):
+        return moe_fused.fused_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask)
+    return sorted_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask)
+
+
+def sorted_experts(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    activation: str,
+    active_mask: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Sort + two ``torch._grouped_mm`` (or the batched-GEMM fallback) + ``index_add`` combine."""
     t, h = x.shape
+    grouped = grouped_mm_supported(x, w13)
     e, k = w13.shape[0], topk_ids.shape[1]
     ids = topk_ids.long()
     valid = (ids >= 0) & (ids < e)
@@ -69,7 +97,7 @@ def dispatch_ffn_combine(
     pair_w = topk_weights.reshape(-1)[perm].float()
     dead = (sorted_ids >= e).unsqueeze(1)
     xs = x[tokens]
-    if grouped_mm_supported(x, w13):
+    if grouped:
         counts = torch.zeros(e + 1, dtype=torch.int32, device=x.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
         offs = torch.cumsum(counts[:e], 0, dtype=torch.int32)
         hidden = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)
