@@ -101,7 +101,11 @@ def test_fia_specs_find_uniform_batches_and_plan_padding_lays_out_dummies():
 def test_fia_specs_mixed_batch_without_request_padding_is_refused_before_capture():
     from ascend_graph.runtime.padding import fia_specs
 
-    inputs = [ValueShape(0, "input_ids", "tensor", (s0,)), ValueShape(1, "query_start_loc", "tensor", (s1 + 1,))]
+    inputs = [
+        ValueShape(0, "input_ids", "tensor", (s0,)),
+        ValueShape(1, "query_start_loc", "tensor", (s1 + 1,)),
+        ValueShape(2, "seq_lens", "tensor", (s1,)),
+    ]
     info = analyze_values(inputs, [ValueShape(0, "out", "tensor", (s0,))])
     specs = fia_specs(info, {0: "zero", 1: "cu_len"}, s0)
     assert specs[0].uniform_query_len is None

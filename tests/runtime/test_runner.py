@@ -8,6 +8,8 @@ from torch import nn
 
 import ascend_graph
 from ascend_graph.backend import ascend_backend
+from ascend_graph.runtime.buckets import plan_buckets
+import ascend_graph.ops.attention  # noqa: F401,E402  (registers the paged ops)
 
 
 class Toy(nn.Module):
@@ -244,3 +246,114 @@ def test_memory_budget_drops_captures_that_do_not_fit(monkeypatch):
     assert kept == [4] and dropped == [8, 16]
     assert all("memory budget" in v["failed"] for v in st["buckets"].values() if "failed" in v)
     assert st["fallback_reasons"] == {"above_largest_bucket": 1}
+
+
+# --------------------------------------------------------------------------- FIA padding through the runner
+
+BLOCK, NQ, NKV, HD, HID = 4, 4, 2, 16, 32
+
+
+class PagedLayer(nn.Module):
+    """One attention layer as a serving engine runs it: tokens flattened to [T], a paged KV
+    cache written in place (slot -1 skipped), paged attention in TND over FIA metadata."""
+
+    def __init__(self, q_per_request: int | None, num_blocks: int = 64):
+        super().__init__()
+        self.q = q_per_request
+        self.qkv = nn.Linear(HID, (NQ + 2 * NKV) * HD)
+        self.o = nn.Linear(NQ * HD, HID)
+        self.register_buffer("k_cache", torch.randn(num_blocks, BLOCK, NKV, HD))
+        self.register_buffer("v_cache", torch.randn(num_blocks, BLOCK, NKV, HD))
+
+    def forward(self, x, slot_mapping, block_table, query_start_loc, seq_lens):
+        t = x.shape[0]
+        if self.q is not None:  # uniform: exactly q tokens a request, said to Dynamo
+            torch._check(t == seq_lens.shape[0] * self.q)
+        torch._check(slot_mapping.shape[0] == t)
+        torch._check(block_table.shape[0] == seq_lens.shape[0])
+        torch._check(query_start_loc.shape[0] == seq_lens.shape[0] + 1)
+        q, k, v = self.qkv(x).split([NQ * HD, NKV * HD, NKV * HD], dim=-1)
+        k, v = k.reshape(t, NKV, HD), v.reshape(t, NKV, HD)
+        torch.ops.ascend_graph.reshape_and_cache(k, v, self.k_cache, self.v_cache, slot_mapping)
+        a = torch.ops.ascend_graph.paged_attention(q.reshape(t, NQ, HD), self.k_cache, self.v_cache, block_table, query_start_loc, seq_lens, None, HD**-0.5, 0)
+        return self.o(a.reshape(t, NQ * HD))
+
+
+def paged_batch(q_lens, ctx, seed, max_blocks=6):
+    """Request r owns blocks [r*max_blocks, ...); its q_lens[r] new tokens follow ctx[r] cached ones."""
+    g = torch.Generator().manual_seed(seed)
+    r = len(q_lens)
+    block_table = (torch.arange(r)[:, None] * max_blocks + torch.arange(max_blocks)).int()
+    seq_lens = torch.tensor([c + n for c, n in zip(ctx, q_lens)], dtype=torch.int32)
+    slots = []
+    for i, (c, n) in enumerate(zip(ctx, q_lens)):
+        slots += [int(block_table[i, p // BLOCK]) * BLOCK + p % BLOCK for p in range(c, c + n)]
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    x = torch.randn(sum(q_lens), HID, generator=g)
+    return x, torch.tensor(slots), block_table, cu, seq_lens
+
+
+def compile_with_runners(model, **options):
+    runners = []
+
+    def backend(gm, example_inputs):
+        r = ascend_backend(gm, example_inputs, options=options)
+        runners.append(r)
+        return r
+
+    torch._dynamo.reset()
+    return torch.compile(model, backend=backend, dynamic=True), runners
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_padded_paged_batch_real_rows_equal_the_unpadded_run(k):
+    """Uniform decode (k=0) and an MTP verify batch (k=2) through paged attention on the CPU:
+    the padded batch keeps FIA's rules in the static buffers, and the real rows (and the
+    cache) equal the unpadded eager run."""
+    torch.manual_seed(0)
+    q = 1 + k
+    model = PagedLayer(q).eval()
+    cm, runners = compile_with_runners(model, codegen="fx", buckets=[2, 4, 8, 16], num_speculative_tokens=k)
+    rng = random.Random(k)
+    for trial, r in enumerate([3, 2, 5, 3]):
+        ctx = [rng.randint(0, 12) for _ in range(r)]
+        batch = paged_batch([q] * r, ctx, trial)
+        caches = (model.k_cache.clone(), model.v_cache.clone())
+        with torch.no_grad():
+            out = cm(*batch)
+            after = (model.k_cache.clone(), model.v_cache.clone())
+            model.k_cache.copy_(caches[0]), model.v_cache.copy_(caches[1])
+            ref = model(*batch)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(after[0], model.k_cache)
+        torch.testing.assert_close(after[1], model.v_cache)
+    runner = next(r for r in runners if r.plan is not None)
+    # token buckets (multiples of 1+k) served as request buckets: 2, 4, 8, 16 tokens
+    assert runner.plan.sizes == tuple(b // q for b in plan_buckets([2, 4, 8, 16], num_speculative_tokens=k).sizes)
+    assert len(runner.fia) == 1 and runner.fia[0].uniform_query_len == q
+    names = [v.name for v in runner.shapes.inputs]
+    i_cu, i_lens, i_bt, i_slot = (names.index(n) for n in ("query_start_loc", "seq_lens", "block_table", "slot_mapping"))
+    real_reqs = 3
+    entry = next(e for key, e in runner.entries.items() if key[0] == runner.plan.select(real_reqs))  # the last call
+    pad_reqs = entry.bucket
+    cu = entry.static_args[i_cu].tolist()
+    assert len(cu) == pad_reqs + 1 and cu[-1] == pad_reqs * q == entry.static_args[names.index("x")].shape[0]  # T_pad == cu_q[-1]
+    assert [b - a for a, b in zip(cu, cu[1:])] == [q] * pad_reqs  # still uniform, dummies included
+    assert entry.static_args[i_lens][real_reqs:].tolist() == [1] * (pad_reqs - real_reqs)
+    assert not entry.static_args[i_bt][real_reqs:].any()
+    assert (entry.static_args[i_slot][real_reqs * q :] == -1).all()
+    st = ascend_graph.stats()
+    assert st["eager_fallbacks"] == 0 and st["padding"]["padded_rows"] > 0
+
+
+def test_mixed_batch_with_no_request_to_absorb_padding_is_a_padding_error():
+    """Tokens pad with the bucket but the request count is its own symbol: FIA would get
+    T_pad != cu_q[-1] (error 561002), so the plan is refused before the bucket runs."""
+    torch.manual_seed(0)
+    model = PagedLayer(None).eval()
+    cm, _ = compile_with_runners(model, codegen="fx", buckets=[4, 8, 16])
+    with torch.no_grad():
+        cm(*paged_batch([3, 1, 4], [2, 5, 0], 0))  # 8 tokens: the bucket exactly, nothing padded
+        with pytest.raises(ascend_graph.PaddingError) as e:
+            cm(*paged_batch([2, 1, 3], [2, 5, 0], 1))  # 6 tokens in bucket 8
+    assert "no dummy request" in str(e.value) and e.value.got == "3 request slots for 3 requests"
