@@ -46,6 +46,7 @@ binds ``torch_npu.npu_chunk_gated_delta_rule`` / ``npu_recurrent_gated_delta_rul
 
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
 from dataclasses import dataclass
@@ -119,9 +120,9 @@ def chunk_metadata_lists(seq_lens: Sequence[int], chunk_size: int = CHUNK_SIZE) 
 class ChunkMetadata:
     """Varlen chunk metadata on the device: what the chunk kernels index by."""
 
-    cu_seqlens: torch.Tensor  # [B+1] int32
-    chunk_indices: torch.Tensor  # [C, 2] int32: (sequence, chunk within the sequence)
-    chunk_offsets: torch.Tensor  # [B+1] int32: first chunk of each sequence
+    cu_seqlens: torch.Tensor  # [B+1] int64
+    chunk_indices: torch.Tensor  # [C, 2] int64: (sequence, chunk within the sequence)
+    chunk_offsets: torch.Tensor  # [B+1] int64: first chunk of each sequence
 
 
 def _pinnable(device: torch.device) -> bool:
@@ -156,10 +157,11 @@ class ChunkMetadataBuilder:
         self.max_chunks = max_tokens // chunk_size + max_seqs
         pin = _pinnable(self.device)
         n = 2 * (max_seqs + 1) + 2 * self.max_chunks  # cu | offsets | indices
-        self._staging = [torch.zeros(n, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        # int64: fla-core's index dtype, so the kernels take these tensors without a cast
+        self._staging = [torch.zeros(n, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._events: list[object | None] = [None, None]
         self._slot = 0
-        self._device_buf = torch.zeros(n, dtype=torch.int32, device=self.device)
+        self._device_buf = torch.zeros(n, dtype=torch.int64, device=self.device)
         self._lock = threading.Lock()
 
     def build(self, seq_lens: Sequence[int]) -> ChunkMetadata:
@@ -181,7 +183,7 @@ class ChunkMetadataBuilder:
             if event is not None:
                 event.synchronize()  # the copy that last read this slot is done
             staging = self._staging[slot]
-            staging[: len(flat)] = torch.tensor(flat, dtype=torch.int32)
+            staging[: len(flat)] = torch.tensor(flat, dtype=torch.int64)
             dst = self._device_buf
             dst[: len(flat)].copy_(staging[: len(flat)], non_blocking=True)
             self._events[slot] = _record_event(self.device)
@@ -210,8 +212,8 @@ def _metadata_from_cu(cu_seqlens: torch.Tensor, chunk_size: int = CHUNK_SIZE) ->
     _, indices, offsets = chunk_metadata_lists([b - a for a, b in zip(cu[:-1], cu[1:])], chunk_size)
     dev = cu_seqlens.device
     return (
-        torch.tensor(indices, dtype=torch.int32, device=dev).view(-1, 2),
-        torch.tensor(offsets, dtype=torch.int32, device=dev),
+        torch.tensor(indices, dtype=torch.int64, device=dev).view(-1, 2),
+        torch.tensor(offsets, dtype=torch.int64, device=dev),
     )
 
 
@@ -396,27 +398,75 @@ def _(q, k, v, g, beta, state_cache, cu_seqlens, state_indices, has_initial_stat
 @_chunk_op.register_kernel("cuda")
 def _(q, k, v, g, beta, state_cache, cu_seqlens, state_indices, has_initial_state, chunk_indices, chunk_offsets, scale, use_qk_l2norm):
     check_args(q, k, v, g, beta, state_cache)
-    cu = cu_seqlens if cu_seqlens is not None else torch.tensor([0, q.shape[0]], dtype=torch.int32).to(q.device, non_blocking=True)
+    fla = _fla_chunk()
+    if fla is None:
+        return _chunk_cuda_torch(q, k, v, g, beta, state_cache, cu_seqlens, state_indices, has_initial_state, chunk_indices, chunk_offsets, scale, use_qk_l2norm)
+    # fla-core's kernels. The op is host-bound at prefill sizes (fla's own ~10 launches
+    # take ~0.7 ms of host time at 1k-16k tokens), so everything around them is kept to
+    # the fewest launches: no metadata when there is one sequence (fla's dense path),
+    # metadata passed through as given (int64: fla's dtype, so no per-call casts, and fla
+    # can reuse what it derives from the same tensor), one launch each for the state
+    # gather and write-back.
+    B = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    g32 = g if g.dtype == torch.float32 else g.float()
+    h0 = _gather_states(state_cache, state_indices, has_initial_state, B)
+    if cu_seqlens is None:
+        o, finals = fla(q[None], k[None], v[None], g32[None], beta[None], scale=scale, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm)
+    else:
+        if chunk_indices is None:
+            chunk_indices, _ = _metadata_from_cu(cu_seqlens)
+        o, finals = fla(
+            q[None], k[None], v[None], g32[None], beta[None], scale=scale, initial_state=h0, output_final_state=True,
+            use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=_as_int64(cu_seqlens), chunk_indices=_as_int64(chunk_indices),
+        )
+    _scatter_states(finals, state_indices, state_cache)
+    o = o[0]
+    return o if o.dtype == v.dtype else o.to(v.dtype)
+
+
+def _as_int64(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.int64 else x.long()
+
+
+def _state_rows_contiguous(state_cache: torch.Tensor) -> bool:
+    return state_cache.shape[0] == 0 or state_cache[0].is_contiguous()
+
+
+def _gather_states(state_cache, state_indices, has_initial_state, B):
+    if _state_rows_contiguous(state_cache):
+        from .kernels.triton.gated_delta import gather_states_triton
+
+        return gather_states_triton(state_cache, state_indices, has_initial_state, B)
+    return _gather_initial(state_cache, state_indices, has_initial_state, B)[0]
+
+
+def _scatter_states(finals, state_indices, state_cache):
+    if _state_rows_contiguous(state_cache):
+        from .kernels.triton.gated_delta import scatter_states_triton
+
+        return scatter_states_triton(finals.contiguous(), state_indices, state_cache)
+    _, idx, valid = _gather_initial(state_cache, state_indices, None, finals.shape[0])
+    _write_back(state_cache, idx, valid, finals)
+
+
+def _chunk_cuda_torch(q, k, v, g, beta, state_cache, cu_seqlens, state_indices, has_initial_state, chunk_indices, chunk_offsets, scale, use_qk_l2norm):
+    """Without fla-core: the chunked torch algorithm (no host read when metadata is given)."""
+    if cu_seqlens is None:
+        cu = torch.tensor([0, q.shape[0]], dtype=torch.int32).to(q.device, non_blocking=True)
+    else:
+        cu = cu_seqlens
     B = cu.shape[0] - 1
     if chunk_indices is None or chunk_offsets is None:
         chunk_indices, chunk_offsets = _metadata_from_cu(cu)
     h0, idx, valid = _gather_initial(state_cache, state_indices, has_initial_state, B)
-    fla = _fla_chunk()
-    if fla is not None:
-        o, finals = fla(
-            q[None], k[None], v[None], g[None].float(), beta[None],
-            scale=scale, initial_state=h0, output_final_state=True,
-            use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=cu.long(), chunk_indices=chunk_indices.long(),
-        )
-        o = o[0]
-    else:
-        o, finals = _chunked(q, k, v, g, beta, h0, cu, chunk_indices, chunk_offsets, scale, use_qk_l2norm)
+    o, finals = _chunked(q, k, v, g, beta, h0, cu, chunk_indices, chunk_offsets, scale, use_qk_l2norm)
     _write_back(state_cache, idx, valid, finals)
     return o.to(v.dtype)
 
 
+@functools.cache
 def _fla_chunk():
-    """fla-core's chunk kernel when installed (the optional ``fla`` extra), else None."""
+    """fla-core's chunk kernel when installed (the optional ``fla`` extra), else None (looked up once)."""
     try:
         module = importlib.import_module("fla.ops.gated_delta_rule")
     except ImportError:

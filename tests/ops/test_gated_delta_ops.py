@@ -195,3 +195,39 @@ def test_cuda_forward_never_syncs_with_prebuilt_metadata():
         gd.recurrent_gated_delta_rule(q[:3], k[:3], v[:3], g[:3], beta[:3], cache, None, idx, scale=0.3, use_qk_l2norm=True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_chunk_state_gather_and_write_back(state_dtype):
+    # padded request (slot -1: neither read nor written), a request without an initial
+    # state, scattered slots, a bf16 state cache: the one-launch gather/scatter path
+    lens = [70, 5, 129]
+    cpu = _inputs(lens, seed=11)
+    cpu[5] = cpu[5].to(state_dtype)
+    dev = [x.cuda() for x in cpu]
+    idx = torch.tensor([6, -1, 2], dtype=torch.int32)
+    has_init = torch.tensor([True, True, False])
+    c_cpu, c_dev = cpu[5].clone(), dev[5].clone()
+    want = gd.chunk_gated_delta_rule(*cpu[:5], c_cpu, cpu[6], idx, has_init, scale=0.3, use_qk_l2norm=True)
+    got = gd.chunk_gated_delta_rule(*dev[:5], c_dev, dev[6], idx.cuda(), has_init.cuda(), scale=0.3, use_qk_l2norm=True)
+    lo, hi = lens[0], lens[0] + lens[1]
+    keep = torch.ones(sum(lens), dtype=torch.bool)
+    keep[lo:hi] = False  # the padded request's outputs are unspecified
+    tol = 2e-3 if state_dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.cpu()[keep], want[keep], atol=tol, rtol=tol)
+    torch.testing.assert_close(c_dev.cpu().float(), c_cpu.float(), atol=tol, rtol=tol)
+    untouched = [s for s in range(cpu[5].shape[0]) if s not in (6, 2)]
+    assert torch.equal(c_dev.cpu()[untouched], cpu[5][untouched])
+
+
+@pytest.mark.cuda
+def test_cuda_chunk_single_sequence_dense_path():
+    # cu_seqlens None: one sequence of T tokens, fla's dense (no-metadata) path
+    q, k, v, g, beta, cache, _ = _inputs([300], seed=12)
+    c_cpu, c_dev = cache.clone(), cache.cuda()
+    idx = torch.tensor([4], dtype=torch.int32)
+    want = gd.chunk_gated_delta_rule(q, k, v, g, beta, c_cpu, None, idx, None, scale=0.3, use_qk_l2norm=True)
+    got = gd.chunk_gated_delta_rule(q.cuda(), k.cuda(), v.cuda(), g.cuda(), beta.cuda(), c_dev, None, idx.cuda(), None, scale=0.3, use_qk_l2norm=True)
+    torch.testing.assert_close(got.cpu(), want, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(c_dev.cpu(), c_cpu, atol=2e-3, rtol=2e-3)

@@ -1,8 +1,13 @@
-"""Gated delta rule fusion: transformers' decode step -> ascend_graph.recurrent_gated_delta_rule."""
+"""Gated delta rule fusion: transformers' fallbacks -> ascend_graph's ops.
+
+Decode: the one-token step of ``torch_recurrent_gated_delta_rule`` -> ``recurrent_gated_delta_rule``.
+Prefill: ``torch_chunk_gated_delta_rule`` with its chunk loop unrolled by Dynamo ->
+``chunk_gated_delta_rule``, for sequence lengths that are and are not multiples of 64, with
+and without an initial state. Outputs are compared with eager.
+"""
 
 from __future__ import annotations
 
-import copy
 import glob
 
 import pytest
@@ -85,6 +90,94 @@ def test_make_pass_respects_config():
     assert p.family == "gated_delta_rule" and p.name == "gated_delta_fusion" and len(p.uuid()) == 16
 
 
+def _hf_chunk():
+    from transformers.models.qwen3_next import modeling_qwen3_next as m
+
+    return getattr(m.torch_chunk_gated_delta_rule, "__wrapped__", m.torch_chunk_gated_delta_rule)
+
+
+def _prefill(q, k, v, g, beta, state):
+    out, new_state = _hf_chunk()(q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    return out * 2.0, new_state
+
+
+def _prefill_from_zero(q, k, v, g, beta, state):
+    out, new_state = _hf_chunk()(q, k, v, g=g, beta=beta, initial_state=None, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    return out + state.sum(), new_state
+
+
+def _prefill_output_only(q, k, v, g, beta, state):
+    # output_final_state=False: the last chunk's state update is dead code, the region is smaller
+    return _hf_chunk()(q, k, v, g=g, beta=beta, initial_state=state, output_final_state=False, use_qk_l2norm_in_kernel=True)[0]
+
+
+def _prefill_without_l2norm(q, k, v, g, beta, state):
+    # same chunked algorithm, no q/k L2 norm: the fused op would normalise, so it must not match
+    return _hf_chunk()(q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=False)
+
+
+def _prefill_chunk_32(q, k, v, g, beta, state):
+    # chunk size 32: the same function, but not the op's 64-token WY blocks
+    return _hf_chunk()(q, k, v, g=g, beta=beta, chunk_size=32, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
+
+
+def _prefill_inputs(B=2, T=130, H=4, K=16, V=12, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(B, T, H, K, generator=gen).to(dtype), torch.randn(B, T, H, K, generator=gen).to(dtype),
+        torch.randn(B, T, H, V, generator=gen).to(dtype), F.logsigmoid(torch.randn(B, T, H, generator=gen)),
+        torch.rand(B, T, H, generator=gen).to(dtype), torch.randn(B, H, K, V, generator=gen) * 0.1,
+    )
+
+
+def _compile_and_check(fn, args, tmp_path, want_fused, atol=1e-5):
+    torch._dynamo.reset()
+    ascend_graph.reset_stats()
+    want = fn(*args)
+    got = torch.compile(fn, backend="ascend", options={**OPTIONS, "dump_dir": str(tmp_path)})(*args)
+    assert ascend_graph.stats()["fusions"]["gated_delta_rule"] == want_fused
+    code = _post_pass_code(tmp_path)
+    for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+        torch.testing.assert_close(g.float(), w.float(), atol=atol, rtol=atol)
+    return code
+
+
+@pytest.mark.parametrize(
+    "fn,T,dtype",
+    [
+        (_prefill, 130, torch.float32),  # 3 chunks, 62 padded positions, initial state
+        (_prefill_from_zero, 128, torch.float32),  # exactly 2 chunks (zero-length pad), no initial state
+        (_prefill_output_only, 70, torch.float32),  # no final state asked for
+        (_prefill, 64, torch.bfloat16),  # bf16 inputs: HF's casts to fp32 are inside the region
+    ],
+)
+def test_prefill_unrolled_chunk_loop_fuses_and_matches(tmp_path, fn, T, dtype):
+    code = _compile_and_check(fn, _prefill_inputs(T=T, dtype=dtype), tmp_path, want_fused=1, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert code.count("ascend_graph.chunk_gated_delta_rule") == 1
+    # the WY solve, the per-chunk matmuls and the output scatter are all inside the op
+    for gone in ("linalg_solve_triangular", "aten.bmm", "select_scatter", "aten.cumsum"):
+        assert gone not in code
+
+
+@pytest.mark.parametrize("fn", [_prefill_without_l2norm, _prefill_chunk_32])
+def test_prefill_lookalikes_do_not_fuse(tmp_path, fn):
+    code = _compile_and_check(fn, _prefill_inputs(T=70), tmp_path, want_fused=0)
+    assert "chunk_gated_delta_rule" not in code and "linalg_solve_triangular" in code
+
+
+def test_prefill_row_is_built_once_per_signature():
+    from ascend_graph.passes.fusion import gated_delta
+
+    torch._dynamo.reset()
+    gated_delta._rows.clear()
+    fn = torch.compile(_prefill, backend="ascend", options=OPTIONS)
+    fn(*_prefill_inputs(T=100, seed=1))
+    torch._dynamo.reset()
+    fn = torch.compile(_prefill, backend="ascend", options=OPTIONS)
+    fn(*_prefill_inputs(T=100, seed=2))
+    assert len(gated_delta._rows) == 1
+
+
 def _tiny_qwen3_next():
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
@@ -100,23 +193,40 @@ def _tiny_qwen3_next():
     return Qwen3NextForCausalLM(cfg).eval()
 
 
-def test_qwen3_next_decode_fuses_every_linear_attention_layer():
-    # Compared with the same pipeline without the fusion: the ascend pipeline's decode
-    # output currently differs from eager by ~0.08 on this model even with fusions=[]
-    # and cleanup off (aot_eager matches eager exactly), a capture/runtime issue outside
-    # this family, reported to the lead; this test isolates what the fusion changes.
+def test_qwen3_next_prefill_and_decode_fuse_every_linear_attention_layer():
+    from transformers.cache_utils import DynamicCache
+
     model = _tiny_qwen3_next()
-    ids = torch.randint(0, 128, (3, 37), generator=torch.Generator().manual_seed(1))
-    nxt = torch.randint(0, 128, (3, 1), generator=torch.Generator().manual_seed(2))
-    results = {}
-    with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
-        for fusions in ([], ["gated_delta_rule"]):
-            torch._dynamo.reset()
-            ascend_graph.reset_stats()
-            compiled = torch.compile(model, backend="ascend", options={**OPTIONS, "fusions": fusions})
-            results[bool(fusions)] = compiled(nxt, past_key_values=copy.deepcopy(cache), use_cache=True).logits
-            fused = ascend_graph.stats()["fusions"]["gated_delta_rule"]
-    linear_layers = sum(t == "linear_attention" for t in model.config.layer_types)
-    assert fused == linear_layers
-    torch.testing.assert_close(results[True], results[False], atol=1e-5, rtol=1e-5)
+    linear_layers = model.config.layer_types.count("linear_attention")
+    ids = torch.randint(0, 128, (2, 37), generator=torch.Generator().manual_seed(1))
+    nxt = torch.randint(0, 128, (2, 1), generator=torch.Generator().manual_seed(2))
+
+    def run(m):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            prefill = m(ids, past_key_values=cache, use_cache=True).logits
+            decode = m(nxt, past_key_values=cache, use_cache=True).logits
+        return prefill, decode
+
+    want = run(model)
+    torch._dynamo.reset()
+    ascend_graph.reset_stats()
+    got = run(torch.compile(model, backend="ascend", options=OPTIONS))
+    stats = ascend_graph.stats()
+    assert stats["graphs_compiled"] == 2  # one prefill graph, one decode graph
+    assert stats["fusions"]["gated_delta_rule"] == 2 * linear_layers  # every layer, in each graph
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("codegen", ["fx", "inductor"])
+def test_prefill_fuses_on_cuda_and_matches_eager(codegen):
+    args = tuple(x.cuda() for x in _prefill_inputs(T=200, dtype=torch.bfloat16))
+    torch._dynamo.reset()
+    ascend_graph.reset_stats()
+    want = _prefill(*args)
+    got = torch.compile(_prefill, backend="ascend", options={**OPTIONS, "codegen": codegen})(*args)
+    assert ascend_graph.stats()["fusions"]["gated_delta_rule"] == 1
+    torch.testing.assert_close(got[0].float(), want[0].float(), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got[1], want[1], atol=3e-2, rtol=3e-2)

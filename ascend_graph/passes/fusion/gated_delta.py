@@ -35,13 +35,23 @@ delta rule) and does not match.
 
 from __future__ import annotations
 
+import itertools
 import math
+import threading
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.fx
+from torch._inductor.fx_passes.post_grad import remove_noop_ops
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make_fx
 
+from ...capture.trace import decompositions
 from ...config import AscendConfig
-from ...ops import gated_delta as _ops  # noqa: F401  (registers the ops the replacements call)
+from ...ops import gated_delta as _ops  # registers the ops the replacements call
 from ..base import GraphPass
+from ..cleanup import DeadCodeElimination, NoOpElimination
 from ..pattern import Fusion, Match, PatternPass
 
 __all__ = ["make_pass", "FUSIONS"]
@@ -116,7 +126,248 @@ FUSIONS = (
 )
 
 
+# ----------------------------------------------------------------------------------
+# prefill: rows built on demand, one per region signature
+# ----------------------------------------------------------------------------------
+
+
+def _hf_chunk_fn():
+    from transformers.models.qwen3_next import modeling_qwen3_next as m
+
+    fn = m.torch_chunk_gated_delta_rule
+    return getattr(fn, "__wrapped__", fn)  # the torch fallback under the hub-kernel decorator
+
+
+@dataclass(frozen=True)
+class _TensorMeta:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "_TensorMeta":
+        return cls(tuple(int(d) for d in x.shape), tuple(int(d) for d in x.stride()), x.dtype)
+
+    def empty(self, device) -> torch.Tensor:
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=device)
+
+
+@dataclass(frozen=True)
+class _PrefillSignature:
+    """What the structure of one traced ``torch_chunk_gated_delta_rule`` call depends on."""
+
+    q: _TensorMeta
+    k: _TensorMeta
+    v: _TensorMeta
+    g: _TensorMeta
+    beta: _TensorMeta
+    state: _TensorMeta
+    output_final_state: bool
+
+
+_traced: dict[tuple, torch.fx.GraphModule] = {}
+_traced_lock = threading.Lock()
+
+
+def _normalised_hf_chunk(metas: tuple[_TensorMeta, ...], device: torch.device, output_final_state: bool) -> torch.fx.GraphModule:
+    """transformers' chunk fallback for inputs of exactly these metas, as our pipeline sees it.
+
+    Traced the way ``capture/trace.py`` traces a Dynamo graph (functionalized, inductor's
+    decompositions, on fake tensors: no arithmetic runs) and cleaned up by the same
+    cleanup passes the pass manager runs before the fusions. Memoised per signature.
+    """
+    key = (metas, str(device), output_final_state)
+    with _traced_lock:
+        gm = _traced.get(key)
+        if gm is not None:
+            return gm
+    hf = _hf_chunk_fn()
+
+    def call(q, k, v, g, beta, state):
+        o, s = hf(q, k, v, g=g, beta=beta, initial_state=state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
+        return (o, s) if output_final_state else o
+
+    with disable_proxy_modes_tracing(), FakeTensorMode(allow_non_fake_inputs=False):
+        inputs = [m.empty(device) for m in metas]
+        gm = make_fx(torch.func.functionalize(call), decompositions(), tracing_mode="real")(*inputs)
+    NoOpElimination()(gm.graph)
+    DeadCodeElimination()(gm.graph)
+    gm.recompile()
+    with _traced_lock:
+        _traced[key] = gm
+    return gm
+
+
+def _make_prefill_pattern(output_final_state: bool):
+    def pattern(q, k, v, g, beta, state):
+        args = (q, k, v, g, beta, state)
+        gm = _normalised_hf_chunk(tuple(_TensorMeta.of(x) for x in args), q.device, output_final_state)
+        return gm(*args)
+
+    return pattern
+
+
+def _prefill_replacement_common(q, k, v, g, beta, state):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = (T + _ops.CHUNK_SIZE - 1) // _ops.CHUNK_SIZE
+    dev = q.device
+    cache = state.to(torch.float32, copy=True)  # the op updates its own copy: no input is mutated
+    # batch b is tokens [b*T, (b+1)*T); chunk metadata from the static shape (no host read)
+    cu = torch.arange(B + 1, dtype=torch.int32, device=dev) * T
+    flat = torch.arange(B * C, dtype=torch.int32, device=dev)
+    chunk_indices = torch.stack([flat // C, flat % C], dim=-1)
+    chunk_offsets = torch.arange(B + 1, dtype=torch.int32, device=dev) * C
+    o = torch.ops.ascend_graph.chunk_gated_delta_rule(
+        q.reshape(B * T, H, K), k.reshape(B * T, H, K), v.reshape(B * T, H, V), g.reshape(B * T, H), beta.reshape(B * T, H),
+        cache, cu, None, None, chunk_indices, chunk_offsets, K ** -0.5, True,
+    )
+    return o.reshape(B, T, H, V).to(q.dtype), cache
+
+
+def _prefill_replacement(q, k, v, g, beta, state):
+    return _prefill_replacement_common(q, k, v, g, beta, state)
+
+
+def _prefill_replacement_no_state(q, k, v, g, beta, state):
+    return _prefill_replacement_common(q, k, v, g, beta, state)[0]
+
+
+def _prefill_check(signature: _PrefillSignature):
+    def check(match: Match) -> bool:
+        vals = [_val(match.kwargs.get(n)) for n in ("q", "k", "v", "g", "beta", "state")]
+        if any(x is None for x in vals):
+            return False
+        return tuple(_TensorMeta.of(x) for x in vals) == (signature.q, signature.k, signature.v, signature.g, signature.beta, signature.state)
+
+    return check
+
+
+_rows: dict[tuple[_PrefillSignature, str], Fusion] = {}
+
+
+def _prefill_row(sig: _PrefillSignature, device: torch.device) -> Fusion:
+    key = (sig, str(device))
+    with _traced_lock:
+        row = _rows.get(key)
+    if row is not None:
+        return row
+    metas = (sig.q, sig.k, sig.v, sig.g, sig.beta, sig.state)
+    row = Fusion(
+        name=f"hf_chunk_prefill_{'state' if sig.output_final_state else 'nostate'}",
+        pattern=_make_prefill_pattern(sig.output_final_state),
+        replacement=_prefill_replacement if sig.output_final_state else _prefill_replacement_no_state,
+        example_inputs=lambda: [m.empty(device) for m in metas],
+        extra_check=_prefill_check(sig),
+    )
+    with _traced_lock:
+        return _rows.setdefault(key, row)
+
+
+def _is_solve_anchor(n: torch.fx.Node) -> bool:
+    if n.target is not aten.linalg_solve_triangular.default:
+        return False
+    upper = n.kwargs.get("upper", n.args[2] if len(n.args) > 2 else None)
+    unit = n.kwargs.get("unitriangular", n.args[4] if len(n.args) > 4 else False)
+    ut = _val(n.args[0])
+    return upper is False and unit is True and ut is not None and ut.dim() == 5 and tuple(ut.shape[-2:]) == (_ops.CHUNK_SIZE, _ops.CHUNK_SIZE) and ut.dtype == torch.float32
+
+
+def _static(shape) -> bool:
+    return all(isinstance(d, int) for d in shape)
+
+
+def _signatures(graph: torch.fx.Graph, ut: torch.fx.Node, solves: list[torch.fx.Node]) -> list[_PrefillSignature]:
+    """Candidate signatures of the region whose UT system is ``ut`` (cheap, from metadata only).
+
+    The region's inputs are the tensors HF transposes first (``x.transpose(1, 2)``):
+    ``[B, T, H, K|V]`` and ``[B, T, H]`` with ``ceil(T / 64)`` the chunk count of ``ut``.
+    Which candidate is the real one is left to the exact match.
+    """
+    uval = _val(ut)
+    if not _static(uval.shape) or len(solves) != 2:
+        return []
+    B, H, C = uval.shape[:3]
+    V = _val(solves[0].args[1]).shape[-1]
+    K = _val(solves[1].args[1]).shape[-1]
+    lo, hi = (C - 1) * _ops.CHUNK_SIZE + 1, C * _ops.CHUNK_SIZE
+    four: dict[int, dict[int, set[_TensorMeta]]] = {}  # T -> last dim -> metas
+    three: dict[int, set[_TensorMeta]] = {}
+    for p in graph.find_nodes(op="call_function", target=aten.permute.default):
+        src = _val(p.args[0])
+        if src is None or not isinstance(src, torch.Tensor) or not _static(src.shape) or not _static(src.stride()):
+            continue
+        dims = list(p.args[1])
+        if dims == [0, 2, 1, 3] and src.dim() == 4 and src.shape[0] == B and src.shape[2] == H and lo <= src.shape[1] <= hi and src.shape[3] in (K, V):
+            four.setdefault(src.shape[1], {}).setdefault(src.shape[3], set()).add(_TensorMeta.of(src))
+        elif dims == [0, 2, 1] and src.dim() == 3 and src.shape[0] == B and src.shape[2] == H and lo <= src.shape[1] <= hi:
+            three.setdefault(src.shape[1], set()).add(_TensorMeta.of(src))
+    out = []
+    for T, by_dim in four.items():
+        qk, vv, gb = by_dim.get(K, set()), by_dim.get(V, set()), three.get(T, set())
+        state = _TensorMeta((B, H, K, V), (H * K * V, K * V, V, 1), torch.float32)
+        # g is float32 in every model that calls this fallback (HF computes it with .float()): try it first
+        gb_sorted = sorted(gb, key=lambda m: m.dtype != torch.float32)
+        for q, k, v, g, beta in itertools.product(sorted(qk, key=str), sorted(qk, key=str), sorted(vv, key=str), gb_sorted, gb_sorted):
+            for out_state in (True, False):
+                out.append(_PrefillSignature(q, k, v, g, beta, state, out_state))
+    return out[:_MAX_SIGNATURES]
+
+
+#: signatures tried per region before giving up (each costs a trace of the pattern)
+_MAX_SIGNATURES = 16
+
+
+class GatedDeltaPass(GraphPass):
+    """The decode row (static) and the prefill rows (built per region signature)."""
+
+    name = "gated_delta_fusion"
+    family = "gated_delta_rule"
+
+    def __init__(self, explain_node: str | None = None):
+        self.explain_node = explain_node
+        self.decode = PatternPass(self.name, self.family, FUSIONS, explain_node=explain_node)
+
+    def __call__(self, graph: torch.fx.Graph) -> int:
+        return self.decode(graph) + self._prefill(graph)
+
+    def _prefill(self, graph: torch.fx.Graph) -> int:
+        anchors: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        for n in graph.find_nodes(op="call_function", target=aten.linalg_solve_triangular.default):
+            if _is_solve_anchor(n):
+                anchors.setdefault(n.args[0], []).append(n)
+        if not anchors:
+            return 0
+        # the pattern matcher cleans every pattern with inductor's remove_noop_ops; the graph
+        # gets the same cleaning so both sides are in one normal form
+        remove_noop_ops(graph)
+        count = 0
+        tried: set[_PrefillSignature] = set()
+        for ut, solves in anchors.items():
+            if _erased(ut):
+                continue  # fused already by an earlier region's row
+            device = _val(ut).device
+            for sig in _signatures(graph, ut, solves):
+                if sig in tried:
+                    continue
+                tried.add(sig)
+                rows = PatternPass(self.name, self.family, (_prefill_row(sig, device),), explain_node=self.explain_node)
+                with FakeTensorMode():
+                    rows.matcher  # traced on fake tensors: no arithmetic at the region's real sizes
+                count += rows(graph)
+                if _erased(ut):
+                    break
+        return count
+
+    def uuid_sources(self) -> list[Any]:
+        return super().uuid_sources() + self.decode.uuid_sources() + [_hf_chunk_fn()]
+
+
+def _erased(node: torch.fx.Node) -> bool:
+    return bool(getattr(node, "_erased", False))
+
+
 def make_pass(config: AscendConfig) -> GraphPass | None:
     if "gated_delta_rule" not in config.fusions:
         return None
-    return PatternPass("gated_delta_fusion", "gated_delta_rule", FUSIONS, explain_node=config.explain_node)
+    return GatedDeltaPass(explain_node=config.explain_node)

@@ -1,7 +1,11 @@
 """Triton recurrent gated delta rule: decode and speculative verify on CUDA.
 
-Entry point: :func:`recurrent_gated_delta_rule_triton` (the CUDA kernel of
-``ascend_graph::recurrent_gated_delta_rule``; semantics in ``ops/gated_delta.py``).
+Entry points: :func:`recurrent_gated_delta_rule_triton` (the CUDA kernel of
+``ascend_graph::recurrent_gated_delta_rule``; semantics in ``ops/gated_delta.py``), and
+:func:`gather_states_triton` / :func:`scatter_states_triton`, the chunk op's state-cache
+read and write-back (one launch each instead of the eight small torch ops that clamp,
+mask, index_select, where and index_copy_ would take: the chunk op is host-bound at
+prefill sizes, so launches are its cost).
 
 One program per (request, v-head, block of ``BV`` value columns) keeps its ``[K, BV]``
 slice of the state in registers (fp32) for all of the request's tokens, so the state is
@@ -20,7 +24,7 @@ import functools
 
 import torch
 
-__all__ = ["recurrent_gated_delta_rule_triton"]
+__all__ = ["recurrent_gated_delta_rule_triton", "gather_states_triton", "scatter_states_triton"]
 
 
 @functools.cache
@@ -136,3 +140,71 @@ def recurrent_gated_delta_rule_triton(q, k, v, g, beta, state_cache, cu_seqlens,
         num_warps=4,
     )
     return o
+
+
+@functools.cache
+def _state_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gather(cache, idx, has_init, out, stride_n, N_ELEM, HAS_IDX: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
+        # out[b] = cache[idx[b]] as fp32, or 0 where idx[b] < 0 or not has_init[b]
+        i_b = tl.program_id(1)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < N_ELEM
+        slot = tl.load(idx + i_b).to(tl.int64) if HAS_IDX else i_b.to(tl.int64)
+        use = slot >= 0
+        if HAS_INIT:
+            use = use & (tl.load(has_init + i_b) != 0)
+        x = tl.load(cache + slot * stride_n + offs, mask=m & use, other=0.0).to(tl.float32)
+        tl.store(out + i_b.to(tl.int64) * N_ELEM + offs, x, mask=m)
+
+    @triton.jit
+    def _scatter(finals, idx, cache, stride_n, N_ELEM, HAS_IDX: tl.constexpr, BLOCK: tl.constexpr):
+        # cache[idx[b]] = finals[b] where idx[b] >= 0 (padded requests write nothing)
+        i_b = tl.program_id(1)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        slot = tl.load(idx + i_b).to(tl.int64) if HAS_IDX else i_b.to(tl.int64)
+        m = (offs < N_ELEM) & (slot >= 0)
+        x = tl.load(finals + i_b.to(tl.int64) * N_ELEM + offs, mask=m, other=0.0)
+        tl.store(cache + slot * stride_n + offs, x.to(cache.dtype.element_ty), mask=m)
+
+    return _gather, _scatter
+
+
+_BLOCK = 2048
+
+
+def gather_states_triton(state_cache: torch.Tensor, state_indices: torch.Tensor | None, has_initial_state: torch.Tensor | None, B: int) -> torch.Tensor:
+    """``[B, H, K, V]`` fp32 initial states: slot ``state_indices[b]`` (None: ``b``), zero where
+    the slot is negative or ``has_initial_state[b]`` is False."""
+    import triton
+
+    n = state_cache[0].numel()
+    out = torch.empty((B,) + tuple(state_cache.shape[1:]), dtype=torch.float32, device=state_cache.device)
+    if B == 0:
+        return out
+    gather, _ = _state_kernels()
+    dummy = out
+    gather[(triton.cdiv(n, _BLOCK), B)](
+        state_cache, state_indices if state_indices is not None else dummy,
+        has_initial_state if has_initial_state is not None else dummy, out, state_cache.stride(0), n,
+        HAS_IDX=state_indices is not None, HAS_INIT=has_initial_state is not None, BLOCK=_BLOCK,
+    )
+    return out
+
+
+def scatter_states_triton(finals: torch.Tensor, state_indices: torch.Tensor | None, state_cache: torch.Tensor) -> None:
+    """``state_cache[state_indices[b]] = finals[b]`` (None: slot ``b``), skipping negative slots."""
+    import triton
+
+    B = finals.shape[0]
+    if B == 0:
+        return
+    n = state_cache[0].numel()
+    _, scatter = _state_kernels()
+    scatter[(triton.cdiv(n, _BLOCK), B)](
+        finals, state_indices if state_indices is not None else finals, state_cache, state_cache.stride(0), n,
+        HAS_IDX=state_indices is not None, BLOCK=_BLOCK,
+    )
