@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import threading
@@ -49,6 +50,10 @@ class Fusion:
     in: the matcher generalises sizes). ``extra_check`` gets the match and decides the
     semantic limits (dtype, head size, token limits) the structure cannot express.
     ``scalar_workaround`` names float/int arguments of the pattern with a sample value.
+    ``exact`` matches the pattern as traced, every int included (no generic match and
+    re-trace at the graph's shapes): for rows whose ints are all fixed by the row itself
+    and whose re-trace would be costly (data-dependent ops such as ``nonzero`` make the
+    fake-tensor re-trace slow); sizes still live only in the graph, never in the pattern.
     """
 
     name: str
@@ -58,6 +63,7 @@ class Fusion:
     extra_check: Callable[["pm.Match"], bool] = _always
     scalar_workaround: Mapping[str, float | int] = field(default_factory=dict)
     exclusive_arg_names: tuple[str, ...] = ()
+    exact: bool = False
 
 
 _built: dict[tuple[int, ...], pm.PatternMatcherPass] = {}
@@ -75,6 +81,10 @@ def _build(fusions: Sequence[Fusion], pass_name: str) -> pm.PatternMatcherPass:
             # Patterns are traced in inference mode, on the CPU (fake tensors stand in
             # for the real device at match time: the matcher compares structure).
             with torch.no_grad():
+                search_pattern = None
+                if f.exact:
+                    argnames = list(inspect.signature(f.pattern).parameters)
+                    search_pattern = pm.fx_to_pattern(pm.fwd_only(f.pattern, inputs), argnames=argnames, exclusive_arg_names=f.exclusive_arg_names)
                 pm.register_replacement(
                     f.pattern,
                     f.replacement,
@@ -84,6 +94,7 @@ def _build(fusions: Sequence[Fusion], pass_name: str) -> pm.PatternMatcherPass:
                     extra_check=f.extra_check,
                     scalar_workaround=dict(f.scalar_workaround) or None,
                     exclusive_arg_names=f.exclusive_arg_names,
+                    search_fn_pattern=search_pattern,
                 )
         _built[key] = matcher
         return matcher

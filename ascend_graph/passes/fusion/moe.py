@@ -53,7 +53,7 @@ from ...ops import moe as _moe_ops  # noqa: F401  (registers the ops)
 from ..base import GraphPass
 from ..pattern import Fusion, Match, PatternPass
 
-__all__ = ["make_pass", "MoEFusion", "ROUTER_FUSIONS", "expert_fusions", "expert_variants"]
+__all__ = ["make_pass", "MoEFusion", "ROUTER_FUSIONS", "LOOP_FORMS", "expert_fusions", "expert_variants", "loop_fusion", "loop_variants", "drop_nonzero_size_asserts", "shared_fusions", "shared_variants"]
 
 log = logging.getLogger("ascend_graph.passes.fusion.moe")
 
@@ -158,6 +158,221 @@ def expert_fusions(mm: str, histc_float: bool, dtype: torch.dtype) -> list[Fusio
     return rows
 
 
+# -- experts as a loop over experts -------------------------------------------------
+#
+# Dynamo unrolls ``for e in range(E)`` into E copies of one expert's body, so a row is
+# the whole unrolled loop for one expert count E (and intermediate size I): every copy
+# must read ``w13[e]``, ``w2[e]`` and the routing of expert ``e`` for the same ``e``,
+# which the exact match checks literally. Rows are built for the (E, I) pairs a graph
+# holds. The accumulator is a pattern input that ``_loop_check`` requires to be zeros
+# of x's shape and dtype (a loop adding into anything else stays as it is).
+
+
+def _expert_ffn(h, w13_e, w2_e, act):
+    gate, up = F.linear(h, w13_e).chunk(2, dim=-1)
+    return F.linear(act(gate) * up, w2_e)
+
+
+def _loop_onehot_where(acc, x, topk_weights, topk_ids, w13, w2, num_experts, act):
+    # HF's eager experts (``Qwen3MoeExperts.forward`` ...) over range(E) instead of
+    # the experts hit: one_hot mask, torch.where per expert, index_add_
+    mask = F.one_hot(topk_ids, num_classes=num_experts).permute(2, 1, 0)
+    for e in range(num_experts):
+        pos, tok = torch.where(mask[e])
+        y = _expert_ffn(x[tok], w13[e], w2[e], act) * topk_weights[tok, pos, None]
+        acc = acc.index_add(0, tok, y.to(acc.dtype))
+    return acc
+
+
+def _loop_eq_where(acc, x, topk_weights, topk_ids, w13, w2, num_experts, act):
+    # the Mixtral reference loop: torch.where(ids == e) gives (token, slot) pairs
+    for e in range(num_experts):
+        tok, pos = torch.where(topk_ids == e)
+        y = _expert_ffn(x[tok], w13[e], w2[e], act) * topk_weights[tok, pos, None]
+        acc = acc.index_add(0, tok, y.to(acc.dtype))
+    return acc
+
+
+def _loop_dense_mul(acc, x, topk_weights, topk_ids, w13, w2, num_experts, act):
+    # nonzero-free: every expert on every token, weighted by its routing weight
+    # (zero where the token did not pick it): sum_e (sum_j w[t,j] [ids[t,j]==e]) ffn_e(x)
+    for e in range(num_experts):
+        weight = (topk_weights * (topk_ids == e)).sum(dim=-1, keepdim=True)
+        acc = acc + _expert_ffn(x, w13[e], w2[e], act) * weight
+    return acc
+
+
+def _loop_dense_where(acc, x, topk_weights, topk_ids, w13, w2, num_experts, act):
+    # the same with the mask as torch.where(ids == e, w, 0)
+    for e in range(num_experts):
+        weight = torch.where(topk_ids == e, topk_weights, 0.0).sum(dim=-1, keepdim=True)
+        acc = acc + _expert_ffn(x, w13[e], w2[e], act) * weight
+    return acc
+
+
+#: loop form -> (body, accumulates by index_add into acc's dtype)
+LOOP_FORMS: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
+    "onehot_where": (_loop_onehot_where, True),
+    "eq_where": (_loop_eq_where, True),
+    "dense_mul": (_loop_dense_mul, False),
+    "dense_where": (_loop_dense_where, False),
+}
+
+
+def _make_loop_pattern(form: str, num_experts: int, activation: str):
+    body, act = LOOP_FORMS[form][0], _ACT_FNS[activation]
+
+    def pattern(acc, x, topk_weights, topk_ids, w13, w2):
+        return body(acc, x, topk_weights, topk_ids, w13, w2, num_experts, act)
+
+    pattern.__name__ = pattern.__qualname__ = f"_loop_{form}_{activation}_e{num_experts}"
+    return pattern
+
+
+def _make_loop_replacement(form: str, activation: str):
+    index_add = LOOP_FORMS[form][1]
+
+    def replacement(acc, x, topk_weights, topk_ids, w13, w2):
+        out = _ops.moe_dispatch_ffn_combine(x, topk_weights, topk_ids, w13, w2, activation)
+        # index_add_ keeps acc's dtype (== x's, see _loop_check); the dense sum promotes
+        return out.to(acc.dtype if index_add else torch.promote_types(acc.dtype, topk_weights.dtype))
+
+    replacement.__name__ = replacement.__qualname__ = f"_loop_{form}_fused_{activation}"
+    return replacement
+
+
+def _loop_inputs(num_experts: int, inter: int, dtype: torch.dtype, weights_dtype: torch.dtype) -> Callable[[], list[torch.Tensor]]:
+    def build():
+        # real tensors (the exact trace runs nonzero); T=5, k=2, H=8. Distinct experts per
+        # token, as top-k gives them.
+        g = torch.Generator().manual_seed(0)
+        ids = torch.stack([torch.randperm(num_experts, generator=g)[:2] for _ in range(5)]) if num_experts >= 2 else torch.zeros(5, 1, dtype=torch.int64)
+        return [
+            torch.zeros(5, 8, dtype=dtype),
+            torch.randn(5, 8, generator=g).to(dtype),
+            torch.rand(5, ids.shape[1], generator=g).to(weights_dtype),
+            ids,
+            torch.randn(num_experts, 2 * inter, 8, generator=g).to(dtype),
+            torch.randn(num_experts, 8, inter, generator=g).to(dtype),
+        ]
+
+    return build
+
+
+def _is_zeros_like(node: Any, like: torch.Tensor) -> bool:
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    if node.target is torch.ops.aten.full.default:
+        fill = node.args[1] if len(node.args) > 1 else None
+    elif node.target is torch.ops.aten.zeros.default:
+        fill = 0
+    else:
+        return False
+    val = node.meta.get("val")
+    return fill == 0 and val is not None and val.dtype == like.dtype and val.dim() == like.dim() and all(bool(a == b) for a, b in zip(val.shape, like.shape))
+
+
+def _loop_check(match: Match) -> bool:
+    x = match.kwargs["x"].meta.get("val")
+    return _experts_check(match) and x is not None and _is_zeros_like(match.kwargs["acc"], x)
+
+
+def loop_fusion(form: str, num_experts: int, inter: int, activation: str, dtype: torch.dtype, weights_dtype: torch.dtype) -> Fusion:
+    """The row for one unrolled loop: form, expert count, intermediate size, activation, dtypes."""
+    pattern = _make_loop_pattern(form, num_experts, activation)
+    name = f"{pattern.__name__}_i{inter}_{str(dtype).removeprefix('torch.')}_{str(weights_dtype).removeprefix('torch.')}"
+    return Fusion(name, pattern, _make_loop_replacement(form, activation), _loop_inputs(num_experts, inter, dtype, weights_dtype), _loop_check, exact=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _loop_pass(form: str, num_experts: int, inter: int, activation: str, dtype: torch.dtype, weights_dtype: torch.dtype, explain_node: str | None) -> PatternPass:
+    return PatternPass(f"moe_loop_{form}", "moe", [loop_fusion(form, num_experts, inter, activation, dtype, weights_dtype)], explain_node)
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def loop_variants(graph: torch.fx.Graph) -> set[tuple[str, int, int, str, torch.dtype, torch.dtype]]:
+    """(form, E, I, activation, dtype, weights dtype) of each loop row worth trying on ``graph``.
+
+    Only selects which rows to build (the exact match decides what fuses): stacked
+    expert weights ``w13 [E, 2I, H]`` / ``w2 [E, H, I]`` read per expert by ``select``,
+    the mask ops of each form, the activations' marker ops, the top-k value dtypes.
+    """
+    aten = torch.ops.aten
+    stacked, forms, targets, weight_dtypes = [], set(), set(), set()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        targets.add(node.target)
+        if node.target is aten.select.int and node.args[1] == 0:
+            val = _val(node.args[0])
+            if val is not None and val.dim() == 3 and val.is_floating_point() and all(isinstance(d, int) for d in val.shape):
+                stacked.append(val)
+        elif node.target is aten.nonzero.default and isinstance(node.args[0], torch.fx.Node):
+            if node.args[0].target is aten.select.int:
+                forms.add("onehot_where")
+            elif node.args[0].target is aten.eq.Scalar:
+                forms.add("eq_where")
+        elif node.target is aten.eq.Scalar:
+            users = {u.target for u in node.users}
+            if aten.mul.Tensor in users:
+                forms.add("dense_mul")
+            if aten.where.self in users:
+                forms.add("dense_where")
+        elif node.target is aten.topk.default:
+            val = _val(node)
+            if val is not None and val[0].is_floating_point():
+                weight_dtypes.add(val[0].dtype)
+    if not forms or not stacked:
+        return set()
+    pairs = set()
+    for a in stacked:
+        for b in stacked:
+            e, two_i, h = a.shape
+            if b.shape == (e, h, two_i // 2) and two_i % 2 == 0 and a.dtype == b.dtype:
+                pairs.add((e, two_i // 2, a.dtype))
+    acts = ["silu"] + (["gelu"] if aten.erf.default in targets else []) + (["gelu_tanh"] if aten.tanh.default in targets else [])
+    return {(form, e, i, act, dtype, wd) for form in forms for e, i, dtype in pairs for act in acts for wd in weight_dtypes | {dtype}}
+
+
+def drop_nonzero_size_asserts(graph: torch.fx.Graph) -> int:
+    """Erase the runtime asserts ``0 <= u`` and ``u <= numel`` on each ``nonzero``'s row count ``u``.
+
+    AOT capture adds them for every unbacked size; both hold for any ``nonzero`` output,
+    so they check nothing, but as extra users of ``nonzero`` they keep an unrolled
+    expert loop from matching. Other asserts on ``u`` stay. Returns the asserts erased.
+    """
+    import operator
+
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    aten, erased = torch.ops.aten, 0
+    for nz in [n for n in graph.nodes if n.op == "call_function" and n.target is aten.nonzero.default]:
+        src = _val(nz.args[0])
+        if src is None:
+            continue
+        for size in [u for u in nz.users if u.target is aten.sym_size.int and u.args[1] == 0]:
+            for cmp in list(size.users):
+                if cmp.target is operator.ge and cmp.args == (size, 0):
+                    trivial = True
+                elif cmp.target is operator.le and cmp.args[0] is size and isinstance(cmp.args[1], (int, torch.SymInt)):
+                    trivial = statically_known_true(cmp.args[1] >= src.numel())
+                else:
+                    trivial = False
+                asserts = [a for a in cmp.users if a.target is aten._assert_scalar.default]
+                if not trivial or len(asserts) != len(cmp.users):
+                    continue
+                for a in asserts:
+                    graph.erase_node(a)
+                    erased += 1
+                graph.erase_node(cmp)
+            if not size.users:
+                graph.erase_node(size)
+    return erased
+
+
 # -- routers ------------------------------------------------------------------------
 
 
@@ -247,6 +462,122 @@ ROUTER_FUSIONS: list[Fusion] = [
 ]
 
 
+# -- shared experts -------------------------------------------------------------------
+#
+# After the experts rows, a layer's routed output is one ``moe_dispatch_ffn_combine``
+# node; where the graph adds a shared-expert MLP of the same input to it (DeepSeek-V3:
+# ``routed + shared(x)``; Qwen2-MoE / Qwen3-Next: ``routed + sigmoid(x @ g.T) * shared(x)``)
+# the shared MLP moves into the op. DeepSeek writes it on the 3-D hidden states and
+# views the routed output back, Qwen on the flattened 2-D ones: one row each.
+
+
+def _shared_mlp(x, shared_gate, shared_up, shared_down, act):
+    return F.linear(act(F.linear(x, shared_gate)) * F.linear(x, shared_up), shared_down)
+
+
+def _make_shared_rows(activation: str) -> list[tuple[str, Callable[..., Any], Callable[..., Any]]]:
+    act = _ACT_FNS[activation]
+
+    def plain_2d(x, topk_weights, topk_ids, w13, w2, shared_gate, shared_up, shared_down):
+        routed = _ops.moe_dispatch_ffn_combine(x, topk_weights, topk_ids, w13, w2, activation)
+        return routed + _shared_mlp(x, shared_gate, shared_up, shared_down, act)
+
+    def plain_2d_fused(x, topk_weights, topk_ids, w13, w2, shared_gate, shared_up, shared_down):
+        return _ops.moe_dispatch_ffn_combine(x, topk_weights, topk_ids, w13, w2, activation, None, shared_gate, shared_up, shared_down)
+
+    def sigmoid_2d(x, topk_weights, topk_ids, w13, w2, shared_gate, shared_up, shared_down, shared_expert_gate):
+        routed = _ops.moe_dispatch_ffn_combine(x, topk_weights, topk_ids, w13, w2, activation)
+        return routed + torch.sigmoid(F.linear(x, shared_expert_gate)) * _shared_mlp(x, shared_gate, shared_up, shared_down, act)
+
+    def sigmoid_2d_fused(x, topk_weights, topk_ids, w13, w2, shared_gate, shared_up, shared_down, shared_expert_gate):
+        return _ops.moe_dispatch_ffn_combine(x, topk_weights, topk_ids, w13, w2, activation, None, shared_gate, shared_up, shared_down, "", 1, 0, shared_expert_gate)
+
+    def plain_3d(x, topk_weights, topk_ids, w13, w2, shared_gate, shared_up, shared_down):
+        # DeepseekV3MoE: experts on x.view(-1, H), viewed back, plus shared_experts(x)
+        routed = _ops.moe_dispatch_ffn_combine(x.view(-1, x.size(-1)), topk_weights, topk_ids, w13, w2, activation).view(x.shape)
+        return routed + _shared_mlp(x, shared_gate, shared_up, shared_down, act)
+
+    def plain_3d_fused(x, topk_weights, topk_ids, w13, w2, shared_gate, shared_up, shared_down):
+        x2 = x.view(-1, x.size(-1))
+        return _ops.moe_dispatch_ffn_combine(x2, topk_weights, topk_ids, w13, w2, activation, None, shared_gate, shared_up, shared_down).view(x.shape)
+
+    def sigmoid_3d(x, topk_weights, topk_ids, w13, w2, shared_gate, shared_up, shared_down, shared_expert_gate):
+        routed = _ops.moe_dispatch_ffn_combine(x.view(-1, x.size(-1)), topk_weights, topk_ids, w13, w2, activation).view(x.shape)
+        return routed + torch.sigmoid(F.linear(x, shared_expert_gate)) * _shared_mlp(x, shared_gate, shared_up, shared_down, act)
+
+    def sigmoid_3d_fused(x, topk_weights, topk_ids, w13, w2, shared_gate, shared_up, shared_down, shared_expert_gate):
+        x2 = x.view(-1, x.size(-1))
+        out = _ops.moe_dispatch_ffn_combine(x2, topk_weights, topk_ids, w13, w2, activation, None, shared_gate, shared_up, shared_down, "", 1, 0, shared_expert_gate)
+        return out.view(x.shape)
+
+    rows = [("sigmoid_2d", sigmoid_2d, sigmoid_2d_fused), ("plain_2d", plain_2d, plain_2d_fused), ("sigmoid_3d", sigmoid_3d, sigmoid_3d_fused), ("plain_3d", plain_3d, plain_3d_fused)]
+    for kind, pattern, replacement in rows:
+        pattern.__name__ = pattern.__qualname__ = f"_shared_{kind}_{activation}"
+        replacement.__name__ = replacement.__qualname__ = f"_shared_{kind}_fused_{activation}"
+    return rows
+
+
+def _shared_inputs(kind: str, dtype: torch.dtype) -> Callable[[], list[torch.Tensor]]:
+    def build():
+        # meta tensors; T=6, H=16, k=2, E=4, I=8, shared intermediate 12
+        dev = "meta"
+        x = torch.empty(1, 6, 16, dtype=dtype, device=dev) if kind.endswith("3d") else torch.empty(6, 16, dtype=dtype, device=dev)
+        out = [
+            x,
+            torch.empty(6, 2, dtype=dtype, device=dev),
+            torch.empty(6, 2, dtype=torch.int64, device=dev),
+            torch.empty(4, 16, 16, dtype=dtype, device=dev),
+            torch.empty(4, 16, 8, dtype=dtype, device=dev),
+            torch.empty(12, 16, dtype=dtype, device=dev),
+            torch.empty(12, 16, dtype=dtype, device=dev),
+            torch.empty(16, 12, dtype=dtype, device=dev),
+        ]
+        if kind.startswith("sigmoid"):
+            out.append(torch.empty(1, 16, dtype=dtype, device=dev))
+        return out
+
+    return build
+
+
+def _shared_check(match: Match) -> bool:
+    names = ("x", "w13", "shared_gate", "shared_up", "shared_down")
+    x, w13, g, u, d = (match.kwargs[n].meta.get("val") for n in names)
+    gate = match.kwargs["shared_expert_gate"].meta.get("val") if "shared_expert_gate" in match.kwargs else None
+    if any(v is None for v in (x, w13, g, u, d)) or ("shared_expert_gate" in match.kwargs and gate is None):
+        return False
+    h = x.shape[-1]
+    shapes_ok = g.dim() == u.dim() == d.dim() == 2 and g.shape == u.shape and g.shape[1] == h and d.shape[0] == h and d.shape[1] == g.shape[0]
+    gate_ok = gate is None or (gate.dim() == 2 and gate.shape[0] == 1 and gate.shape[1] == h and gate.dtype == x.dtype)
+    return shapes_ok and gate_ok and g.dtype == u.dtype == d.dtype == x.dtype == w13.dtype and g.device == x.device
+
+
+def shared_fusions(activation: str, dtype: torch.dtype) -> list[Fusion]:
+    """Shared-expert folding rows for one activation and dtype class (gated first: the plain ones do not match them)."""
+    out = []
+    for kind, pattern, replacement in _make_shared_rows(activation):
+        out.append(Fusion(f"{pattern.__name__}_{str(dtype).removeprefix('torch.')}", pattern, replacement, _shared_inputs(kind, dtype), _shared_check))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_pass(activation: str, dtype: torch.dtype, explain_node: str | None) -> PatternPass:
+    return PatternPass("moe_shared_experts", "moe", shared_fusions(activation, dtype), explain_node)
+
+
+def shared_variants(graph: torch.fx.Graph) -> set[tuple[str, torch.dtype]]:
+    """(activation, dtype class) of each routed-only ``moe_dispatch_ffn_combine`` in the graph."""
+    out = set()
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is _ops.moe_dispatch_ffn_combine.default:
+            args = list(node.args) + [None] * 13
+            activation = args[5] if args[5] is not None else node.kwargs.get("activation", "silu")
+            shared = args[7] if args[7] is not None else node.kwargs.get("shared_gate")
+            val = _val(node.args[0])
+            if shared is None and val is not None and activation in _ACT_FNS:
+                out.add((activation, torch.float32 if val.dtype in (torch.float32, torch.float64) else val.dtype))
+    return out
+
+
 _GROUPED_MM_TARGETS = {"aten_grouped_mm": "aten._grouped_mm", "hf_fallback": "transformers.grouped_mm_fallback"}
 
 
@@ -301,9 +632,16 @@ class MoEFusion(GraphPass):
         n_experts = 0
         for mm, histc_float, dtype in sorted(expert_variants(graph), key=str):
             n_experts += _expert_pass(mm, histc_float, dtype, self.explain_node)(graph)
+        loops = loop_variants(graph)
+        if loops and any(n.target is torch.ops.aten.nonzero.default for n in graph.nodes):
+            drop_nonzero_size_asserts(graph)
+        for variant in sorted(loops, key=str):
+            n_experts += _loop_pass(*variant, self.explain_node)(graph)
         has_topk = any(n.target is torch.ops.aten.topk.default for n in graph.nodes)
         n_routers = self.routers(graph) if has_topk else 0
-        log.debug("moe: %d experts blocks and %d routers fused", n_experts, n_routers)
+        # shared experts fold into an experts op already counted: not counted again
+        n_shared = sum(_shared_pass(act, dtype, self.explain_node)(graph) for act, dtype in sorted(shared_variants(graph), key=str))
+        log.debug("moe: %d experts blocks, %d routers, %d shared experts fused", n_experts, n_routers, n_shared)
         return n_experts + max(0, n_routers - n_experts)
 
     def uuid_sources(self) -> list[Any]:
