@@ -50,10 +50,10 @@ class Fusion:
     in: the matcher generalises sizes). ``extra_check`` gets the match and decides the
     semantic limits (dtype, head size, token limits) the structure cannot express.
     ``scalar_workaround`` names float/int arguments of the pattern with a sample value.
-    ``exact`` matches the pattern as traced, every int included (no generic match and
-    re-trace at the graph's shapes): for rows whose ints are all fixed by the row itself
-    and whose re-trace would be costly (data-dependent ops such as ``nonzero`` make the
-    fake-tensor re-trace slow); sizes still live only in the graph, never in the pattern.
+    ``exact`` matches the pattern as traced, every int included, instead of a generic
+    match re-traced at the graph's shapes: for rows built per size (the row's sizes are
+    part of it, so no int may come from the example inputs by accident) whose re-trace
+    would be costly (``nonzero`` makes the fake-tensor re-trace take seconds).
     """
 
     name: str

@@ -2,16 +2,21 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ascend_graph
 
 transformers = pytest.importorskip("transformers")
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
 
 
 def _model(name):
     torch.manual_seed(0)
-    if name == "qwen3_moe":
+    if name == "qwen2_moe":
+        # a sigmoid-gated shared expert beside the routed ones (Qwen2-MoE, as Qwen3-Next)
+        cfg = Qwen2MoeConfig(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, norm_topk_prob=False)
+        model, moe_layers = Qwen2MoeForCausalLM(cfg), 2
+    elif name == "qwen3_moe":
         cfg = Qwen3MoeConfig(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=6, num_experts_per_tok=2, norm_topk_prob=True)
         model, moe_layers = Qwen3MoeForCausalLM(cfg), 2
     else:
@@ -23,7 +28,7 @@ def _model(name):
     return model.eval(), moe_layers
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3", "qwen2_moe"])
 def test_every_moe_layer_fuses_prefill_and_decode(name):
     model, moe_layers = _model(name)
     ids = torch.randint(0, 97, (1, 11))
@@ -42,3 +47,37 @@ def test_every_moe_layer_fuses_prefill_and_decode(name):
         step = compiled(nxt, past_key_values=pre2.past_key_values, use_cache=True).logits
         torch.testing.assert_close(step, ref_step, atol=1e-4, rtol=1e-4)
         assert ascend_graph.stats()["fusions"]["moe"] == moe_layers
+
+
+class _LoopExperts(torch.nn.Module):
+    """Qwen3-MoE's experts as a user writes them: a Python loop over every expert, index_add_."""
+
+    def __init__(self, experts):
+        super().__init__()
+        self.num_experts = experts.gate_up_proj.shape[0]
+        self.gate_up_proj, self.down_proj = experts.gate_up_proj, experts.down_proj
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            slot, token = torch.where(expert_mask[e])
+            gate, up = F.linear(hidden_states[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def test_expert_loop_model_fuses_every_layer():
+    model, moe_layers = _model("qwen3_moe")
+    for layer in model.model.layers:
+        layer.mlp.experts = _LoopExperts(layer.mlp.experts)
+    ids = torch.randint(0, 97, (1, 11))
+    compiled = torch.compile(model, backend="ascend", options={"codegen": "fx", "fusions": ["moe"], "graphs": False}, dynamic=False)
+    # torch.where(mask) has a data-dependent row count: without this Dynamo breaks the graph there
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        out = compiled(ids, use_cache=False).logits
+    assert ascend_graph.stats()["fusions"]["moe"] == moe_layers
+    assert ascend_graph.stats()["graphs_compiled"] == 1
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -1,7 +1,8 @@
 """MoE fusion: routers -> ``moe_gating_topk``, experts -> ``moe_dispatch_ffn_combine``.
 
-Entry point: :func:`make_pass` (family ``"moe"``), a :class:`MoEFusion` pass that runs two
-pattern tables (``passes/pattern.py`` rows) over the functional ATen graph:
+Entry point: :func:`make_pass` (family ``"moe"``), a :class:`MoEFusion` pass that runs these
+pattern tables (``passes/pattern.py`` rows) over the functional ATen graph, in the
+order 1, 3, 2, 4:
 
 1. **experts** (:func:`expert_fusions`, built per variant found in the graph): HF transformers' default experts forward
    (``grouped_mm_experts_forward``, what ``@use_experts_implementation`` picks unless the
@@ -18,25 +19,41 @@ pattern tables (``passes/pattern.py`` rows) over the functional ATen graph:
    renormalise with eps] -> routed scaling. ``top_k``, ``n_group``, ``topk_group`` and
    the scaling factor are pattern arguments (``scalar_workaround``): the matcher binds
    them from the graph and passes them to the replacement.
-
-Why not a loop over experts. HF's eager experts loop iterates over ``nonzero()`` of
-the routing (data-dependent): Dynamo breaks the graph there, so no loop ever reaches
-this pass as E unrolled copies. A model that loops ``for e in range(E)`` with
-``torch.where(mask)`` / ``index_add_`` has a data-dependent shape per expert, which the
-pattern matcher cannot express as one pattern of E copies, and matching one unit per
-expert would only replace E GEMM pairs by E opaque ops. Such graphs are left as they
-are (a negative test holds that). Matching the grouped form whole keeps every rewrite
-sound: each row is a complete, traced copy of the code it replaces, and the matcher
-re-checks every integer (expert count, top-k, intermediate size) against the shapes.
+3. **experts as a loop over experts** (:func:`loop_fusion`, :data:`LOOP_FORMS`): Dynamo
+   unrolls ``for e in range(E)``, so a row is the whole unrolled loop for one expert
+   count E and intermediate size I (built for the pairs of stacked ``w13 [E, 2I, H]`` /
+   ``w2 [E, H, I]`` a graph reads per expert), matched *exactly* (``Fusion.exact``):
+   copy ``e`` must read ``w13[e]``, ``w2[e]`` and expert ``e``'s routing, literally.
+   Forms: HF's one_hot mask + ``torch.where(mask[e])`` + ``index_add_``; Mixtral's
+   reference ``torch.where(ids == e)`` + ``index_add_``; and two nonzero-free dense
+   forms, ``acc + ffn_e(x) * (w * (ids == e)).sum(-1)`` (or ``torch.where(ids == e, w,
+   0)``). The accumulator must be zeros of x's shape and dtype.
+   What reaches this pass: the ``torch.where(mask)`` forms have data-dependent row
+   counts, so Dynamo breaks the graph at each ``nonzero`` (and, the break being inside
+   a loop, runs the whole frame eagerly) unless
+   ``torch._dynamo.config.capture_dynamic_output_shape_ops`` is set; with it they are one
+   graph, and the trivially true ``0 <= u <= numel`` asserts AOT adds on each row count
+   are dropped first (:func:`drop_nonzero_size_asserts`). The dense forms are one graph
+   either way. HF's own eager experts (``for expert_idx in expert_hit``, iterating a
+   ``nonzero()`` result) never are: iterating a tensor of data-dependent length breaks
+   the graph even with that flag, so it cannot reach any backend whole. Experts held as
+   a ``ModuleList`` of separate ``nn.Linear`` are not fused: the op takes stacked
+   weights, and stacking would copy every expert's weights on every call.
+4. **shared experts** (:func:`shared_fusions`), after the rows above: where the graph
+   adds a shared-expert MLP of the same input to a routed-only experts op (DeepSeek-V3's
+   plain ``routed + shared(x)`` on 3-D states; Qwen2-MoE / Qwen3-Next's ``routed +
+   sigmoid(x @ g.T) * shared(x)`` on 2-D ones), the MLP (and gate) move into the op.
 
 Counting: ``__call__`` returns the MoE layers fused: a layer whose experts and router
-both fuse counts once (``experts + max(0, routers - experts)``); both numbers are
-logged.
+both fuse counts once (``experts + max(0, routers - experts)``); folded shared experts
+belong to a layer already counted. All three numbers are logged.
 
 Invariants: the fused ops have output shapes that depend on input shapes only (one
 graph serves any routing); no row matches a graph whose values it would change: ids
 outside ``[0, E)`` are dropped by both the HF code and the op, and the replacement casts
-to the dtype the pattern produced (``promote(x, weights)``).
+to the dtype the pattern produced (``promote(x, weights)``). The dense loop forms run
+every expert on every token and multiply the unrouted ones by zero; the fused op skips
+them, so the two differ only where an unrouted expert's output is inf or NaN.
 """
 
 from __future__ import annotations
