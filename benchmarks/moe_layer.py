@@ -114,12 +114,15 @@ def sweep_candidates(t):
         yield dataclasses.replace(base, naive=nv, w13_n=bn, w13_k=bk, split_k=sp, w13_stages=stages)
 
 
-def w2_candidates(best):
+def w2_candidates(best, t):
     for bn, bk in itertools.product((32, 64, 128), (64, 128, 256)):
-        yield dataclasses.replace(best, w2_n=bn, w2_k=bk, w2_stages=3 if bn * bk >= 128 * 256 else 4)
+        yield dataclasses.replace(best, w2_n=bn, w2_k=bk, w2_stages=3 if bn * bk >= 128 * 256 else 4, token_combine=False)
+    if t == 1 and best.naive and best.split_k == 1:  # down projection + combine in one kernel
+        for bn, bk, st in itertools.product((8, 16, 32), (128, 256), (3, 4)):
+            yield dataclasses.replace(best, w2_n=bn, w2_k=bk, w2_stages=st, token_combine=True)
 
 
-def sweep(block, tokens, expert_bytes, bw) -> dict[int, moe_fused.MoeConfig]:
+def sweep(block, tokens, expert_bytes, bw, w2_only=False) -> dict[int, moe_fused.MoeConfig]:
     experts = block.experts
     w13, w2 = experts.gate_up_proj, experts.down_proj
     best_cfgs = {}
@@ -141,10 +144,10 @@ def sweep(block, tokens, expert_bytes, bw) -> dict[int, moe_fused.MoeConfig]:
             results.append((us, err, cfg))
             return us
 
-        for cfg in sweep_candidates(t):
+        for cfg in [moe_fused.config_for(t)] if w2_only else sweep_candidates(t):
             measure(cfg)
         best = min(results, key=lambda r: r[0])[2]
-        for cfg in w2_candidates(best):
+        for cfg in w2_candidates(best, t):
             measure(cfg)
         results.sort(key=lambda r: r[0])
         grouped = graph_time_us(lambda x, w, ids: moe_cuda.sorted_experts(x, w, ids, w13, w2, "silu", None), sets)
@@ -162,6 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256,512")
     parser.add_argument("--sweep", default="", help="token counts to sweep Triton configs at, e.g. 1,2,4,8,16,32,64")
+    parser.add_argument("--w2-only", action="store_true", help="sweep only the down-projection configs (w13 as configured)")
     parser.add_argument("--use-sweep", action="store_true", help="run the table with the swept configs (preview)")
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -172,7 +176,7 @@ def main() -> None:
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, measured copy bandwidth {bw / 1e9:.0f} GB/s")
     print(f"Triton path up to {moe_cuda.TRITON_MAX_TOKENS} tokens; {ROTATE} routings per graph\n", flush=True)
     if args.sweep:
-        best = sweep(block, [int(t) for t in args.sweep.split(",")], expert_bytes, bw)
+        best = sweep(block, [int(t) for t in args.sweep.split(",")], expert_bytes, bw, args.w2_only)
         if args.use_sweep:
             swept = tuple(sorted(best.items())) + ((1 << 62, moe_fused.CONFIGS[-1][1]),)
             moe_fused.CONFIGS = swept

@@ -185,6 +185,7 @@ _INTERPRET_SCRIPT = textwrap.dedent(
     e, h, i, k = 7, 48, 40, 3
     cases = [
         (torch.float32, 1, mf.MoeConfig(naive=True, w13_n=16, w13_k=32, w2_n=16, w2_k=16), "gelu"),
+        (torch.bfloat16, 1, mf.MoeConfig(naive=True, w13_n=16, w13_k=32, w2_n=8, w2_k=16, token_combine=True), "silu"),
         (torch.float32, 7, mf.MoeConfig(w13_n=16, w13_k=32, w2_n=32, w2_k=16), "silu"),
         (torch.bfloat16, 6, mf.MoeConfig(w13_n=16, w13_k=16, split_k=2, w2_n=16, w2_k=32), "gelu_tanh"),
     ]
@@ -194,12 +195,12 @@ _INTERPRET_SCRIPT = textwrap.dedent(
         ids = torch.randint(-1, e + 1, (t, k))
         ids[0, 0] = 1
         w = torch.rand(t, k)
-        mask = torch.arange(t) != t // 2 if t > 1 else None
+        mask = torch.arange(t) != t // 2 if t > 1 else torch.ones(1, dtype=torch.bool)
         out = mf.fused_experts(x, w, ids, w13, w2, act, mask, cfg)
         ref = moe.experts_reference(x.double(), w.double(), ids, w13.double(), w2.double(), act, mask)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < (1e-5 if dtype == torch.float32 else 1e-2), (dtype, t, err)
-        if mask is not None:
+        if t > 1:
             assert not out[t // 2].any()
 
     # gating: softmax + renorm, and DeepSeek-style sigmoid with bias and groups

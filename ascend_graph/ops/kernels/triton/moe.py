@@ -38,7 +38,7 @@ __all__ = ["dispatch_ffn_combine", "sorted_experts", "grouped_mm_supported", "TR
 
 #: largest token count sent to the Triton path when ``torch._grouped_mm`` is available
 #: (H100, Qwen3-30B-A3B shape: benchmarks/results/moe.md has the crossover measurement)
-TRITON_MAX_TOKENS = 64
+TRITON_MAX_TOKENS = 256
 
 log = logging.getLogger("ascend_graph.ops.kernels.triton.moe")
 

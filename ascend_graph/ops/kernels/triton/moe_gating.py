@@ -107,6 +107,6 @@ def gating_topk(
             float(routed_scaling_factor), float(eps),
             TOPK=top_k, E_P2=triton.next_power_of_2(e), SIGMOID=scoring == "sigmoid", HAS_BIAS=bias is not None,
             N_GROUP=n_group, NG_P2=triton.next_power_of_2(n_group), TOPK_GROUP=topk_group, RENORM=renormalize,
-            TOPK_P2=triton.next_power_of_2(top_k), num_warps=4,
+            TOPK_P2=triton.next_power_of_2(top_k), num_warps=1 if e <= 512 else 4,  # one warp: shuffle-only reductions
         )
     return w, ids
