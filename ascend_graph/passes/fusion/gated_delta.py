@@ -1,7 +1,8 @@
-"""Gated delta rule fusion: transformers' torch fallback -> ``ascend_graph.recurrent_gated_delta_rule``.
+"""Gated delta rule fusion: transformers' torch fallbacks -> ``ascend_graph``'s gated delta ops.
 
-Entry point: :func:`make_pass` (family ``"gated_delta_rule"``), one :class:`Fusion` row
-per shape of the subgraph, applied by ``passes/pattern.py``'s ``PatternPass``.
+Entry point: :func:`make_pass` (family ``"gated_delta_rule"``): a :class:`GatedDeltaPass`
+that applies the static decode row and the prefill rows it builds per graph, each through
+``passes/pattern.py``'s ``PatternPass``.
 
 What is matched (Qwen3-Next / Qwen3.5 in transformers, ``modeling_qwen3_next.py``):
 
@@ -19,22 +20,48 @@ What is matched (Qwen3-Next / Qwen3.5 in transformers, ``modeling_qwen3_next.py`
   not match), and the divisor is ``sqrt(K)`` (float constants are not part of the
   structural match).
 
-- **prefill** (``torch_chunk_gated_delta_rule``) is **not** matched. After Dynamo the
-  chunk loop is unrolled once per chunk, and the number of chunks is
-  ``ceil(seq_len / 64)`` of the traced shape: one pattern per chunk count would be
-  needed (each a full trace of the pattern, ~1 s per row) and a graph with more chunks
-  than the largest row would still not fuse; the zero-length pad for sequence lengths
-  that are multiples of 64 changes the structure again. The sound fix is upstream of
-  this pass: have the model call ``ascend_graph.ops.gated_delta.chunk_gated_delta_rule``
-  directly (vLLM-style integration), or register it as the transformers kernel for
-  ``chunk_gated_delta_rule``, so the whole call is one opaque op before tracing.
+- **prefill** (``torch_chunk_gated_delta_rule``, called on the prompt and on every
+  later multi-token step over a cached prefix): Dynamo unrolls its chunk loop once per
+  chunk of the traced length, so no fixed row can match it. The rows are built on demand
+  instead, one per *region signature*: the exact shape, stride and dtype of the six
+  inputs (which fix the chunk count, the pad, the casts and every view size) and whether
+  the final state is used. :class:`GatedDeltaPass` anchors on the region's WY solves
+  (``linalg_solve_triangular`` over ``[B, H, C, 64, 64]``), reads candidate signatures
+  off the graph's metadata (the ``[B, T, H, *]`` tensors transposed first, with
+  ``ceil(T / 64) == C``), and for each builds a row whose pattern is HF's own function
+  traced the way our pipeline traces a model (functionalized, inductor's decompositions,
+  on fake tensors, then our cleanup passes), memoised per signature. The match is exact:
+  every op, int and float of the traced region must agree (the scale ``K ** -0.5``, the
+  pad, the chunk size, the L2-norm eps); a candidate that does not is simply not fused.
+  The graph is put through inductor's ``remove_noop_ops`` first, the cleaning the
+  pattern matcher gives every pattern, so both sides are in one normal form (e.g. the
+  zero-length pad of a length that is a multiple of 64). The initial state binds to
+  whatever feeds HF's ``initial_state.to(fp32)`` (the cached state, or the zeros HF
+  makes when there is none). The replacement flattens the ``[B, T]`` batch to ``B``
+  sequences of ``T`` tokens with chunk metadata built from the static shape in the graph
+  (no host read) and returns the op's output and its state copy, which goes where HF's
+  ``last_recurrent_state`` went (the cache update). Cost: one trace of the unrolled
+  function per new signature (every layer of a model shares one), then one replacement
+  trace per layer.
+
+  Under dynamic shapes (``dynamic=True``, or Dynamo's automatic dynamic after a second
+  prompt length) the loop still reaches the backend unrolled: Dynamo guards on the chunk
+  count (``range(num_chunks)`` specialises it) and keeps the sequence length symbolic, so
+  each chunk count is its own graph (and Dynamo's recompile limit applies). Those
+  symbolic-length regions are not fused: their signature is not static, and the torch
+  fallback runs as traced (correct, unfused). Compile with ``dynamic=False`` (one graph
+  per length) to fuse them. The export-only branch (``is_torchdynamo_exporting()``: the
+  UT system inverted by a Python row loop instead of ``solve_triangular``) never reaches
+  a Dynamo backend and is not matched.
 
 Negative: a step without the decay (``state * exp(g)``) is another recurrence (plain
-delta rule) and does not match.
+delta rule) and does not match; neither does the chunked function without the q/k L2
+norm or with another chunk size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import threading
@@ -245,6 +272,11 @@ def _prefill_check(signature: _PrefillSignature):
 
 _rows: dict[tuple[_PrefillSignature, str], Fusion] = {}
 
+# A row built for one signature fixes every int of its pattern, so where pattern.py can
+# match a pattern exactly as traced (no generic match and re-trace at the graph's shapes,
+# which costs a full trace of the unrolled loop per layer), the prefill rows ask for it.
+_EXACT = {"exact": True} if "exact" in {f.name for f in dataclasses.fields(Fusion)} else {}
+
 
 def _prefill_row(sig: _PrefillSignature, device: torch.device) -> Fusion:
     key = (sig, str(device))
@@ -259,6 +291,7 @@ def _prefill_row(sig: _PrefillSignature, device: torch.device) -> Fusion:
         replacement=_prefill_replacement if sig.output_final_state else _prefill_replacement_no_state,
         example_inputs=lambda: [m.empty(device) for m in metas],
         extra_check=_prefill_check(sig),
+        **_EXACT,
     )
     with _traced_lock:
         return _rows.setdefault(key, row)
@@ -306,9 +339,11 @@ def _signatures(graph: torch.fx.Graph, ut: torch.fx.Node, solves: list[torch.fx.
     for T, by_dim in four.items():
         qk, vv, gb = by_dim.get(K, set()), by_dim.get(V, set()), three.get(T, set())
         state = _TensorMeta((B, H, K, V), (H * K * V, K * V, V, 1), torch.float32)
-        # g is float32 in every model that calls this fallback (HF computes it with .float()): try it first
-        gb_sorted = sorted(gb, key=lambda m: m.dtype != torch.float32)
-        for q, k, v, g, beta in itertools.product(sorted(qk, key=str), sorted(qk, key=str), sorted(vv, key=str), gb_sorted, gb_sorted):
+        combos = list(itertools.product(sorted(qk, key=str), sorted(qk, key=str), sorted(vv, key=str), sorted(gb, key=str), sorted(gb, key=str)))
+        # most plausible first (each try costs a trace): g in float32 (HF computes it with
+        # .float()), beta in the model dtype (v's), q and k alike
+        combos.sort(key=lambda c: (c[3].dtype != torch.float32) + (c[4].dtype != c[2].dtype) + (c[0] != c[1]))
+        for q, k, v, g, beta in combos:
             for out_state in (True, False):
                 out.append(_PrefillSignature(q, k, v, g, beta, state, out_state))
     return out[:_MAX_SIGNATURES]
