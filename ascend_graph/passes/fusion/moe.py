@@ -285,8 +285,11 @@ def _is_zeros_like(node: Any, like: torch.Tensor) -> bool:
         fill = 0
     else:
         return False
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
     val = node.meta.get("val")
-    return fill == 0 and val is not None and val.dtype == like.dtype and val.dim() == like.dim() and all(bool(a == b) for a, b in zip(val.shape, like.shape))
+    same_shape = val is not None and val.dim() == like.dim() and all(statically_known_true(a == b) for a, b in zip(val.shape, like.shape))
+    return fill == 0 and same_shape and val.dtype == like.dtype
 
 
 def _loop_check(match: Match) -> bool:
