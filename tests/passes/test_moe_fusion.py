@@ -321,3 +321,19 @@ def test_expert_loop_look_alikes_do_not_fuse(form, tmp_path):
     assert not _fused_experts_nodes(after)
     assert after.count("aten.mm.default(") == before.count("aten.mm.default(")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_loop_fuses_with_a_symbolic_batch(tmp_path):
+    # dynamic=True: the accumulator is full([s0, H]); one graph serves 13 and 17 tokens
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = _LoopMoE("dense_mul").eval()
+    options = {"codegen": "fx", "fusions": ["moe"], "graphs": False, "dump_dir": str(tmp_path)}
+    compiled = torch.compile(module, backend="ascend", options=options, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        for tokens in (13, 17):
+            x = torch.randn(tokens, _H)
+            torch.testing.assert_close(compiled(x), module(x), atol=1e-5, rtol=1e-5)
+    assert ascend_graph.stats()["graphs_compiled"] == 1
+    (after,) = tmp_path.glob("*moe_fusion.after.py")
+    assert len(_fused_experts_nodes(after.read_text())) == 1
