@@ -22,8 +22,8 @@ Inputs, by kind:
   mutates is copied back after the replay.
 
 FIA metadata: each ``cu_len`` input (``query_start_loc``) is planned with
-:func:`~ascend_graph.runtime.padding.plan_fia` against the token count (the batch
-input's batch dim): its padded tail is the plan's dummy requests, so ``T_pad ==
+:func:`~ascend_graph.runtime.padding.plan_fia` against the token count (the longest
+batch-dependent leading dim of the inputs): its padded tail is the plan's dummy requests, so ``T_pad ==
 cu_q[-1]`` holds at every bucket; a batch whose token count is ``q`` times its request
 count is a uniform decode batch and its dummies hold ``q`` tokens each. Plans are made
 (and their invariants checked) before the bucket is captured; the tail is written with
@@ -119,7 +119,7 @@ class BucketedRunner:
                 stream_budget=self.config.stream_budget if self.device.type == "npu" else None,
                 stream_cost=graph_stream_cost(0, piecewise=False),
             )
-            tokens = _token_dim(self.shapes, self.config)
+            tokens = _token_dim(self.shapes, self.roles)
             q = 1 + self.config.num_speculative_tokens
             if q > 1 and sympy.simplify(tokens / batch) == q:
                 self.plan = self.plan.in_units_of(q)  # token buckets -> request buckets
@@ -391,16 +391,18 @@ class BucketedRunner:
         return type(outs)(result) if isinstance(outs, tuple) else result
 
 
-def _token_dim(shapes: Any, config: Any) -> sympy.Expr:
-    """The batch input's batch dim (the token count in vLLM-style graphs): the input
-    ``capture/shapes.py`` takes the batch symbol from."""
-    if config.batch_input is None:
-        v = next(x for x in shapes.inputs if x.kind == "tensor")
-    elif isinstance(config.batch_input, int):
-        v = shapes.inputs[config.batch_input]
-    else:
-        v = next(x for x in shapes.inputs if x.name == config.batch_input)
-    return v.dims[config.batch_dim]
+def _token_dim(shapes: Any, roles: dict[int, str]) -> sympy.Expr:
+    """The token count: the longest batch-dependent leading dim of the copied inputs
+    (``query_start_loc``'s ``R + 1`` aside). In a uniform MTP batch input_ids is ``(1+k)*s``
+    and seq_lens ``s``; Dynamo may order either first, so the longest one is the tokens."""
+    batch = shapes.batch_symbol
+    dims = [shapes.inputs[i].dims[0] for i, role in roles.items() if role != "cu_len" and shapes.inputs[i].dims and batch in shapes.inputs[i].dims[0].free_symbols]
+    if not dims:
+        return batch
+    # compare at a large batch with every other symbol at 1: the steepest expression wins
+    at = {s: 1 for d in dims for s in d.free_symbols}
+    at[batch] = 1 << 20
+    return max(dims, key=lambda d: (int(d.subs(at)), str(d)))
 
 
 def make_runner(compiled: Callable[..., Any], ctx: Any) -> Callable[..., Any]:
