@@ -114,12 +114,9 @@ def sweep_candidates(t):
         yield dataclasses.replace(base, naive=nv, w13_n=bn, w13_k=bk, split_k=sp, w13_stages=stages)
 
 
-def w2_candidates(best, t):
+def w2_candidates(best):
     for bn, bk in itertools.product((32, 64, 128), (64, 128, 256)):
-        yield dataclasses.replace(best, w2_n=bn, w2_k=bk, w2_stages=3 if bn * bk >= 128 * 256 else 4, token_combine=False)
-    if t == 1 and best.naive and best.split_k == 1:  # down projection + combine in one kernel
-        for bn, bk, st in itertools.product((8, 16, 32), (128, 256), (3, 4)):
-            yield dataclasses.replace(best, w2_n=bn, w2_k=bk, w2_stages=st, token_combine=True)
+        yield dataclasses.replace(best, w2_n=bn, w2_k=bk, w2_stages=3 if bn * bk >= 128 * 256 else 4)
 
 
 def sweep(block, tokens, expert_bytes, bw, w2_only=False) -> dict[int, moe_fused.MoeConfig]:
@@ -147,7 +144,7 @@ def sweep(block, tokens, expert_bytes, bw, w2_only=False) -> dict[int, moe_fused
         for cfg in [moe_fused.config_for(t)] if w2_only else sweep_candidates(t):
             measure(cfg)
         best = min(results, key=lambda r: r[0])[2]
-        for cfg in w2_candidates(best, t):
+        for cfg in w2_candidates(best):
             measure(cfg)
         results.sort(key=lambda r: r[0])
         grouped = graph_time_us(lambda x, w, ids: moe_cuda.sorted_experts(x, w, ids, w13, w2, "silu", None), sets)

@@ -4,7 +4,7 @@ Entry point: :func:`fused_experts` (``moe_dispatch_ffn_combine``'s contract with
 experts; chosen by :func:`ascend_graph.ops.kernels.triton.moe.dispatch_ffn_combine`).
 On the CPU the kernels run under ``TRITON_INTERPRET=1`` (how the tests check them).
 
-Pipeline (four launches; at one token two or three):
+Pipeline (four launches, three at one token):
 
 1. ``_align_kernel`` (one program): the ``P = T*k`` (token, slot) pairs are grouped by
    expert into blocks of ``BM`` pair slots. ``sorted_pairs[MAX_BLOCKS*BM]`` lists the pair
@@ -24,8 +24,6 @@ Pipeline (four launches; at one token two or three):
    times the routing weight, into an fp32 per-pair buffer ``[P, H]``.
 4. ``_combine_kernel``: ``out[t] = sum_j y[t*k + j]`` in fp32 over the valid slots only
    (rows of invalid pairs are never written and never read), cast to ``x.dtype``.
-   At one token (``token_combine``) steps 3 and 4 are one kernel instead: each program
-   owns an N-tile of the output and runs the k experts' matrix-vector products in turn.
 
 The intermediate buffers are indexed by pair, not by sorted slot, so their size is
 ``P`` rows whatever the padding. Block sizes come from :data:`CONFIGS` (measured on an
@@ -63,9 +61,6 @@ class MoeConfig:
     w2_k: int = 128
     w2_warps: int = 4
     w2_stages: int = 4
-    #: one token, naive blocks, no split-K: the down projection sums the k experts in
-    #: registers and writes the output (no per-pair buffer, no combine launch)
-    token_combine: bool = False
 
 
 #: (max tokens, config) in increasing order; the last entry serves any larger count.
@@ -73,9 +68,11 @@ class MoeConfig:
 #: one program per pair (the align launch costs more than the rare shared expert), narrow
 #: gate/up tiles so ~400 programs stream weights; from 4 tokens wide 64x256 tiles; split-K
 #: over the hidden size never won (its zeroing and fp32 atomics cost more than the extra
-#: programs gave).
+#: programs gave), nor did folding the combine into a one-token down projection (one
+#: program per output tile walking the k experts in turn: too few bytes in flight, 89 us
+#: against 37 us). fp32 operands get smaller tiles (:func:`_fit_dtype`).
 CONFIGS: tuple[tuple[int, MoeConfig], ...] = (
-    (1, MoeConfig(naive=True, w13_n=32, w13_k=128, w2_n=16, w2_k=128, token_combine=True)),
+    (1, MoeConfig(naive=True, w13_n=32, w13_k=128, w2_n=64, w2_k=128)),
     (2, MoeConfig(naive=True, w13_n=32, w13_k=128, w2_n=128, w2_k=128)),
     (4, MoeConfig(w13_n=64, w13_k=256, w13_stages=3, w2_n=32, w2_k=128)),
     (8, MoeConfig(w13_n=64, w13_k=256, w13_stages=3, w2_n=64, w2_k=128)),
@@ -83,6 +80,18 @@ CONFIGS: tuple[tuple[int, MoeConfig], ...] = (
     (64, MoeConfig(block_m=64, w13_n=64, w13_k=128, w2_n=128, w2_k=128)),
     (1 << 62, MoeConfig(block_m=64, w13_n=64, w13_k=64, w13_stages=3, w2_n=64, w2_k=64, w2_stages=3)),
 )
+
+
+def _fit_dtype(cfg: MoeConfig, dtype: torch.dtype) -> MoeConfig:
+    """The configs are tuned for 2-byte operands; 4-byte ones get tiles whose pipelined
+    shared-memory buffers still fit (a 64x256 gate+up tile in fp32 needs ~440 KB)."""
+    if dtype.itemsize <= 2:
+        return cfg
+    return dataclasses.replace(
+        cfg,
+        w13_n=min(cfg.w13_n, 32), w13_k=min(cfg.w13_k, 64), w13_stages=min(cfg.w13_stages, 3),
+        w2_n=min(cfg.w2_n, 64), w2_k=min(cfg.w2_k, 64), w2_stages=min(cfg.w2_stages, 3),
+    )
 
 
 def config_for(tokens: int) -> MoeConfig:
@@ -291,33 +300,6 @@ def _w2_kernel(
 
 
 @triton.jit
-def _w2_token_kernel(
-    a_ptr, w_ptr, out_ptr, tw_ptr, ids_ptr, mask_ptr,
-    E, N,
-    stride_ap, stride_we, stride_wn, stride_wk, stride_oh, stride_tk, stride_ik,
-    TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KD: tl.constexpr, NK: tl.constexpr, HAS_MASK: tl.constexpr,
-):
-    # One token: per N-tile, loop over its top-k experts as matrix-vector products and sum
-    # the weighted results in registers, so the combine is this kernel's epilogue.
-    n = tl.program_id(0) * BN + tl.arange(0, BN)
-    nmask = n < N
-    kk = tl.arange(0, BK)
-    acc = tl.zeros([BN], dtype=tl.float32)
-    for it in range(TOPK * NK):
-        j = it // NK
-        k = (it % NK) * BK + kk
-        kin = k < KD
-        e = _pair_expert(ids_ptr, mask_ptr, j, TOPK, E, 0, stride_ik, TOPK, HAS_MASK)
-        ok = e < E
-        wj = tl.load(tw_ptr + j * stride_tk).to(tl.float32)
-        a = tl.load(a_ptr + j * stride_ap + k, mask=kin & ok, other=0.0).to(tl.float32) * wj
-        w = tl.load(w_ptr + tl.minimum(e, E - 1).to(tl.int64) * stride_we + n[:, None] * stride_wn + k[None, :] * stride_wk,
-                    mask=nmask[:, None] & kin[None, :] & ok, other=0.0)
-        acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
-    tl.store(out_ptr + n * stride_oh, acc.to(out_ptr.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
 def _combine_kernel(
     y_ptr, out_ptr, ids_ptr, mask_ptr, E, H,
     stride_yp, stride_ot, stride_oh, stride_it, stride_ik,
@@ -387,7 +369,7 @@ def fused_experts(
     e, k = w13.shape[0], topk_ids.shape[1]
     inter = w2.shape[2]
     p = t * k
-    cfg = config or config_for(t)
+    cfg = _fit_dtype(config or config_for(t), x.dtype)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if p == 0:
         return out
@@ -414,14 +396,6 @@ def fused_experts(
         BN=cfg.w13_n, BK=cfg.w13_k, SPLIT_K=split, K_PER=triton.cdiv(triton.cdiv(h, split), cfg.w13_k) * cfg.w13_k, EVEN_K=h % (cfg.w13_k * split) == 0,
         num_warps=cfg.w13_warps, num_stages=cfg.w13_stages, **common,
     )
-    if cfg.token_combine and cfg.naive and t == 1 and split == 1:
-        _w2_token_kernel[(triton.cdiv(h, cfg.w2_n),)](
-            hidden, w2, out, topk_weights, topk_ids, mask,
-            e, h,
-            hidden.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(1), topk_weights.stride(1), topk_ids.stride(1),
-            TOPK=k, BN=cfg.w2_n, BK=cfg.w2_k, KD=inter, NK=triton.cdiv(inter, cfg.w2_k), HAS_MASK=has_mask, num_warps=cfg.w2_warps, num_stages=cfg.w2_stages,
-        )
-        return out
     y = torch.empty(p, h, dtype=torch.float32, device=x.device)
     _w2_kernel[(n_blocks, triton.cdiv(h, cfg.w2_n))](
         hidden, w2, y, topk_weights, sorted_pairs, block_expert, topk_ids, mask,
