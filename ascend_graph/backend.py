@@ -9,7 +9,10 @@ has graph breaks):
 2. inputs checked: devices cpu/cuda/npu, no complex or quantized dtypes;
 3. shape analysis (``capture/shapes.py``) on the Dynamo graph: the batch symbol;
 4. AOT trace to functional ATen (``capture/trace.py``); inside, the pass manager runs
-   and the code generator (inductor, or the FX graph as is) compiles the result;
+   and the code generator (inductor, or the FX graph as is) compiles the result. With
+   ``cache_dir``, the graph cache wraps this step (``cache/__init__.py``): on a verified
+   hit with inductor codegen the compiled graph is loaded and steps 4's trace, passes
+   and codegen do not run (Dynamo's trace, steps 1-3 and 5 always do);
 5. the runtime (``runtime/runner.py``) wraps it: buckets, padding, device graphs.
 
 Inference only: the trace runs under ``no_grad`` and outputs never require grad.
@@ -85,6 +88,10 @@ class CompileContext:
         self.graph_id = graph_id
         self.pass_manager: PassManager | None = None
         self.pass_counts: dict[str, int] = {}
+        #: per pass run: name, family, rewrites, seconds (PassManager.last_records)
+        self.pass_records: list[dict[str, Any]] = []
+        #: set by the forward compiler; None after a graph-cache hit loaded the compiled
+        #: graph until the cache restores it (with the fields above) from the manifest
         self.post_pass_code: str | None = None
         self.mutated_inputs: frozenset[int] = frozenset()
         self.codegen: str = resolve_codegen(config, device)
@@ -168,14 +175,26 @@ def compile_graph(
     def fw_compiler(aten_gm: torch.fx.GraphModule, aten_inputs: Sequence[Any]) -> Callable[..., Any]:
         ctx.mutated_inputs = mutated_inputs(aten_gm, offset=n_lifted)
         ctx.pass_counts = ctx.pass_manager(aten_gm, ctx.graph_id)
+        ctx.pass_records = list(ctx.pass_manager.last_records)
         ctx.post_pass_code = aten_gm.code
         return _codegen(ctx, aten_gm, aten_inputs)
+
+    def build(aot_cache_tag: str | None = None) -> Callable[..., Any]:
+        # With a tag (inductor codegen, graph cache on), AOTAutograd may save the result
+        # to, or load it from, its own cache under that tag: see cache/aot.py. A load
+        # never calls fw_compiler; the graph cache then restores ctx from its manifest.
+        if aot_cache_tag is None:
+            return aot_trace(gm, example_inputs, fw_compiler)
+        from .cache.aot import keyed, serializable
+
+        with keyed(aot_cache_tag):
+            return aot_trace(gm, example_inputs, serializable(fw_compiler))
 
     # --- cache hook (owned by ascend_graph/cache) ---
     if config.cache_dir:
         from .cache import compile_with_cache
 
-        compiled = compile_with_cache(gm, example_inputs, ctx, lambda: aot_trace(gm, example_inputs, fw_compiler))
+        compiled = compile_with_cache(gm, example_inputs, ctx, build)
     else:
         compiled = aot_trace(gm, example_inputs, fw_compiler)
     # --- end cache hook ---

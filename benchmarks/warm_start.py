@@ -18,7 +18,16 @@ then times ``torch.compile(..., backend="ascend", options={"cache_dir": ..., "bu
 spent capturing device graphs (``ascend_graph.stats()["capture_seconds"]``) is
 reported apart: graphs are never cached (they hold device addresses), so the target
 (warm <= 20% of cold) is on the compile part, ``ready - capture``. Python start-up and
-imports are outside both numbers and reported on their own.
+imports (torch, the model's library, and the modules the first compile would import
+lazily: Dynamo, inductor, our backend and fusion passes) are outside both numbers and
+reported on their own; the ratio with them is printed too.
+
+The compile part is split: Dynamo's own trace (``_compile.compile_inner`` minus the
+backend call, from ``torch._dynamo.utils.compilation_time_metrics``), our backend
+(cache key, artifact hot-load, the build or the load, runtime set-up), pass time, and
+the rest (each bucket's first eager run). Each child also runs the model once more
+after the buckets, and the parent checks that the warm run's outputs equal the cold
+run's.
 """
 
 from __future__ import annotations
@@ -35,6 +44,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _import_compiler() -> None:
+    """Import what the first compile would import lazily (Dynamo, inductor, our passes).
+
+    Both runs pay this once per process; it is start-up, not compilation, so it is
+    timed apart ("imports") and the compile part starts with everything imported.
+    """
+    import importlib
+
+    import torch._dynamo  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401
+
+    import ascend_graph.backend  # noqa: F401
+    import ascend_graph.integrations.vllm  # noqa: F401
+    from ascend_graph.passes.manager import FAMILY_MODULES
+
+    for name in FAMILY_MODULES.values():
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError:
+            pass
+
+
 def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     sys.path.insert(0, str(ROOT))
@@ -44,13 +75,14 @@ def child(args: argparse.Namespace) -> None:
     import ascend_graph.cache as cache
     from examples import qwen3_factory
 
+    _import_compiler()
     imports = time.perf_counter() - t0
     device = torch.device(args.device)
     model, inputs = getattr(qwen3_factory, args.model)()
     model = model.to(device)
     ids = inputs["input_ids"].to(device)
     buckets = [int(b) for b in args.buckets.split(",")]
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import compilation_time_metrics, counters
 
     start = time.perf_counter()
     compiled = torch.compile(model, backend="ascend", options={"cache_dir": args.cache_dir, "buckets": buckets})
@@ -58,22 +90,39 @@ def child(args: argparse.Namespace) -> None:
     with cache.record_events() as events, torch.no_grad():
         for b in buckets:
             t = time.perf_counter()
-            compiled(input_ids=ids.repeat(b, 1), use_cache=False)
+            out = compiled(input_ids=ids.repeat(b, 1), use_cache=False)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             per_bucket[b] = round(time.perf_counter() - t, 3)
     ready = time.perf_counter() - start
     stats = ascend_graph.stats()
     capture = float(stats.get("capture_seconds", 0.0))
+    dynamo = sum(compilation_time_metrics.get("_compile.compile_inner", []))
+    backend = sum(compilation_time_metrics.get("OutputGraph.call_user_compiler", []))
+    with torch.no_grad():
+        check = compiled(input_ids=ids, use_cache=False).logits.float()
     print(json.dumps({
         "imports": imports,
         "ready": ready,
         "capture": capture,
         "compile": ready - capture,
+        # split of the compile part: Dynamo's own trace (its compile minus the backend
+        # call), our backend (key, cache load or build, runtime set-up), what the cache
+        # reported (artifact hot-load; load-or-build), pass time, and the rest (the
+        # first eager call of each bucket, padding, Python overhead)
+        "dynamo_trace": dynamo - backend,
+        "backend": backend,
+        "cache_load": sum(e.load_seconds for e in events),
+        "cache_build_or_load": sum(e.compile_seconds for e in events),
+        "passes": sum(p["seconds"] for p in stats["passes"].values()),
+        "other": ready - capture - dynamo,
         "per_bucket": per_bucket,
-        "events": [(e.status, list(e.changed)) for e in events],
-        "load_seconds": sum(e.load_seconds for e in events),
+        "events": [(e.status, list(e.changed) or e.detail) for e in events],
+        "fusions": {k: v for k, v in stats["fusions"].items() if v},
         "inductor": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")},
+        "aot_autograd": {k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_cache")},
+        "logits_sum": float(check.sum().item()),
+        "logits": check.flatten()[:64].tolist(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
     }))
 
@@ -108,16 +157,23 @@ def main() -> None:
         cold = run_child(common, work, "cold")
         warm = run_child(common, work, "warm")
     ratio = warm["compile"] / cold["compile"]
+    same = warm["logits"] == cold["logits"]
     if args.json:
-        print(json.dumps({"cold": cold, "warm": warm, "ratio": ratio}, indent=1))
+        print(json.dumps({"cold": cold, "warm": warm, "ratio": ratio, "same_logits": same}, indent=1))
         return
     print(f"model {args.model} on {cold['device']}, buckets {args.buckets}")
-    print("| run | compile-to-ready (s) | device-graph capture (s) | compile part (s) | cache load (s) | imports (s) | per bucket (s) | cache events | inductor FX cache |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| run | compile-to-ready (s) | device-graph capture (s) | compile part (s) | Dynamo trace (s) | backend (s) | cache hot-load (s) | build or load (s) | passes (s) | other (s) | imports (s) | per bucket (s) | cache events | AOTAutograd cache | inductor FX cache |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in (("cold", cold), ("warm", warm)):
-        print(f"| {name} | {r['ready']:.2f} | {r['capture']:.2f} | {r['compile']:.2f} | {r['load_seconds']:.2f} | {r['imports']:.2f} | {r['per_bucket']} | {r['events']} | {r['inductor']} |")
+        print(
+            f"| {name} | {r['ready']:.2f} | {r['capture']:.2f} | {r['compile']:.2f} | {r['dynamo_trace']:.2f} | {r['backend']:.2f} | {r['cache_load']:.2f} | "
+            f"{r['cache_build_or_load']:.2f} | {r['passes']:.2f} | {r['other']:.2f} | {r['imports']:.2f} | {r['per_bucket']} | {r['events']} | {r['aot_autograd']} | {r['inductor']} |"
+        )
     verdict = "meets" if ratio <= 0.20 else "misses"
     print(f"\nwarm / cold (compile part): {ratio:.1%} ({verdict} the <= 20% target)")
+    with_imports = (warm["compile"] + warm["imports"]) / (cold["compile"] + cold["imports"])
+    print(f"warm / cold (compile part + imports): {with_imports:.1%}")
+    print(f"outputs of the warm run equal the cold run's: {same} (logits sum {cold['logits_sum']:.6g} / {warm['logits_sum']:.6g})")
 
 
 if __name__ == "__main__":

@@ -8,23 +8,36 @@ build``). For one Dynamo graph it:
    shapes, torch / triton / torch_npu / CANN / Python versions, device);
 2. under the shared lock, reads and verifies the entry of that key (``store.py``);
 3. on a hit: restores the entry's compiled C++ kernels and hot-loads its torch
-   artifacts into torch's local caches, *then* runs the build, so AOT tracing and our
-   passes run as usual and inductor finds every FX graph and kernel already compiled;
-   the post-pass graph is compared with the stored one;
+   artifacts into torch's local caches, then
+   - inductor codegen (entries with an ``aot_cache_tag``): *loads* the compiled graph
+     through AOTAutograd's cache under the entry's tag (``aot.py``). The AOT trace, our
+     passes and inductor do not run; what they would have told the runtime and
+     ``stats()`` comes from the manifest: the mutated inputs, the post-pass graph code
+     and each pass's rewrite count (restored into ``stats()`` with 0 s of pass time,
+     see ``PassManager.restore``);
+   - otherwise (FX codegen, torchair, an entry without a tag, or torch declining to
+     load): runs the build, which finds every FX graph and kernel already compiled,
+     and compares the post-pass graph with the stored one;
 4. on a miss: logs which key factor differs from the closest entry of the same graph
-   (WARNING when there is one: passes, config, graph, versions, device), builds while
-   recording torch's artifacts and the kernels the build loaded, and writes the entry
-   atomically under the exclusive lock;
+   (WARNING when there is one: passes, config, graph, versions, device), builds (under a
+   new AOTAutograd tag for inductor codegen) while recording torch's artifacts and the
+   kernels the build loaded, and writes the entry atomically under the exclusive lock;
 5. a corrupt or truncated entry (a checksum fails) is logged, never read further, and
    replaced by the rebuild.
 
-Invariants: the cache only ever *accelerates* the build; the build always runs, so a
-hit cannot change what the compiled function computes. Without ``strict`` a cache
-problem (miss, corrupt entry, lock timeout, unreadable directory) never fails a compile:
-it is logged and the graph is built. With ``strict`` (``options["cache_strict"]`` once
-AscendConfig has that field, or the ``strict`` argument) anything but a verified hit is
-a :class:`~ascend_graph.errors.CacheError` with expected and got. Device graphs are never
-cached: the runtime captures them at startup (they hold device addresses).
+Invariants: a hit either loads exactly what the build that wrote the entry compiled
+(its inductor FX graph and kernels, the runtime wrappers AOTAutograd saved for it) or
+runs the build; it never mixes a stored graph with new metadata. The load is keyed
+twice: by our key (which names the entry) and by AOTAutograd's own key of the Dynamo
+graph and torch's configs, which carries our key in its tag. Without ``strict`` a
+cache problem (miss, corrupt entry, lock timeout, unreadable directory) never fails a
+compile: it is logged and the graph is built. With ``strict`` (``options["cache_strict"]``
+once AscendConfig has that field, or the ``strict`` argument) anything but a verified
+hit is a :class:`~ascend_graph.errors.CacheError` with expected and got. Device graphs
+are never cached: the runtime captures them at startup (they hold device addresses).
+
+``build`` is the backend's build step: ``build(aot_cache_tag)`` traces and compiles;
+with a tag it lets AOTAutograd save to / load from its cache under that tag.
 """
 
 from __future__ import annotations
@@ -41,10 +54,12 @@ import torch.fx
 
 from .. import _stats
 from ..errors import CacheError
+from . import aot
 from .key import ENVIRONMENT_FACTORS, KEY_FACTORS, CacheKey, compute_key, environment_factors
 from .store import (
     TORCH_ARTIFACTS,
     CacheStore,
+    Entry,
     EntrySummary,
     KernelRecorder,
     TorchArtifactRecorder,
@@ -72,7 +87,12 @@ POST_PASS_FILE = "post_pass.py"
 
 @dataclass
 class CacheEvent:
-    """What happened to one graph: ``status`` is hit, miss, corrupt, mismatch or error."""
+    """What happened to one graph: ``status`` is hit, miss, corrupt, mismatch or error.
+
+    On a hit ``detail`` says how: ``loaded`` (the compiled graph came from the entry;
+    nothing was traced or compiled) or ``built`` (the build ran with the entry's
+    artifacts hot-loaded).
+    """
 
     graph_id: str
     digest: str
@@ -141,7 +161,7 @@ def compile_with_cache(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
     ctx: Any,
-    build: Callable[[], Callable[..., Any]],
+    build: Callable[[str | None], Callable[..., Any]],
     *,
     strict: bool | None = None,
 ) -> Callable[..., Any]:
@@ -161,7 +181,7 @@ def compile_with_cache(
             raise e if isinstance(e, CacheError) else CacheError("graph cache is unreadable", expected=f"a readable cache at {store.root}", got=str(e)) from e
         log.warning("graph cache %s is unusable (%s); compiling %s without it", store.root, e, ctx.graph_id)
         _emit(CacheEvent(ctx.graph_id, digest, "error", detail=str(e)))
-        return build()
+        return build(None)
 
     if entry is not None:
         start = time.perf_counter()
@@ -176,17 +196,31 @@ def compile_with_cache(
         else:
             load_seconds = time.perf_counter() - start
             log.info("graph cache hit for %s (%s): %d kernels restored, torch artifacts %s, in %.2f s", ctx.graph_id, digest[:12], restored, counts, load_seconds)
-            compiled, artifacts, kernels, seconds = _build(build)
+            tag = _load_tag(entry, ctx)
+            compiled, artifacts, kernels, seconds, aot_counts = _run(build, tag)
+            if ctx.post_pass_code is None:
+                # AOTAutograd loaded the compiled graph: nothing was traced or compiled.
+                _restore(ctx, entry)
+                log.info("graph cache loaded %s (%s) without tracing or compiling in %.2f s", ctx.graph_id, digest[:12], seconds)
+                _emit(CacheEvent(ctx.graph_id, digest, "hit", compile_seconds=seconds, load_seconds=load_seconds, detail="loaded"))
+                return compiled
+            if tag is not None:
+                log.info(
+                    "graph cache hit for %s (%s) was rebuilt: torch's AOTAutograd cache did not load it (%s; TORCH_LOGS=+aot says why)",
+                    ctx.graph_id, digest[:12], aot_counts.describe(),
+                )
             cached_code = entry.text(POST_PASS_FILE)
-            if ctx.post_pass_code is not None and cached_code is not None and ctx.post_pass_code != cached_code:
+            if cached_code is not None and ctx.post_pass_code != cached_code:
                 # The key matched but our passes produced another graph: some input of
                 # the passes is missing from the key. Correctness is unaffected (we built
-                # it); record it so the gap gets found, and keep the entry current.
+                # it); record it so the gap gets found, and keep the entry current. It is
+                # written without a tag: until the key is fixed, its hits rebuild and
+                # compare rather than load.
                 log.warning("graph cache entry %s matched %s but the post-pass graph differs from the stored one; the cache key misses a factor; entry rewritten", digest[:12], ctx.graph_id)
-                _save(store, key, gm, ctx, artifacts, kernels, seconds, replace=True)
+                _save(store, key, gm, ctx, artifacts, kernels, seconds, None, replace=True)
                 _emit(CacheEvent(ctx.graph_id, digest, "mismatch", compile_seconds=seconds, load_seconds=load_seconds))
             else:
-                _emit(CacheEvent(ctx.graph_id, digest, "hit", compile_seconds=seconds, load_seconds=load_seconds))
+                _emit(CacheEvent(ctx.graph_id, digest, "hit", compile_seconds=seconds, load_seconds=load_seconds, detail="built"))
             return compiled
 
     if problems:
@@ -216,19 +250,76 @@ def compile_with_cache(
             log.warning("graph cache miss for %s: entry %s was built with a different %s; rebuilding", ctx.graph_id, closest.digest[:12], detail)
         status = "miss"
 
-    compiled, artifacts, kernels, seconds = _build(build)
+    compiled, artifacts, kernels, seconds, tag = _build(build, ctx, digest)
     # replace: an entry whose checksums hold but that torch could not read must go too.
-    _save(store, key, gm, ctx, artifacts, kernels, seconds, replace=bool(problems))
+    _save(store, key, gm, ctx, artifacts, kernels, seconds, tag, replace=bool(problems))
     _emit(CacheEvent(ctx.graph_id, digest, status, changed=changed, compile_seconds=seconds, detail=detail))
     return compiled
 
 
-def _build(build: Callable[[], Callable[..., Any]]) -> tuple[Callable[..., Any], TorchArtifactRecorder, dict[str, bytes], float]:
+def _aot_reason(ctx: Any) -> str | None:
+    """Why a build or hit of this graph cannot go through AOTAutograd's cache (None: it can)."""
+    if ctx.codegen != "inductor":
+        return f"codegen {ctx.codegen!r} does not produce inductor output code"
+    return aot.supported()
+
+
+def _load_tag(entry: Entry, ctx: Any) -> str | None:
+    """The AOTAutograd tag to load ``entry`` with, or None to rebuild it (see the module docstring)."""
+    m = entry.manifest
+    tag = m.get("aot_cache_tag")
+    if not tag:
+        return None
+    if any(k not in m for k in ("mutated_inputs", "pass_records")) or entry.text(POST_PASS_FILE) is None:
+        return None
+    reason = _aot_reason(ctx)
+    if reason is not None:
+        log.info("graph cache hit for %s is rebuilt, not loaded: %s", ctx.graph_id, reason)
+        return None
+    return str(tag)
+
+
+def _restore(ctx: Any, entry: Entry) -> None:
+    """Fill ``ctx`` with what the build reported (the forward compiler did not run)."""
+    m = entry.manifest
+    ctx.mutated_inputs = frozenset(int(i) for i in m["mutated_inputs"])
+    ctx.post_pass_code = entry.text(POST_PASS_FILE)
+    records = [dict(r) for r in m["pass_records"]]
+    ctx.pass_records = records
+    if ctx.pass_manager is not None:
+        ctx.pass_counts = ctx.pass_manager.restore(records)
+    else:
+        ctx.pass_counts = {}
+        for r in records:
+            ctx.pass_counts[r["name"]] = ctx.pass_counts.get(r["name"], 0) + int(r["rewrites"])
+
+
+def _run(build: Callable[[str | None], Callable[..., Any]], tag: str | None) -> tuple[Callable[..., Any], TorchArtifactRecorder, dict[str, bytes], float, aot.AOTCounters]:
+    """``build(tag)``, recording torch's artifacts, the kernels it used and what AOTAutograd's cache did."""
     start = time.perf_counter()
     artifacts = TorchArtifactRecorder()
-    with artifacts.record(), KernelRecorder() as kernels_recorder:
-        compiled = build()
-    return compiled, artifacts, kernels_recorder.collect(), time.perf_counter() - start
+    with artifacts.record(), KernelRecorder() as kernels_recorder, aot.AOTCounters.during() as aot_counts:
+        compiled = build(tag)
+    seconds = time.perf_counter() - start
+    return compiled, artifacts, kernels_recorder.collect(), seconds, aot_counts
+
+
+def _build(build: Callable[[str | None], Callable[..., Any]], ctx: Any, digest: str) -> tuple[Callable[..., Any], TorchArtifactRecorder, dict[str, bytes], float, str | None]:
+    """Build under a new AOTAutograd tag (inductor codegen); returns the tag the entry loads with.
+
+    The tag is kept only when AOTAutograd saved an entry under it and the build ran our
+    forward compiler (the manifest needs what it reported); otherwise hits of this
+    entry rebuild.
+    """
+    reason = _aot_reason(ctx)
+    tag = aot.new_tag(digest) if reason is None else None
+    compiled, artifacts, kernels, seconds, aot_counts = _run(build, tag)
+    if tag is not None and not (aot_counts.saved and artifacts.counts.get("aot_autograd") and ctx.post_pass_code is not None):
+        log.info("graph cache entry for %s will be rebuilt on a hit, not loaded: torch's AOTAutograd cache did not save it (%s)", ctx.graph_id, aot_counts.describe())
+        tag = None
+    elif reason is not None:
+        log.debug("graph cache entry for %s will be rebuilt on a hit: %s", ctx.graph_id, reason)
+    return compiled, artifacts, kernels, seconds, tag
 
 
 def _save(
@@ -239,6 +330,7 @@ def _save(
     artifacts: TorchArtifactRecorder,
     kernels: dict[str, bytes],
     build_seconds: float,
+    aot_cache_tag: str | None,
     *,
     replace: bool = False,
 ) -> None:
@@ -264,7 +356,11 @@ def _save(
         "timings": {"build_seconds": round(build_seconds, 3)},
         "torch_artifacts": artifacts.counts,
         "kernels": len(kernels),
+        "mutated_inputs": sorted(ctx.mutated_inputs),
+        "pass_records": list(getattr(ctx, "pass_records", [])),
     }
+    if aot_cache_tag is not None:
+        manifest["aot_cache_tag"] = aot_cache_tag
     start = time.perf_counter()
     try:
         with store.lock(exclusive=True):

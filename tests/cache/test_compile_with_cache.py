@@ -131,7 +131,7 @@ def _strict_backend(tmp_path):
             ctx.post_pass_code = aten_gm.code
             return make_boxed_func(aten_gm.forward)
 
-        return cache.compile_with_cache(gm, example_inputs, ctx, lambda: aot_trace(gm, example_inputs, fw), strict=True)
+        return cache.compile_with_cache(gm, example_inputs, ctx, lambda tag: aot_trace(gm, example_inputs, fw), strict=True)
 
     return backend
 

@@ -57,6 +57,29 @@ def test_counts_go_to_stats_by_family():
     assert st["passes"]["c"]["rewrites"] == 1 and st["passes"]["c"]["seconds"] >= 0
 
 
+def test_restore_counts_a_stored_run_without_running_it():
+    """A graph-cache hit that loads the compiled graph restores the build's rewrite counts."""
+    log = []
+    passes = [CountingPass("a", log, family="attention", n=2), CountingPass("b", log, family="padding", n=3), CountingPass("c", log)]
+    pm = PassManager(passes)
+    pm(graph())
+    records = pm.last_records
+    assert [(r["name"], r["family"], r["rewrites"]) for r in records] == [("a", "attention", 2), ("b", "padding", 3), ("c", None, 1)]
+    assert all(r["seconds"] >= 0 for r in records)
+    built = ascend_graph.stats()
+
+    ascend_graph.reset_stats()
+    log.clear()
+    fresh = PassManager(passes)
+    assert fresh.restore(records) == {"a": 2, "b": 3, "c": 1}
+    assert log == []  # nothing ran
+    st = ascend_graph.stats()
+    assert st["fusions"] == built["fusions"]
+    assert st["padding"]["rewrites"] == 3
+    assert st["passes"]["a"] == {"rewrites": 2, "seconds": 0.0, "runs": 1}
+    assert fresh.last_counts == {"a": 2, "b": 3, "c": 1}
+
+
 def test_cleanup_rewrites_and_keeps_outputs():
     gm = graph()
     x = torch.randn(3, 4)
