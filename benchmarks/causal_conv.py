@@ -18,6 +18,7 @@ import triton
 from ascend_graph.ops.kernels.triton import causal_conv as tk
 
 C, K, DT = 8192, 4, torch.bfloat16
+COLD_COPIES = 24  # 24 x 8.4 MB at B = 64: over twice the H100's 50 MB L2
 dev = "cuda"
 
 
@@ -53,17 +54,30 @@ def main() -> None:
     inductor_update = torch.compile(torch_update)
     inductor_prefill = torch.compile(torch_prefill, dynamic=False)
 
-    print("## decode: causal_conv1d_update, state [B, C, S], x [B, C, 1], silu\n")
-    print("| B | S | fused us (eager) | fused us (graph) | fused %HBM (graph) | torch us | inductor us | best block_c |")
-    print("|---|---|---|---|---|---|---|---|")
-    for S in (K - 1, K):
+    print("## decode: causal_conv1d_update, x [B, C, 1], silu\n")
+    print("State layouts: `hf` = [B, C, K] contiguous (transformers' Qwen3-Next cache);")
+    print("`vllm` = [B, C, K-1] as the transposed view of a [B, K-1, C] buffer (vLLM v1's mamba")
+    print("conv state: channels contiguous); `cfirst` = [B, C, K-1] contiguous.")
+    print("`graph` replays the kernel in a CUDA graph on one state (it stays in L2 between")
+    print("replays); `graph, cold` replays it over %d state/x copies in turn (more bytes than L2" % COLD_COPIES)
+    print("holds), which is what a layer of a real decode step sees.\n")
+    print("| layout | B | fused us (eager) | fused us (graph) | %HBM (graph) | fused us (graph, cold) | %HBM (cold) | torch us | inductor us | best block_c |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for layout in ("hf", "vllm", "cfirst"):
+        S = K if layout == "hf" else K - 1
         for B in (1, 16, 64, 256):
-            x = torch.randn(B, 1, C, device=dev, dtype=DT).transpose(1, 2)  # HF's transposed view
-            state = torch.randn(B, C, S, device=dev, dtype=DT)
+            def make(copies: int):
+                xs = [torch.randn(B, 1, C, device=dev, dtype=DT).transpose(1, 2) for _ in range(copies)]  # HF's transposed view
+                if layout == "vllm":
+                    sts = [torch.randn(B, S, C, device=dev, dtype=DT).transpose(1, 2) for _ in range(copies)]
+                else:
+                    sts = [torch.randn(B, C, S, device=dev, dtype=DT) for _ in range(copies)]
+                return xs, sts
+            (x,), (state,) = make(1)
             nbytes = (2 * B * C + 2 * B * C * S + C * K) * 2
             best = None
             for block in (128, 256, 512, 1024):
-                for warps in (2, 4, 8):
+                for warps in (1, 2, 4, 8):
                     if block // (32 * warps) < 1:
                         continue
                     t = bench(lambda: tk.causal_conv1d_update(x, state, w, None, None, None, "silu", block_c=block, num_warps=warps), True)
@@ -71,10 +85,14 @@ def main() -> None:
                         best = (t, block, warps)
             t_graph, block, warps = best
             t_eager = bench(lambda: tk.causal_conv1d_update(x, state, w, None, None, None, "silu", block_c=block, num_warps=warps), False)
+            xs, sts = make(COLD_COPIES)
+            t_cold = bench(lambda: [tk.causal_conv1d_update(xi, si, w, None, None, None, "silu", block_c=block, num_warps=warps) for xi, si in zip(xs, sts)], True) / COLD_COPIES
+            del xs, sts
             t_torch = bench(lambda: torch_update(x, state, w), True)
             t_ind = bench(lambda: inductor_update(x, state, w), True)
             pct = nbytes / (t_graph * 1e-3) / bw * 100
-            print(f"| {B} | {S} | {t_eager * 1e3:.1f} | {t_graph * 1e3:.1f} | {pct:.0f}% | {t_torch * 1e3:.1f} | {t_ind * 1e3:.1f} | {block}/{warps}w |")
+            pct_cold = nbytes / (t_cold * 1e-3) / bw * 100
+            print(f"| {layout} | {B} | {t_eager * 1e3:.1f} | {t_graph * 1e3:.1f} | {pct:.0f}% | {t_cold * 1e3:.1f} | {pct_cold:.0f}% | {t_torch * 1e3:.1f} | {t_ind * 1e3:.1f} | {block}/{warps}w |")
 
     print("\n## prefill: causal_conv1d, x [B, C, L] (transposed view of [B, L, C]), silu, no state\n")
     print("| B x L | fused us | fused %HBM | torch us | inductor us |")

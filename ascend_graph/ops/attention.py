@@ -29,9 +29,11 @@ The dense op's output is stored as ``[B, Sq, Nq, Dv]`` and returned as its
 
 Invariants: metadata (block tables, lengths, slots) are device tensors, never Python
 lists, so a captured device graph never needs its arguments patched; fake impls give
-shapes from input shapes only. Each op's default implementation is the plain-torch
-reference below (the ground truth of the tests); CUDA kernels come from
-``kernels/triton/attention.py``, NPU bindings from ``kernels/npu/attention.py``.
+shapes from input shapes only. The plain-torch references below are the ground truth
+of the tests. The dense op runs through SDPA on CPU and CUDA
+(:func:`dense_attention_sdpa`; the reference where SDPA has no form, i.e. sinks); the
+paged op and the cache write default to their references, with CUDA kernels from
+``kernels/triton/attention.py``; NPU bindings come from ``kernels/npu/attention.py``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import UnsupportedError
 
@@ -140,6 +143,45 @@ def attention_reference(
     return _sdpa_layout(torch.matmul(p, v.float()).to(q.dtype))
 
 
+def dense_attention_sdpa(q, k, v, attn_mask, sinks, scale, is_causal, window) -> torch.Tensor:
+    """The dense op through ``F.scaled_dot_product_attention`` (the CPU and CUDA kernel).
+
+    SDPA picks its fastest backend for the device (flash on CPU and CUDA, efficient or
+    math where flash cannot run, e.g. MLA's Dv != D). Our bottom-right causal alignment
+    and the sliding window become a boolean mask unless ``Sq == Skv`` with neither window
+    nor mask (SDPA's own top-left ``is_causal`` is the same then). Sinks have no SDPA
+    form: those calls take :func:`attention_reference`. A fully masked row gives zeros
+    in every SDPA backend of torch 2.11-2.13, as in the reference.
+    """
+    if sinks is not None:
+        return attention_reference(q, k, v, attn_mask, sinks, scale, is_causal, window)
+    _check_dense(q, k, v, is_causal, window)
+    sq, skv = q.shape[2], k.shape[2]
+    mask = attn_mask
+    sdpa_causal = False
+    if is_causal:
+        if sq == skv and window <= 0 and mask is None:
+            sdpa_causal = True
+        else:
+            qpos = torch.arange(sq, device=q.device)[:, None] + (skv - sq)
+            kpos = torch.arange(skv, device=q.device)[None, :]
+            keep = kpos <= qpos
+            if window > 0:
+                keep = keep & (kpos > qpos - window)
+            if mask is None:
+                mask = keep
+            elif mask.dtype == torch.bool:
+                mask = mask & keep
+            else:
+                mask = mask.to(q.dtype).masked_fill(~keep, float("-inf"))
+    elif mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=sdpa_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    return _sdpa_layout(out)
+
+
 def _sdpa_layout(out: torch.Tensor) -> torch.Tensor:
     """``out`` [B, N, S, Dv] stored as [B, S, N, Dv] (transposed view), like SDPA's
     flash/efficient outputs: the graphs that consume SDPA view its ``transpose(1, 2)``
@@ -212,7 +254,7 @@ def attention(
     is_causal: bool,
     window: int,
 ) -> torch.Tensor:
-    return attention_reference(q, k, v, attn_mask, sinks, scale, is_causal, window)
+    return dense_attention_sdpa(q, k, v, attn_mask, sinks, scale, is_causal, window)
 
 
 @attention.register_fake
@@ -257,12 +299,6 @@ def _reshape_and_cache_fake(k, v, k_cache, v_cache, slot_mapping):
 # --------------------------------------------------------------------------- CUDA
 
 
-def _dense_cuda(q, k, v, attn_mask, sinks, scale, is_causal, window):
-    from .kernels.triton import attention as kernels
-
-    return _sdpa_layout(kernels.dense_attention_cuda(q, k, v, attn_mask, sinks, scale, is_causal, window))
-
-
 def _paged_cuda(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens_kv, sinks, scale, window):
     from .kernels.triton import attention as kernels
 
@@ -276,7 +312,6 @@ def _cache_cuda(k, v, k_cache, v_cache, slot_mapping):
     kernels.reshape_and_cache_cuda(k, v, k_cache, v_cache, slot_mapping)
 
 
-attention.register_kernel("cuda", _dense_cuda)
 paged_attention.register_kernel("cuda", _paged_cuda)
 reshape_and_cache.register_kernel("cuda", _cache_cuda)
 

@@ -30,42 +30,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["dense_attention_cuda", "paged_attention_cuda", "reshape_and_cache_cuda", "plan_splits"]
+__all__ = ["paged_attention_cuda", "reshape_and_cache_cuda", "plan_splits"]
 
 log = logging.getLogger("ascend_graph.ops.triton.attention")
 
 
 # --------------------------------------------------------------------------- dense
-
-
-def dense_attention_cuda(q, k, v, attn_mask, sinks, scale, is_causal, window):
-    from ...attention import attention_reference
-
-    if sinks is not None:
-        return attention_reference(q, k, v, attn_mask, sinks, scale, is_causal, window)
-    sq, skv = q.shape[2], k.shape[2]
-    mask = attn_mask
-    sdpa_causal = False
-    if is_causal:
-        if sq == skv and window <= 0 and mask is None:
-            sdpa_causal = True  # SDPA's causal is top-left aligned: equal only when Sq == Skv
-        else:
-            qpos = torch.arange(sq, device=q.device)[:, None] + (skv - sq)
-            kpos = torch.arange(skv, device=q.device)[None, :]
-            keep = kpos <= qpos
-            if window > 0:
-                keep = keep & (kpos > qpos - window)
-            if mask is None:
-                mask = keep
-            elif mask.dtype == torch.bool:
-                mask = mask & keep
-            else:
-                mask = mask.to(q.dtype).masked_fill(~keep, float("-inf"))
-    elif mask is not None and mask.dtype != torch.bool:
-        mask = mask.to(q.dtype)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=sdpa_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
 
 
 # --------------------------------------------------------------------------- paged
