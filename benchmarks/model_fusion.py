@@ -153,8 +153,10 @@ def main() -> None:
                 if kind == "prefill":
                     # the cache allocates itself on its first write: do that eagerly, so the
                     # compiled graphs see an initialised cache (one graph, no recompile)
+                    # (then every cache tensor goes back to zero: for hybrid models the prefill
+                    # then reads a zero initial conv/recurrent state, numerically a fresh prefill)
                     model(input_ids=prompt[:, :1], past_key_values=cache, use_cache=True)
-                    for t in _cache_tensors(cache, ("cumulative_length",)):
+                    for t in _cache_tensors(cache):
                         t.zero_()
                     out = fn_model(input_ids=prompt, past_key_values=cache, use_cache=True).logits
 
