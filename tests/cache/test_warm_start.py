@@ -3,7 +3,9 @@
 Each run is a separate Python process with its own empty ``TORCHINDUCTOR_CACHE_DIR``, so
 the only thing the warm process can reuse is our cache directory. These tests run
 inductor (the CPU C++ backend), which is where torch's own artifacts are not enough:
-see ascend_graph/cache/store.py on kernels.
+see ascend_graph/cache/store.py on kernels. The warm process loads the compiled graph
+(AOTAutograd's cache, cache/aot.py): no AOT trace, no pass, no inductor lowering, and
+the outputs are bit-equal to the cold process's.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ SCRIPT = textwrap.dedent(
     model = Block().eval()
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
     compiled = torch.compile(model, backend="ascend", options={"cache_dir": sys.argv[1], "codegen": "inductor", "fusions": []})
+    # record every pass-manager run (the warm process must have none)
+    traced = []
+    import ascend_graph.passes.manager as manager
+    run = manager.PassManager.__call__
+    manager.PassManager.__call__ = lambda self, gm, graph_id="graph": traced.append(graph_id) or run(self, gm, graph_id)
     start = time.perf_counter()
     with cache.record_events() as events, torch.no_grad():
         out = compiled(x)
@@ -49,6 +56,9 @@ SCRIPT = textwrap.dedent(
     so = sorted(f"{os.path.basename(d)}/{n}" for d, _, names in os.walk(root) for n in names if n.endswith(".so"))
     print(json.dumps({
         "events": [e.status for e in events],
+        "details": [e.detail for e in events],
+        "passes_ran": traced,
+        "aot": {k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_cache")},
         "inductor": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")},
         "so": so,
         "out": out.tolist(),
@@ -97,6 +107,9 @@ def test_warm_start_compiles_nothing(cold):
     tmp, cache_dir, cold_result = cold
     warm = _run(tmp, cache_dir, "warm")
     assert warm["events"] == ["hit"]
+    assert warm["details"] == ["loaded"] and warm["passes_ran"] == []
+    assert warm["aot"].get("autograd_cache_hit") == 1 and "autograd_cache_miss" not in warm["aot"]
+    assert cold_result["passes_ran"] and cold_result["aot"].get("autograd_cache_saved") == 1
     assert warm["inductor"].get("fxgraph_cache_hit", 0) >= 1
     assert warm["inductor"].get("fxgraph_cache_miss", 0) == 0
     # no C++ kernel was compiled: every .so in the fresh inductor dir is one we restored
