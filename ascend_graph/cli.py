@@ -497,6 +497,9 @@ def _entry_report(store: Any, summary: Any) -> dict[str, Any]:
         "torch_artifacts": m.get("torch_artifacts", {}),
         "timings": m.get("timings", {}),
         "factors": m.get("factors", {}),
+        # "load": a hit loads the compiled graph (AOTAutograd's cache); "rebuild": a hit
+        # runs the build with the artifacts hot-loaded (FX codegen, or torch declined to save)
+        "on_hit": "load" if m.get("aot_cache_tag") else "rebuild",
     }
 
 
@@ -519,7 +522,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"entry {e['key'][:12]}  {e['graph_id']}  {e['codegen']}  batch symbol {e['batch_symbol']}  buckets {e['buckets']}  {_size(e['bytes'])}  built in {e['timings'].get('build_seconds')} s  {e['created']}")
         print(f"  inputs: {' '.join(e['inputs'])}")
         files = ", ".join(f"{n} {_size(b or 0)}" for n, b in sorted(e["files"].items()))
-        print(f"  files: {files}; {e['kernels']} C++ kernels; torch artifacts {e['torch_artifacts']}")
+        print(f"  files: {files}; {e['kernels']} C++ kernels; torch artifacts {e['torch_artifacts']}; a hit will {e['on_hit']}")
         print("  factors: " + " ".join(f"{k}={v}" for k, v in e["factors"].items()))
     return EXIT_OK
 

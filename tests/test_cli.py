@@ -45,10 +45,12 @@ def test_build_then_inspect_then_verify_then_clear(tmp_path, factory, capsys):
     assert main(["inspect", str(cache_dir)]) == EXIT_OK
     out, _ = capsys.readouterr()
     assert "2 entries" in out and "factors:" in out and "post_pass.py" in out and "buckets [2, 4]" in out
+    assert "a hit will rebuild" in out  # FX codegen: a hit runs the build (only inductor output loads)
 
     assert main(["inspect", str(cache_dir), "--json"]) == EXIT_OK
     doc = json.loads(capsys.readouterr().out)
     assert doc["entries"][0]["factors"]["torch"] and doc["builds"][0]["buckets"] == [2, 4]
+    assert {e["on_hit"] for e in doc["entries"]} == {"rebuild"}
 
     assert main(["verify", str(cache_dir)]) == EXIT_OK
     assert "2 ok, 0 corrupt, 0 stale" in capsys.readouterr().out
