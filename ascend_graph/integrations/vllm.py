@@ -30,15 +30,19 @@ tracing with inductor's decompositions:
 - ``SiluAndMul.forward_native`` (``silu(x[..., :d]) * x[..., d:]``, decomposed to
   neg/exp/add/div * slice) -> ``ascend_graph::vllm_silu_and_mul`` (mirrors ``npu_swiglu``).
 
+- ``vllm::unified_kv_cache_update`` + ``vllm::unified_attention_with_output`` (family
+  ``attention``) -> ``ascend_graph::vllm_attention_context`` (the layer's KV cache and
+  metadata from vLLM's forward context at run time) + ``reshape_and_cache`` +
+  ``paged_attention`` (TND, FIA contract);
+- ``vllm::moe_forward`` / ``moe_forward_shared`` (family ``moe``) -> ``moe_gating_topk`` +
+  ``moe_dispatch_ffn_combine`` with the layer's weights and routing config
+  (``integrations/vllm_ops.py`` has the forms matched and what each refuses).
+
 Not matched yet: ``vllm_ir.fused_add_rms_norm.maybe_inplace`` (it reaches the graph
 as ``auto_functionalized_v2`` over two mutated inputs; the replacement must write both
-back, which the graph contract does not cover yet); ``vllm::unified_attention_with_output``
-(vLLM's paged attention: its metadata lives in the forward context, not in the graph,
-so a replacement by ``ascend_graph::paged_attention`` needs the metadata lifted into
-graph inputs first: that is an attention-backend change, not a graph rewrite);
-``vllm::moe_forward``/``moe_forward_shared`` (vLLM's fused-MoE op takes the layer by
-name and reads expert weights from the layer object, so the weights are not graph
-values a pattern could hand to ``ascend_graph::moe_dispatch_ffn_combine``).
+back, which the graph contract does not cover yet); Qwen3's q/k RMSNorm + rotary
+embedding before attention (the norms are ``vllm_ir.rms_norm`` and fuse as above; the
+rotary embedding is plain ATen ops: no qk-norm + rope op exists in ``ascend_graph.ops``).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ __all__ = [
     "options_from_vllm",
     "ascend_vllm_backend",
     "vllm_ops_pass",
+    "vllm_ops_passes",
     "vllm_pass_manager",
     "VLLM_FUSIONS",
     "AscendGraphCompiler",
@@ -267,10 +272,35 @@ def vllm_ops_pass(config: AscendConfig) -> GraphPass | None:
     return PatternPass("vllm_norm_act", "norm_act", vllm_fusions(), explain_node=config.explain_node)
 
 
-def vllm_pass_manager(config: AscendConfig) -> PassManager:
-    """cleanup -> fusion families -> vLLM op fusions -> cleanup."""
+def vllm_ops_passes(config: AscendConfig) -> list[GraphPass]:
+    """Every pass over vLLM's own ops that ``config.fusions`` turns on.
+
+    ``vllm_attention`` (family ``attention``) and ``vllm_moe`` (family ``moe``) need
+    vLLM's ``LayerName`` (torch >= 2.11) and live in ``vllm_ops``; ``vllm_norm_act``
+    (family ``norm_act``) is above.
+    """
+    passes: list[GraphPass] = []
+    if ("attention" in config.fusions or "moe" in config.fusions) and _has_vllm_layer_ops():
+        from .vllm_ops import vllm_op_passes
+
+        passes += vllm_op_passes(config)
     p = vllm_ops_pass(config)
-    return build_pass_manager(config, extra=[p] if p is not None else [])
+    if p is not None:
+        passes.append(p)
+    return passes
+
+
+def _has_vllm_layer_ops() -> bool:
+    try:
+        from vllm.utils.torch_utils import _USE_LAYERNAME
+    except ImportError:
+        return False
+    return bool(_USE_LAYERNAME)
+
+
+def vllm_pass_manager(config: AscendConfig) -> PassManager:
+    """cleanup -> fusion families -> vLLM op fusions (attention, MoE, norm/act) -> cleanup."""
+    return build_pass_manager(config, extra=vllm_ops_passes(config))
 
 
 def _versions() -> dict[str, str]:

@@ -54,6 +54,10 @@ class Fusion:
     match re-traced at the graph's shapes: for rows built per size (the row's sizes are
     part of it, so no int may come from the example inputs by accident) whose re-trace
     would be costly (``nonzero`` makes the fake-tensor re-trace take seconds).
+    ``retrace=False`` matches the generic pattern traced from the example inputs (ints
+    are wildcards, as in the first match) without that re-trace: for patterns over ops
+    whose arguments record sizes (functionalized mutations record the mutated view's
+    size and stride), which the re-trace turns into size computations the graph lacks.
     """
 
     name: str
@@ -64,6 +68,7 @@ class Fusion:
     scalar_workaround: Mapping[str, float | int] = field(default_factory=dict)
     exclusive_arg_names: tuple[str, ...] = ()
     exact: bool = False
+    retrace: bool = True
 
 
 _built: dict[tuple[int, ...], pm.PatternMatcherPass] = {}
@@ -82,9 +87,10 @@ def _build(fusions: Sequence[Fusion], pass_name: str) -> pm.PatternMatcherPass:
             # for the real device at match time: the matcher compares structure).
             with torch.no_grad():
                 search_pattern = None
-                if f.exact:
+                if f.exact or not f.retrace:
                     argnames = list(inspect.signature(f.pattern).parameters)
-                    search_pattern = pm.fx_to_pattern(pm.fwd_only(f.pattern, inputs), argnames=argnames, exclusive_arg_names=f.exclusive_arg_names)
+                    ignore = () if f.exact else (int, float, list, torch.device, torch.dtype)  # gen_pattern's wildcards
+                    search_pattern = pm.fx_to_pattern(pm.fwd_only(f.pattern, inputs), ignore_types=ignore, argnames=argnames, exclusive_arg_names=f.exclusive_arg_names)
                 pm.register_replacement(
                     f.pattern,
                     f.replacement,
