@@ -34,6 +34,7 @@ changes a correct batch; it keeps the graph functional and adds no aliasing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Optional
 
@@ -108,7 +109,7 @@ def _insert(graph: torch.fx.Graph, cu: torch.fx.Node, lens: torch.fx.Node, num_t
     """Trace :func:`fia_pad_metadata` on the graph's fake values and inline it here."""
     t = num_tokens.meta["val"] if isinstance(num_tokens, torch.fx.Node) else num_tokens
     vals = [cu.meta["val"], lens.meta["val"]]
-    with detect_fake_mode(vals):
+    with detect_fake_mode(vals) or contextlib.nullcontext():
         traced = fwd_only(planner.fia_pad_metadata, vals + [t])
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     env = dict(zip(placeholders, (cu, lens, num_tokens)))
