@@ -100,10 +100,15 @@ def _slots(cache_indices: torch.Tensor | None, batch: int) -> list[int]:
 
 
 def _conv_window(seq: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, length: int) -> torch.Tensor:
-    """Valid depthwise conv of ``seq`` [C, K-1+length] (fp32) -> [C, length]."""
-    w = weight.float().unsqueeze(1)
-    b = None if bias is None else bias.float()
-    return F.conv1d(seq.unsqueeze(0), w, b, groups=weight.shape[0]).squeeze(0)[:, :length]
+    """Valid depthwise conv of ``seq`` [C, K-1+length] (fp32) -> [C, length].
+
+    Written as windows times taps (``unfold``, a view) rather than ``F.conv1d``: oneDNN's
+    depthwise conv costs tens of ms per call on small decode shapes (it builds a primitive
+    per shape), which made the fused CPU decode step slower than the unfused graph.
+    """
+    K = weight.shape[1]
+    y = (seq[:, : K - 1 + length].unfold(-1, K, 1) * weight.float().unsqueeze(1)).sum(-1)
+    return y if bias is None else y + bias.float().unsqueeze(1)
 
 
 # --------------------------------------------------------------------------------------
