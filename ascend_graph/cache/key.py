@@ -16,10 +16,15 @@ Invariants:
 - Nothing path-like enters the key (vLLM PR #47573: HOME paths in the hash caused
   needless recompiles), so a cache directory can be moved or shipped to another
   machine with the same software.
-- The key is a *lookup* key, not a proof: a hit only preloads compiler artifacts and
-  the build still runs, so a factor the key misses costs compile time, never a wrong
-  result (``compile_with_cache`` also compares the post-pass graph and reports a
-  mismatch).
+- The key must name everything the compiled graph depends on: a verified hit of an
+  inductor entry *loads* the compiled graph (``aot.py``) instead of building it. Two
+  keys guard that load: this one (passes, config, versions, device, graph) and
+  AOTAutograd's own key of the Dynamo graph, the inputs and torch's configs, which
+  carries this digest in its tag. Something a pass reads that is in neither (an
+  environment variable, a library outside the factors) would be loaded stale: passes
+  must not read such things (STYLE.md: the environment is read at the entry points).
+  Hits that rebuild (FX codegen, an entry torch could not cache) still compare the
+  post-pass graph with the stored one and report a mismatch.
 """
 
 from __future__ import annotations
