@@ -7,10 +7,14 @@ and by the ``ascend-graph`` CLI). Layout of a cache directory::
     DIR/.lock                       flock: shared to read an entry, exclusive to write/remove one
     DIR/.build.lock                 flock: held by ``ascend-graph build`` for its whole run
     DIR/entries/<digest>/           one entry per compiled Dynamo graph
-        manifest.json               key factors, slot, buckets, shapes, timings, file checksums
+        manifest.json               key factors, slot, buckets, shapes, timings, file checksums;
+                                    for a hit that loads: aot_cache_tag, mutated_inputs, pass_records
         graph.py                    the Dynamo graph's code (what the "graph" factor hashes)
-        post_pass.py                the ATen graph after our passes (compared on every hit)
-        torch_artifacts.bin         torch.compiler.save_cache_artifacts() of this graph's build
+        post_pass.py                the ATen graph after our passes (restored by a hit that
+                                    loads; compared with the new one by a hit that rebuilds)
+        torch_artifacts.bin         torch.compiler.save_cache_artifacts() of this graph's build:
+                                    inductor's FX-graph entry and, for inductor codegen, the
+                                    AOTAutograd entry a hit loads (cache/aot.py)
         kernels/<xx>/<key>*.so      inductor's compiled C++ kernels (see below)
     DIR/builds/<name>.json          one record per ``ascend-graph build`` (buckets, timings)
     DIR/.tmp-*                      an entry being written (renamed into entries/ when complete)
