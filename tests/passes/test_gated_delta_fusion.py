@@ -244,3 +244,13 @@ def test_prefill_with_symbolic_length_is_left_unfused(tmp_path):
     want = _prefill(*args)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_row_loop_branch_fuses(tmp_path, monkeypatch):
+    # HF's other branch: the UT system inverted by a Python row loop (Dynamo unrolls it too).
+    # torch 2.11 (the GPU machine) traces this branch under torch.compile; here it is forced.
+    from transformers.models.qwen3_next import modeling_qwen3_next as m
+
+    monkeypatch.setattr(m, "is_torchdynamo_exporting", lambda: True)
+    code = _compile_and_check(_prefill, _prefill_inputs(T=70), tmp_path, want_fused=1)
+    assert "ascend_graph.chunk_gated_delta_rule" in code and "slice_scatter" not in code

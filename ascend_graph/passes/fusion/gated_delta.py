@@ -25,8 +25,8 @@ What is matched (Qwen3-Next / Qwen3.5 in transformers, ``modeling_qwen3_next.py`
   chunk of the traced length, so no fixed row can match it. The rows are built on demand
   instead, one per *region signature*: the exact shape, stride and dtype of the six
   inputs (which fix the chunk count, the pad, the casts and every view size) and whether
-  the final state is used. :class:`GatedDeltaPass` anchors on the region's WY solves
-  (``linalg_solve_triangular`` over ``[B, H, C, 64, 64]``), reads candidate signatures
+  the final state is used. :class:`GatedDeltaPass` anchors on the region's cumulative
+  decay (``cumsum`` over a ``[B, H, C, 64]`` fp32 tensor), reads candidate signatures
   off the graph's metadata (the ``[B, T, H, *]`` tensors transposed first, with
   ``ceil(T / 64) == C``), and for each builds a row whose pattern is HF's own function
   traced the way our pipeline traces a model (functionalized, inductor's decompositions,
@@ -50,9 +50,15 @@ What is matched (Qwen3-Next / Qwen3.5 in transformers, ``modeling_qwen3_next.py`
   each chunk count is its own graph (and Dynamo's recompile limit applies). Those
   symbolic-length regions are not fused: their signature is not static, and the torch
   fallback runs as traced (correct, unfused). Compile with ``dynamic=False`` (one graph
-  per length) to fuse them. The export-only branch (``is_torchdynamo_exporting()``: the
-  UT system inverted by a Python row loop instead of ``solve_triangular``) never reaches
-  a Dynamo backend and is not matched.
+  per length) to fuse them.
+
+  HF's function has two branches for the UT system: ``solve_triangular``, or a Python
+  row loop (``for i in range(1, 64)``, unrolled by Dynamo too) taken when
+  ``is_torchdynamo_exporting()`` is true. Which one a Dynamo graph holds depends on the
+  torch / transformers pair (torch 2.13 + transformers 5.17 here: the solve; torch 2.11
+  on the GPU machine: the row loop), so both are matched: the signature records the
+  branch, the graph's own ops say which to try first, and the pattern trace pins HF's
+  predicate to that branch.
 
 Negative: a step without the decay (``state * exp(g)``) is another recurrence (plain
 delta rule) and does not match; neither does the chunked function without the q/k L2
@@ -61,6 +67,7 @@ norm or with another chunk size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -190,20 +197,46 @@ class _PrefillSignature:
     beta: _TensorMeta
     state: _TensorMeta
     output_final_state: bool
+    #: the UT system inverted by HF's row loop (its export branch) instead of solve_triangular
+    row_loop: bool = False
 
 
 _traced: dict[tuple, torch.fx.GraphModule] = {}
-_traced_lock = threading.Lock()
+_traced_lock = threading.RLock()
 
 
-def _normalised_hf_chunk(metas: tuple[_TensorMeta, ...], device: torch.device, output_final_state: bool) -> torch.fx.GraphModule:
+#: names of the predicate HF's chunk fallback branches on (``solve_triangular`` when False,
+#: its row loop when True), across transformers versions
+_BRANCH_PREDICATES = ("is_torchdynamo_exporting", "is_torchdynamo_compiling")
+
+
+@contextlib.contextmanager
+def _hf_branch(hf, row_loop: bool):
+    """Trace HF's function down the branch the model's graph took.
+
+    Which branch Dynamo takes depends on the torch / transformers pair (torch 2.13 with
+    transformers 5.17 traces ``solve_triangular``; torch 2.11 traces the row loop), while a
+    plain make_fx trace always takes the eager one; so the predicate HF reads is pinned
+    for the length of the trace (under ``_traced_lock``).
+    """
+    names = [n for n in _BRANCH_PREDICATES if n in hf.__code__.co_names and n in hf.__globals__]
+    saved = {n: hf.__globals__[n] for n in names}
+    try:
+        for n in names:
+            hf.__globals__[n] = (lambda: True) if row_loop else (lambda: False)
+        yield
+    finally:
+        hf.__globals__.update(saved)
+
+
+def _normalised_hf_chunk(metas: tuple[_TensorMeta, ...], device: torch.device, output_final_state: bool, row_loop: bool = False) -> torch.fx.GraphModule:
     """transformers' chunk fallback for inputs of exactly these metas, as our pipeline sees it.
 
     Traced the way ``capture/trace.py`` traces a Dynamo graph (functionalized, inductor's
     decompositions, on fake tensors: no arithmetic runs) and cleaned up by the same
     cleanup passes the pass manager runs before the fusions. Memoised per signature.
     """
-    key = (metas, str(device), output_final_state)
+    key = (metas, str(device), output_final_state, row_loop)
     with _traced_lock:
         gm = _traced.get(key)
         if gm is not None:
@@ -214,7 +247,7 @@ def _normalised_hf_chunk(metas: tuple[_TensorMeta, ...], device: torch.device, o
         o, s = hf(q, k, v, g=g, beta=beta, initial_state=state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
         return (o, s) if output_final_state else o
 
-    with disable_proxy_modes_tracing(), FakeTensorMode(allow_non_fake_inputs=False):
+    with _traced_lock, _hf_branch(hf, row_loop), disable_proxy_modes_tracing(), FakeTensorMode(allow_non_fake_inputs=False):
         inputs = [m.empty(device) for m in metas]
         gm = make_fx(torch.func.functionalize(call), decompositions(), tracing_mode="real")(*inputs)
     NoOpElimination()(gm.graph)
@@ -225,10 +258,10 @@ def _normalised_hf_chunk(metas: tuple[_TensorMeta, ...], device: torch.device, o
     return gm
 
 
-def _make_prefill_pattern(output_final_state: bool):
+def _make_prefill_pattern(output_final_state: bool, row_loop: bool):
     def pattern(q, k, v, g, beta, state):
         args = (q, k, v, g, beta, state)
-        gm = _normalised_hf_chunk(tuple(_TensorMeta.of(x) for x in args), q.device, output_final_state)
+        gm = _normalised_hf_chunk(tuple(_TensorMeta.of(x) for x in args), q.device, output_final_state, row_loop)
         return gm(*args)
 
     return pattern
@@ -287,7 +320,7 @@ def _prefill_row(sig: _PrefillSignature, device: torch.device) -> Fusion:
     metas = (sig.q, sig.k, sig.v, sig.g, sig.beta, sig.state)
     row = Fusion(
         name=f"hf_chunk_prefill_{'state' if sig.output_final_state else 'nostate'}",
-        pattern=_make_prefill_pattern(sig.output_final_state),
+        pattern=_make_prefill_pattern(sig.output_final_state, sig.row_loop),
         replacement=_prefill_replacement if sig.output_final_state else _prefill_replacement_no_state,
         example_inputs=lambda: [m.empty(device) for m in metas],
         extra_check=_prefill_check(sig),
@@ -297,60 +330,63 @@ def _prefill_row(sig: _PrefillSignature, device: torch.device) -> Fusion:
         return _rows.setdefault(key, row)
 
 
-def _is_solve_anchor(n: torch.fx.Node) -> bool:
-    if n.target is not aten.linalg_solve_triangular.default:
+def _is_anchor(n: torch.fx.Node) -> bool:
+    # HF's cumulative decay: cumsum over the position in the chunk of a [B, H, C, 64] fp32 tensor
+    if n.target is not aten.cumsum.default or (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")) not in (3, -1):
         return False
-    upper = n.kwargs.get("upper", n.args[2] if len(n.args) > 2 else None)
-    unit = n.kwargs.get("unitriangular", n.args[4] if len(n.args) > 4 else False)
-    ut = _val(n.args[0])
-    return upper is False and unit is True and ut is not None and ut.dim() == 5 and tuple(ut.shape[-2:]) == (_ops.CHUNK_SIZE, _ops.CHUNK_SIZE) and ut.dtype == torch.float32
+    x = _val(n)
+    return x is not None and x.dim() == 4 and x.shape[-1] == _ops.CHUNK_SIZE and x.dtype == torch.float32 and _static(x.shape)
 
 
 def _static(shape) -> bool:
     return all(isinstance(d, int) for d in shape)
 
 
-def _signatures(graph: torch.fx.Graph, ut: torch.fx.Node, solves: list[torch.fx.Node]) -> list[_PrefillSignature]:
-    """Candidate signatures of the region whose UT system is ``ut`` (cheap, from metadata only).
+def _signatures(graph: torch.fx.Graph, anchor: torch.fx.Node, row_loop_first: bool) -> list[_PrefillSignature]:
+    """Candidate signatures of the region whose cumulative decay is ``anchor`` (from metadata only).
 
     The region's inputs are the tensors HF transposes first (``x.transpose(1, 2)``):
-    ``[B, T, H, K|V]`` and ``[B, T, H]`` with ``ceil(T / 64)`` the chunk count of ``ut``.
-    Which candidate is the real one is left to the exact match.
+    ``[B, T, H, K|V]`` and ``[B, T, H]`` with ``ceil(T / 64) == C``, the anchor being
+    ``[B, H, C, 64]``. Which candidate is the real one is left to the exact match.
     """
-    uval = _val(ut)
-    if not _static(uval.shape) or len(solves) != 2:
-        return []
-    B, H, C = uval.shape[:3]
-    V = _val(solves[0].args[1]).shape[-1]
-    K = _val(solves[1].args[1]).shape[-1]
+    B, H, C = _val(anchor).shape[:3]
     lo, hi = (C - 1) * _ops.CHUNK_SIZE + 1, C * _ops.CHUNK_SIZE
     four: dict[int, dict[int, set[_TensorMeta]]] = {}  # T -> last dim -> metas
     three: dict[int, set[_TensorMeta]] = {}
+    uses: dict[tuple[int, int], int] = {}  # (T, last dim) -> transposes seen (q and k: two per region, v: one)
     for p in graph.find_nodes(op="call_function", target=aten.permute.default):
         src = _val(p.args[0])
-        if src is None or not isinstance(src, torch.Tensor) or not _static(src.shape) or not _static(src.stride()):
+        if not isinstance(src, torch.Tensor) or not _static(src.shape) or not _static(src.stride()):
+            continue
+        if src.dim() < 3 or src.shape[0] != B or src.shape[2] != H or not lo <= src.shape[1] <= hi:
             continue
         dims = list(p.args[1])
-        if dims == [0, 2, 1, 3] and src.dim() == 4 and src.shape[0] == B and src.shape[2] == H and lo <= src.shape[1] <= hi and src.shape[3] in (K, V):
+        if dims == [0, 2, 1, 3] and src.dim() == 4:
             four.setdefault(src.shape[1], {}).setdefault(src.shape[3], set()).add(_TensorMeta.of(src))
-        elif dims == [0, 2, 1] and src.dim() == 3 and src.shape[0] == B and src.shape[2] == H and lo <= src.shape[1] <= hi:
+            uses[src.shape[1], src.shape[3]] = uses.get((src.shape[1], src.shape[3]), 0) + 1
+        elif dims == [0, 2, 1] and src.dim() == 3:
             three.setdefault(src.shape[1], set()).add(_TensorMeta.of(src))
     out = []
     for T, by_dim in four.items():
-        qk, vv, gb = by_dim.get(K, set()), by_dim.get(V, set()), three.get(T, set())
-        state = _TensorMeta((B, H, K, V), (H * K * V, K * V, V, 1), torch.float32)
-        combos = list(itertools.product(sorted(qk, key=str), sorted(qk, key=str), sorted(vv, key=str), sorted(gb, key=str), sorted(gb, key=str)))
-        # most plausible first (each try costs a trace): g in float32 (HF computes it with
-        # .float()), beta in the model dtype (v's), q and k alike
-        combos.sort(key=lambda c: (c[3].dtype != torch.float32) + (c[4].dtype != c[2].dtype) + (c[0] != c[1]))
-        for q, k, v, g, beta in combos:
-            for out_state in (True, False):
-                out.append(_PrefillSignature(q, k, v, g, beta, state, out_state))
+        gb = sorted(three.get(T, set()), key=str)
+        dims_by_use = sorted(by_dim, key=lambda d: -uses[T, d])
+        pairs = [(K, V) for K in dims_by_use for V in dims_by_use if K != V or len(by_dim) == 1]
+        for K, V in pairs:
+            qk, vv = sorted(by_dim[K], key=str), sorted(by_dim[V], key=str)
+            state = _TensorMeta((B, H, K, V), (H * K * V, K * V, V, 1), torch.float32)
+            combos = list(itertools.product(qk, qk, vv, gb, gb))
+            # most plausible first (each try costs a trace): g in float32 (HF computes it
+            # with .float()), beta in the model dtype (v's), q and k alike
+            combos.sort(key=lambda c: (c[3].dtype != torch.float32) + (c[4].dtype != c[2].dtype) + (c[0] != c[1]))
+            for q, k, v, g, beta in combos:
+                for row_loop in (row_loop_first, not row_loop_first):
+                    for out_state in (True, False):
+                        out.append(_PrefillSignature(q, k, v, g, beta, state, out_state, row_loop))
     return out[:_MAX_SIGNATURES]
 
 
 #: signatures tried per region before giving up (each costs a trace of the pattern)
-_MAX_SIGNATURES = 16
+_MAX_SIGNATURES = 24
 
 
 class GatedDeltaPass(GraphPass):
@@ -367,22 +403,21 @@ class GatedDeltaPass(GraphPass):
         return self.decode(graph) + self._prefill(graph)
 
     def _prefill(self, graph: torch.fx.Graph) -> int:
-        anchors: dict[torch.fx.Node, list[torch.fx.Node]] = {}
-        for n in graph.find_nodes(op="call_function", target=aten.linalg_solve_triangular.default):
-            if _is_solve_anchor(n):
-                anchors.setdefault(n.args[0], []).append(n)
+        anchors = [n for n in graph.find_nodes(op="call_function", target=aten.cumsum.default) if _is_anchor(n)]
         if not anchors:
             return 0
         # the pattern matcher cleans every pattern with inductor's remove_noop_ops; the graph
         # gets the same cleaning so both sides are in one normal form
         remove_noop_ops(graph)
+        # which branch of HF's function the graph holds: try that one first
+        row_loop_first = not graph.find_nodes(op="call_function", target=aten.linalg_solve_triangular.default)
         count = 0
         tried: set[_PrefillSignature] = set()
-        for ut, solves in anchors.items():
-            if _erased(ut):
+        for anchor in anchors:
+            if _erased(anchor):
                 continue  # fused already by an earlier region's row
-            device = _val(ut).device
-            for sig in _signatures(graph, ut, solves):
+            device = _val(anchor).device
+            for sig in _signatures(graph, anchor, row_loop_first):
                 if sig in tried:
                     continue
                 tried.add(sig)
@@ -390,7 +425,7 @@ class GatedDeltaPass(GraphPass):
                 with FakeTensorMode():
                     rows.matcher  # traced on fake tensors: no arithmetic at the region's real sizes
                 count += rows(graph)
-                if _erased(ut):
+                if _erased(anchor):
                     break
         return count
 
