@@ -391,11 +391,10 @@ def _build_llama(config):
 def test_vllm_llama_model_compiled_by_ascend_backend_in_dynamo_trace_once(dist, tmp_path):
     """vLLM's LlamaModel (with @support_torch_compile) in mode DYNAMO_TRACE_ONCE.
 
-    No attention metadata on CPU (vLLM's CPU attention kernels are C++): vLLM's
-    attention op then leaves its ``torch.empty`` output buffer unwritten, exactly as in
-    vLLM's profile run, so the model's output is not comparable with eager here (the
-    layers' outputs are: test_ascend_vllm_backend_on_vllm_layers_matches_eager). The
-    graph still holds attention as the opaque ``vllm::unified_attention_with_output``.
+    No attention metadata here (vLLM's profile-run path): vLLM's own attention op leaves
+    its ``torch.empty`` output unwritten, so the model's output is not comparable with eager (the layers' outputs are:
+    test_ascend_vllm_backend_on_vllm_layers_matches_eager; attention with real metadata:
+    tests/integrations/test_vllm_ops.py).
     """
     eager_cfg = _tiny_llama(tmp_path / "eager", CompilationMode.NONE, "")
     eager = _build_llama(eager_cfg)
@@ -419,3 +418,5 @@ def test_vllm_llama_model_compiled_by_ascend_backend_in_dynamo_trace_once(dist, 
     # 2 layers: input_layernorm (rms_norm; the others are fused_add_rms_norm, not matched) + 2 silu_and_mul
     assert s["passes"]["vllm_norm_act"]["rewrites"] == 3
     assert s["fusions"]["norm_act"] >= 3
+    # vLLM's attention op is refused here: head size 48/4 = 12 is not FIA's (a multiple of 16)
+    assert s["passes"]["vllm_attention"]["rewrites"] == 0 and s["fusions"]["attention"] == 0
