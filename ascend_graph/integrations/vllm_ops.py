@@ -20,24 +20,23 @@ Attention (``Attention.forward`` with an opaque attention op, i.e. CUDA, ROCm, C
 ``query [T, Nq, D]``, ``key/value [T, Nkv, D]`` are views of the projections, ``output``
 a view ``[T, Nq, D]`` of ``torch.empty([T, Nq*D])``. After functionalization it is
 ``auto_functionalized_v2(...)`` (our own AOT trace) or ``auto_functionalized(...)``
-(inside vLLM's inductor pipeline, which turns v2 off); one row each. It becomes::
+(inside vLLM's inductor pipeline, which turns v2 off); one row each. It becomes one op::
 
-    kv_cache, block_table, query_start_loc, seq_lens, slot_mapping = \\
-        ascend_graph.vllm_attention_context(query, layer_name, Nkv, D)
-    k_cache, v_cache = <the backend's K/V views of kv_cache>        # aten views
-    ascend_graph.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
-    out = ascend_graph.paged_attention(query, k_cache, v_cache, block_table,
-                                       query_start_loc, seq_lens, None, scale, window)
+    out = ascend_graph.vllm_paged_attention(query, key, value, layer_name, Nkv, D,
+                                            kv_layout, scale, window)
 
-:func:`vllm_attention_context` reads, at run time, what vLLM's op reads: the layer's
-metadata and KV cache from the forward context (``get_attention_context``). It returns
-the tensors themselves (views of vLLM's persistent buffers and of the layer's cache), so
-a device graph captured around it replays on whatever vLLM writes into those buffers
-before each step, with nothing patched. The KV cache ``[blocks, Nkv, block_size, 2*D]``
-is split into K and V views as the layer's backend does (FLASH_ATTN, TRITON_ATTN,
-FLEX_ATTENTION: ``transpose(1, 2).split(D, -1)``; CPU_ATTN: ``view(blocks, Nkv,
-2*block_size, D).chunk(2, 2)``). ``scale``, the sliding window, Nkv and D are the
-layer's (read when the graph is rewritten).
+which, at run time, reads what vLLM's op reads (:func:`attention_context`: the layer's
+metadata and KV cache from the forward context, ``get_attention_context``), splits the
+KV cache ``[blocks, Nkv, block_size, 2*D]`` into K and V views as the layer's backend does
+(FLASH_ATTN, TRITON_ATTN, FLEX_ATTENTION: ``transpose(1, 2).split(D, -1)``; CPU_ATTN:
+``view(blocks, Nkv, 2*block_size, D).chunk(2, 2)``), applies the FIA metadata rule and
+calls our ``reshape_and_cache`` and paged TND ``paged_attention`` (each dispatching to its
+CUDA / NPU kernel). It uses vLLM's persistent buffers in place, so a device graph captured
+around it replays on whatever vLLM writes into them before each step, with nothing
+patched. ``scale``, the sliding window, Nkv and D are the layer's (read when the graph is
+rewritten). The KV cache and metadata never leave the op as graph values: an earlier
+form returned them from a context op, which inductor could not schedule (their sizes are
+unknown to it) and could have treated as storage it owns.
 
 Fused MoE (``MoERunner.forward``: an opaque op on every platform but CPU and TPU)::
 
@@ -62,13 +61,13 @@ Invariants
 - Every row's ``extra_check`` resolves the layer from the current vLLM config's
   ``static_forward_context`` and refuses what the contracts cannot do (see
   :func:`attention_unsupported` / :func:`moe_unsupported`, which say why).
-- The context ops return aliases of memory vLLM owns (KV cache, metadata buffers,
-  expert weights). An extern op's output enters inductor's buffer-reuse pool when it
-  dies, and a later allocation with the same storage size could take it over and
-  write into vLLM's memory. So the size of each aliasing output holds a fresh unbacked
-  symbol (the number of KV blocks, requests, slots, experts): no other buffer can have
-  that storage size. Dims the fused ops check statically (heads, head size, hidden,
-  intermediate) stay static and are checked against the layer at run time.
+- The MoE context ops return aliases of memory vLLM owns (expert weights). An extern
+  op's output enters inductor's buffer-reuse pool when it dies, and a later allocation
+  with the same storage size could take it over and write into vLLM's memory. So the
+  expert count of each aliasing output is a fresh unbacked symbol: no other buffer can
+  have that storage size. Dims the fused ops check statically (hidden, intermediate)
+  stay static and are checked against the layer at run time. (Attention keeps its KV
+  cache and metadata inside one op instead: see above.)
 """
 
 from __future__ import annotations
@@ -177,17 +176,15 @@ def _int(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-@torch.library.custom_op("ascend_graph::vllm_attention_context", mutates_args=())
-def vllm_attention_context(
+def attention_context(
     query: torch.Tensor, layer_name: LayerName, num_kv_heads: int, head_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kv_cache, block_table, query_start_loc, seq_lens, slot_mapping) of one layer.
 
     Read from vLLM's forward context as ``unified_attention_with_output`` reads them;
-    ``kv_cache`` is the layer's ``[blocks, Nkv, block_size, 2*D]`` tensor itself (the
-    replacement takes its K/V views in the graph: outputs of one op may not alias each
-    other). No metadata (vLLM's profile run) gives zero requests, an empty cache and
-    slots -1: nothing is written and every output row is zero.
+    ``kv_cache`` is the layer's ``[blocks, Nkv, block_size, 2*D]`` tensor itself. No
+    metadata (vLLM's profile run) gives zero requests, an empty cache and slots -1:
+    nothing is written and every output row is zero.
     """
     from vllm.model_executor.layers.attention.attention import get_attention_context
 
@@ -223,19 +220,41 @@ def vllm_attention_context(
     )
 
 
-@vllm_attention_context.register_fake
-def _(query, layer_name, num_kv_heads, head_size):
-    ctx = torch.library.get_ctx()
-    blocks, block_size = ctx.new_dynamic_size(), ctx.new_dynamic_size()
-    reqs, width, slots = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
-    i32 = dict(dtype=torch.int32)
-    return (
-        query.new_empty((blocks, num_kv_heads, block_size, 2 * head_size)),
-        query.new_empty((reqs, width), **i32),
-        query.new_empty((reqs + 1,), **i32),
-        query.new_empty((reqs,), **i32),
-        query.new_empty((slots,), dtype=torch.int64),
-    )
+@torch.library.custom_op("ascend_graph::vllm_paged_attention", mutates_args=())
+def vllm_paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layer_name: LayerName,
+    num_kv_heads: int,
+    head_size: int,
+    kv_layout: str,
+    scale: float,
+    window: int,
+) -> torch.Tensor:
+    """One vLLM attention layer on our contract: ``reshape_and_cache`` + paged TND attention.
+
+    The layer's KV cache and vLLM's persistent metadata are read from the forward context
+    at run time (:func:`attention_context`) and used in place, so a captured graph replays
+    with whatever the scheduler wrote into them. They stay inside this op on purpose:
+    returned from an op they would be buffers the compiler thinks it owns (inductor may
+    reuse such storage for its temporaries, and cannot size them). The FIA metadata rule
+    (``T == query_start_loc[-1]``, dummy requests, KV length 1) is applied here, since
+    vLLM pads tokens without adding requests.
+    """
+    from ..runtime.padding import fia_pad_metadata
+
+    kv_cache, block_table, cu_q, seq_lens, slots = attention_context(query, layer_name, num_kv_heads, head_size)
+    k_cache, v_cache = split_kv_cache(kv_cache, kv_layout, num_kv_heads, head_size)
+    torch.ops.ascend_graph.reshape_and_cache(key, value, k_cache, v_cache, slots)
+    if cu_q.shape[0] > 1:
+        cu_q, seq_lens = fia_pad_metadata(cu_q, seq_lens, query.shape[0])
+    return torch.ops.ascend_graph.paged_attention(query, k_cache, v_cache, block_table, cu_q, seq_lens, None, scale, window)
+
+
+@vllm_paged_attention.register_fake
+def _(query, key, value, layer_name, num_kv_heads, head_size, kv_layout, scale, window):
+    return query.new_empty(query.shape)
 
 
 # --------------------------------------------------------------------------- attention: rows
@@ -296,13 +315,12 @@ def _attention_check(match: Match) -> bool:
 
 
 def _paged(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_name: Any) -> torch.Tensor:
-    """The replacement body: KV write + paged TND attention, constants from the layer."""
+    """The replacement body: one op, constants from the layer."""
     layer = compile_time_layer(layer_name_of(layer_name))
-    kv_cache, block_table, cu_q, seq_lens, slots = torch.ops.ascend_graph.vllm_attention_context(query, layer_name, layer.num_kv_heads, layer.head_size)
-    k_cache, v_cache = split_kv_cache(kv_cache, KV_LAYOUTS[layer.attn_backend.get_name()], layer.num_kv_heads, layer.head_size)
-    torch.ops.ascend_graph.reshape_and_cache(key, value, k_cache, v_cache, slots)
-    window = int(layer.sliding_window or 0)
-    return torch.ops.ascend_graph.paged_attention(query, k_cache, v_cache, block_table, cu_q, seq_lens, None, float(layer.impl.scale), window)
+    return torch.ops.ascend_graph.vllm_paged_attention(
+        query, key, value, layer_name, layer.num_kv_heads, layer.head_size,
+        KV_LAYOUTS[layer.attn_backend.get_name()], float(layer.impl.scale), int(layer.sliding_window or 0),
+    )
 
 
 # v2 (torch's default functionalization; our AOT trace): output is a view of the base
