@@ -64,3 +64,24 @@ def test_qwen3_next_prefill_cached_prefix_and_decode_fuse_every_layer_and_match_
     assert len(got_states) == len(want_states) == linear_layers
     for got, want in zip(got_states, want_states):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_qwen3_next_bf16_prefill_and_decode_fuse_every_layer_and_match_eager():
+    """A bf16 model: HF's casts to fp32 stay in the graph (the decode step has its own row)."""
+    cfg, model = _tiny_qwen3_next()
+    model = model.to(torch.bfloat16)
+    linear_layers = cfg.layer_types.count("linear_attention")
+    gen = torch.Generator().manual_seed(4)
+    inputs = [torch.randint(0, 64, (2, n), generator=gen) for n in (9, 1)]
+    want_logits, want_states = _steps(model, cfg, inputs)
+
+    torch._dynamo.reset()
+    ascend_graph.reset_stats()
+    compiled = torch.compile(model, backend="ascend", options=OPTIONS, dynamic=False)
+    got_logits, got_states = _steps(compiled, cfg, inputs)
+
+    assert ascend_graph.stats()["fusions"]["gated_delta_rule"] == 2 * linear_layers
+    for got, want in zip(got_logits, want_logits):
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+    for got, want in zip(got_states, want_states):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

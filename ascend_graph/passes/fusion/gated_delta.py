@@ -15,9 +15,11 @@ What is matched (Qwen3-Next / Qwen3.5 in transformers, ``modeling_qwen3_next.py`
   of the new state into its cache, stay outside the pattern (they are cheap, and they
   are not the delta rule). The replacement copies the state and runs the recurrent op
   over that copy (slot ``b`` = request ``b``), so the graph stays free of new aliasing.
-  ``extra_check``: fp32 inputs (HF casts to fp32 first; in an fp32 model the casts are
-  no-ops and the cleanup pass removes them, in a bf16 model they remain and the row does
-  not match), and the divisor is ``sqrt(K)`` (float constants are not part of the
+  Two rows: an fp32 model (HF's casts to fp32 are no-ops the cleanup pass removes) and a
+  bf16/fp16 model (the casts of q, k, v and beta stay in the graph and are part of the
+  pattern; g and the state are fp32 there; the op takes the 16-bit inputs, upcasts them
+  as HF does, and its output goes back to fp32 for HF's own final cast). ``extra_check``:
+  those dtypes, and the divisor is ``sqrt(K)`` (float constants are not part of the
   structural match).
 
 - **prefill** (``torch_chunk_gated_delta_rule``, called on the prompt and on every
@@ -69,6 +71,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import threading
@@ -113,6 +116,30 @@ def _decode_pattern(q, k, v, g, beta, state):
     return out, state
 
 
+def _decode_pattern_lowp(q, k, v, g, beta, state):
+    # the same step in a bf16/fp16 model: HF upcasts q, k, v and beta after the transpose
+    # (g is computed in fp32 by the model, the state cache is fp32)
+    q, k, v, beta = (x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format) for x in (q, k, v, beta))
+    g = g.transpose(1, 2)
+    q = _l2norm(q)
+    k = _l2norm(k)
+    q = q / (q.shape[-1] ** 0.5)
+    q_t, k_t, v_t = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    state = state * g[:, :, 0].exp()[..., None, None]
+    kv_mem = (state * k_t.unsqueeze(-1)).sum(dim=-2)
+    delta = (v_t - kv_mem) * beta[:, :, 0].unsqueeze(-1)
+    state = state + k_t.unsqueeze(-1) * delta.unsqueeze(-2)
+    out = (state * q_t.unsqueeze(-1)).sum(dim=-2)
+    return out, state
+
+
+def _decode_replacement_lowp(q, k, v, g, beta, state):
+    # the op upcasts its inputs exactly as HF does and returns v's dtype; HF keeps the step's
+    # output in fp32 only until it casts it to the model dtype, so the one rounding is the same
+    out, cache = _decode_replacement(q, k, v, g, beta, state)
+    return out.to(torch.float32), cache
+
+
 def _decode_replacement(q, k, v, g, beta, state):
     B, _, H, K = q.shape
     V = v.shape[-1]
@@ -132,14 +159,27 @@ def _decode_inputs():
     ]
 
 
+def _decode_inputs_lowp():
+    q, k, v, g, beta, state = _decode_inputs()
+    return [q.bfloat16(), k.bfloat16(), v.bfloat16(), g, beta.bfloat16(), state]
+
+
 def _val(node):
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
-def _decode_check(match: Match) -> bool:
+def _decode_check(match: Match, lowp: bool = False) -> bool:
     q = _val(match.kwargs.get("q"))
     vals = [_val(match.kwargs.get(n)) for n in ("q", "k", "v", "g", "beta", "state")]
-    if q is None or any(x is None or x.dtype != torch.float32 for x in vals):
+    if q is None or any(x is None for x in vals):
+        return False
+    if lowp:
+        # q, k, v, beta in one 16-bit dtype; g and the state in fp32 (what HF's bf16 model has)
+        if q.dtype not in (torch.bfloat16, torch.float16) or any(x.dtype != q.dtype for x in (vals[1], vals[2], vals[4])):
+            return False
+        if vals[3].dtype != torch.float32 or vals[5].dtype != torch.float32:
+            return False
+    elif any(x.dtype != torch.float32 for x in vals):
         return False
     if q.dim() != 4 or q.shape[1] != 1:
         return False
@@ -156,6 +196,13 @@ FUSIONS = (
         replacement=_decode_replacement,
         example_inputs=_decode_inputs,
         extra_check=_decode_check,
+    ),
+    Fusion(
+        name="hf_recurrent_decode_step_lowp",
+        pattern=_decode_pattern_lowp,
+        replacement=_decode_replacement_lowp,
+        example_inputs=_decode_inputs_lowp,
+        extra_check=functools.partial(_decode_check, lowp=True),
     ),
 )
 
