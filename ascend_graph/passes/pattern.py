@@ -71,15 +71,20 @@ class Fusion:
     retrace: bool = True
 
 
-_built: dict[tuple[int, ...], pm.PatternMatcherPass] = {}
+#: row identities -> (the rows, their matcher). The entry keeps the rows alive: an id is
+#: only unique while its object lives, and rows built on demand (MoE loops, gated-delta
+#: prefill, vLLM ops) would otherwise be freed and their ids reused by new rows, which
+#: would then be handed a stale matcher (seen: a suite where later MoE rows matched nothing).
+_built: dict[tuple[int, ...], tuple[tuple[Fusion, ...], pm.PatternMatcherPass]] = {}
 _built_lock = threading.Lock()
 
 
 def _build(fusions: Sequence[Fusion], pass_name: str) -> pm.PatternMatcherPass:
     key = tuple(id(f) for f in fusions)
     with _built_lock:
-        if key in _built:
-            return _built[key]
+        entry = _built.get(key)
+        if entry is not None:
+            return entry[1]
         matcher = pm.PatternMatcherPass(pass_name=pass_name)
         for f in fusions:
             inputs = list(f.example_inputs())
@@ -102,7 +107,7 @@ def _build(fusions: Sequence[Fusion], pass_name: str) -> pm.PatternMatcherPass:
                     exclusive_arg_names=f.exclusive_arg_names,
                     search_fn_pattern=search_pattern,
                 )
-        _built[key] = matcher
+        _built[key] = (tuple(fusions), matcher)
         return matcher
 
 
