@@ -22,5 +22,9 @@ def pytest_collection_modifyitems(config, items):
 def _fresh_stats():
     import ascend_graph
 
+    # Dynamo's cache outlives a test, and its guards compare object ids: a new model (or a
+    # new backend wrapper) allocated where a freed one lived could hit an earlier test's
+    # compiled code, so the backend (and its passes) would never run for this test.
+    torch._dynamo.reset()
     ascend_graph.reset_stats()
     yield
