@@ -492,8 +492,12 @@ def _entry_report(store: Any, summary: Any) -> dict[str, Any]:
         "inputs": [f"{i.get('name')}[{','.join(i.get('dims', []))}]" for i in (m.get("shapes") or {}).get("inputs", [])],
         "created": m.get("created"),
         "bytes": dir_size(summary.path),
-        "files": {n: b for n, b in files.items() if not n.startswith("kernels/")},
+        "files": {n: b for n, b in files.items() if not n.startswith(("kernels/", "triton/"))},
+        # inductor's cache-dir files (C++ kernels, Triton autotuning results) and Triton's
+        # cache files (cubins, metadata, launchers); first_run: added after the first call
         "kernels": sum(1 for n in files if n.startswith("kernels/")),
+        "triton_files": sum(1 for n in files if n.startswith("triton/")),
+        "first_run_files": m.get("first_run_files", 0),
         "torch_artifacts": m.get("torch_artifacts", {}),
         "timings": m.get("timings", {}),
         "factors": m.get("factors", {}),
@@ -522,7 +526,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"entry {e['key'][:12]}  {e['graph_id']}  {e['codegen']}  batch symbol {e['batch_symbol']}  buckets {e['buckets']}  {_size(e['bytes'])}  built in {e['timings'].get('build_seconds')} s  {e['created']}")
         print(f"  inputs: {' '.join(e['inputs'])}")
         files = ", ".join(f"{n} {_size(b or 0)}" for n, b in sorted(e["files"].items()))
-        print(f"  files: {files}; {e['kernels']} C++ kernels; torch artifacts {e['torch_artifacts']}; a hit will {e['on_hit']}")
+        print(f"  files: {files}; {e['kernels']} inductor kernel files, {e['triton_files']} Triton cache files ({e['first_run_files']} of all from the first run); torch artifacts {e['torch_artifacts']}; a hit will {e['on_hit']}")
         print("  factors: " + " ".join(f"{k}={v}" for k, v in e["factors"].items()))
     return EXIT_OK
 

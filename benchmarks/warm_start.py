@@ -84,6 +84,12 @@ def child(args: argparse.Namespace) -> None:
     buckets = [int(b) for b in args.buckets.split(",")]
     from torch._dynamo.utils import compilation_time_metrics, counters
 
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     start = time.perf_counter()
     compiled = torch.compile(model, backend="ascend", options={"cache_dir": args.cache_dir, "buckets": buckets})
     per_bucket = {}
@@ -95,6 +101,17 @@ def child(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
             per_bucket[b] = round(time.perf_counter() - t, 3)
     ready = time.perf_counter() - start
+    if profiler is not None:
+        import io
+        import pstats
+
+        profiler.disable()
+        profiler.dump_stats(args.profile + ".prof")
+        buf = io.StringIO()
+        pstats.Stats(profiler, stream=buf).sort_stats("cumulative").print_stats(45)
+        pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profiler, stream=buf).sort_stats("cumulative").print_callers("sleep|HASH' objects|_io.BufferedReader")
+        Path(args.profile).write_text(buf.getvalue())
     stats = ascend_graph.stats()
     capture = float(stats.get("capture_seconds", 0.0))
     dynamo = sum(compilation_time_metrics.get("_compile.compile_inner", []))
@@ -144,6 +161,7 @@ def main() -> None:
     p.add_argument("--model", default=None, choices=("tiny", "small", "medium"))
     p.add_argument("--buckets", default="1,2,4,8")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--profile", metavar="PREFIX", help="cProfile each run's compile part into PREFIX-cold.txt / PREFIX-warm.txt")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -154,8 +172,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ag-warm-start-") as tmp:
         work = Path(tmp)
         common = ["--child", "--device", args.device, "--model", args.model, "--buckets", args.buckets, "--cache-dir", str(work / "cache")]
-        cold = run_child(common, work, "cold")
-        warm = run_child(common, work, "warm")
+        prof = lambda name: ["--profile", f"{args.profile}-{name}.txt"] if args.profile else []  # noqa: E731
+        cold = run_child(common + prof("cold"), work, "cold")
+        warm = run_child(common + prof("warm"), work, "warm")
     ratio = warm["compile"] / cold["compile"]
     same = warm["logits"] == cold["logits"]
     if args.json:

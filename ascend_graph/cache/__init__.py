@@ -47,6 +47,7 @@ import contextvars
 import datetime
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -65,6 +66,7 @@ from .store import (
     TorchArtifactRecorder,
     load_torch_artifacts,
     restore_kernels,
+    restore_triton,
 )
 
 __all__ = [
@@ -186,7 +188,7 @@ def compile_with_cache(
     if entry is not None:
         start = time.perf_counter()
         try:
-            restored = restore_kernels(entry.kernels)
+            restored = restore_kernels(entry.kernels) + restore_triton(entry.triton)
             counts = load_torch_artifacts(entry.torch_artifacts) if entry.torch_artifacts else {}
         except (CacheError, OSError) as e:
             # Checksums held, yet torch cannot read it (say, a torch build with the same
@@ -197,7 +199,7 @@ def compile_with_cache(
             load_seconds = time.perf_counter() - start
             log.info("graph cache hit for %s (%s): %d kernels restored, torch artifacts %s, in %.2f s", ctx.graph_id, digest[:12], restored, counts, load_seconds)
             tag = _load_tag(entry, ctx)
-            compiled, artifacts, kernels, seconds, aot_counts = _run(build, tag)
+            compiled, artifacts, recorder, seconds, aot_counts = _run(build, tag)
             if ctx.post_pass_code is None:
                 # AOTAutograd loaded the compiled graph: nothing was traced or compiled.
                 _restore(ctx, entry)
@@ -217,8 +219,9 @@ def compile_with_cache(
                 # written without a tag: until the key is fixed, its hits rebuild and
                 # compare rather than load.
                 log.warning("graph cache entry %s matched %s but the post-pass graph differs from the stored one; the cache key misses a factor; entry rewritten", digest[:12], ctx.graph_id)
-                _save(store, key, gm, ctx, artifacts, kernels, seconds, None, replace=True)
+                written = _save(store, key, gm, ctx, artifacts, recorder.collect(), seconds, None, replace=True)
                 _emit(CacheEvent(ctx.graph_id, digest, "mismatch", compile_seconds=seconds, load_seconds=load_seconds))
+                return _amend_after_first_call(compiled, store, key.digest, written, recorder)
             else:
                 _emit(CacheEvent(ctx.graph_id, digest, "hit", compile_seconds=seconds, load_seconds=load_seconds, detail="built"))
             return compiled
@@ -250,11 +253,67 @@ def compile_with_cache(
             log.warning("graph cache miss for %s: entry %s was built with a different %s; rebuilding", ctx.graph_id, closest.digest[:12], detail)
         status = "miss"
 
-    compiled, artifacts, kernels, seconds, tag = _build(build, ctx, digest)
+    compiled, artifacts, recorder, seconds, tag = _build(build, ctx, digest)
     # replace: an entry whose checksums hold but that torch could not read must go too.
-    _save(store, key, gm, ctx, artifacts, kernels, seconds, tag, replace=bool(problems))
+    written = _save(store, key, gm, ctx, artifacts, recorder.collect(), seconds, tag, replace=bool(problems))
     _emit(CacheEvent(ctx.graph_id, digest, status, changed=changed, compile_seconds=seconds, detail=detail))
-    return compiled
+    return _amend_after_first_call(compiled, store, digest, written, recorder)
+
+
+class _AmendAfterFirstCall:
+    """The compiled graph, which adds to its entry what its first call compiled or tuned.
+
+    Some kernel files only appear when the graph first runs: inductor benchmarks a
+    pointwise kernel's configs at its first launch and writes ``.best_config``, and our
+    ops JIT-compile their Triton kernels at their first call. After the first call
+    returns, the files that appeared since the build started are added to the entry
+    this process wrote (under the exclusive lock, only if the entry on disk is still that
+    one: same ``build_id``), so the next start restores them instead of redoing the
+    work. A failure to write is logged; the call's result is never affected. Later calls
+    go straight to the compiled graph.
+    """
+
+    def __init__(self, compiled: Callable[..., Any], store: CacheStore, digest: str, written: tuple[dict[str, Any], dict[str, bytes]], recorder: KernelRecorder):
+        self.compiled = compiled
+        self.store = store
+        self.digest = digest
+        self.manifest, self.files = written
+        self.recorder: KernelRecorder | None = recorder
+        if getattr(compiled, "_boxed_call", False):
+            self._boxed_call = True
+
+    def __call__(self, *args: Any) -> Any:
+        out = self.compiled(*args)
+        recorder, self.recorder = self.recorder, None
+        if recorder is not None:
+            self._amend(recorder)
+            self.files = {}
+        return out
+
+    def _amend(self, recorder: KernelRecorder) -> None:
+        late = {name: data for name, data in recorder.collect().items() if name not in self.files}
+        if not late:
+            return
+        try:
+            with self.store.lock(exclusive=True):
+                on_disk = self.store.summary(self.digest).manifest or {}
+                if on_disk.get("build_id") != self.manifest["build_id"]:
+                    log.info("graph cache entry %s was replaced meanwhile; %d kernel files of the first run not added", self.digest[:12], len(late))
+                    return
+                manifest = dict(self.manifest)
+                manifest["kernels"] = sum(1 for n in (*self.files, *late) if n.startswith(("kernels/", "triton/")))
+                manifest["first_run_files"] = len(late)
+                self.store.write_entry(self.digest, manifest, {**self.files, **late}, replace=True)
+        except (CacheError, OSError) as e:
+            log.warning("could not add the first run's %d kernel files to graph cache entry %s (%s)", len(late), self.digest[:12], e)
+            return
+        log.info("graph cache entry %s: %d kernel files of the first run added", self.digest[:12], len(late))
+
+
+def _amend_after_first_call(compiled: Callable[..., Any], store: CacheStore, digest: str, written: tuple[dict[str, Any], dict[str, bytes]] | None, recorder: KernelRecorder) -> Callable[..., Any]:
+    if written is None:
+        return compiled
+    return _AmendAfterFirstCall(compiled, store, digest, written, recorder)
 
 
 def _aot_reason(ctx: Any) -> str | None:
@@ -294,17 +353,17 @@ def _restore(ctx: Any, entry: Entry) -> None:
             ctx.pass_counts[r["name"]] = ctx.pass_counts.get(r["name"], 0) + int(r["rewrites"])
 
 
-def _run(build: Callable[[str | None], Callable[..., Any]], tag: str | None) -> tuple[Callable[..., Any], TorchArtifactRecorder, dict[str, bytes], float, aot.AOTCounters]:
+def _run(build: Callable[[str | None], Callable[..., Any]], tag: str | None) -> tuple[Callable[..., Any], TorchArtifactRecorder, KernelRecorder, float, aot.AOTCounters]:
     """``build(tag)``, recording torch's artifacts, the kernels it used and what AOTAutograd's cache did."""
     start = time.perf_counter()
     artifacts = TorchArtifactRecorder()
     with artifacts.record(), KernelRecorder() as kernels_recorder, aot.AOTCounters.during() as aot_counts:
         compiled = build(tag)
     seconds = time.perf_counter() - start
-    return compiled, artifacts, kernels_recorder.collect(), seconds, aot_counts
+    return compiled, artifacts, kernels_recorder, seconds, aot_counts
 
 
-def _build(build: Callable[[str | None], Callable[..., Any]], ctx: Any, digest: str) -> tuple[Callable[..., Any], TorchArtifactRecorder, dict[str, bytes], float, str | None]:
+def _build(build: Callable[[str | None], Callable[..., Any]], ctx: Any, digest: str) -> tuple[Callable[..., Any], TorchArtifactRecorder, KernelRecorder, float, str | None]:
     """Build under a new AOTAutograd tag (inductor codegen); returns the tag the entry loads with.
 
     The tag is kept only when AOTAutograd saved an entry under it and the build ran our
@@ -313,13 +372,13 @@ def _build(build: Callable[[str | None], Callable[..., Any]], ctx: Any, digest: 
     """
     reason = _aot_reason(ctx)
     tag = aot.new_tag(digest) if reason is None else None
-    compiled, artifacts, kernels, seconds, aot_counts = _run(build, tag)
+    compiled, artifacts, recorder, seconds, aot_counts = _run(build, tag)
     if tag is not None and not (aot_counts.saved and artifacts.counts.get("aot_autograd") and ctx.post_pass_code is not None):
         log.info("graph cache entry for %s will be rebuilt on a hit, not loaded: torch's AOTAutograd cache did not save it (%s)", ctx.graph_id, aot_counts.describe())
         tag = None
     elif reason is not None:
         log.debug("graph cache entry for %s will be rebuilt on a hit: %s", ctx.graph_id, reason)
-    return compiled, artifacts, kernels, seconds, tag
+    return compiled, artifacts, recorder, seconds, tag
 
 
 def _save(
@@ -333,14 +392,17 @@ def _save(
     aot_cache_tag: str | None,
     *,
     replace: bool = False,
-) -> None:
+) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+    """Write the entry; returns its manifest and files, or None when it was not written.
+
+    ``kernels``: entry file name -> bytes, from :meth:`KernelRecorder.collect`.
+    """
     files: dict[str, bytes] = {GRAPH_FILE: gm.code.encode()}
     if ctx.post_pass_code is not None:
         files[POST_PASS_FILE] = ctx.post_pass_code.encode()
     if artifacts.data is not None:
         files[TORCH_ARTIFACTS] = artifacts.data
-    for rel, data in kernels.items():
-        files[f"kernels/{rel}"] = data
+    files.update(kernels)
     now = time.time()
     manifest = {
         "factors": dict(key.factors),
@@ -358,14 +420,18 @@ def _save(
         "kernels": len(kernels),
         "mutated_inputs": sorted(ctx.mutated_inputs),
         "pass_records": list(getattr(ctx, "pass_records", [])),
+        # names this build's entry: a first-run amendment only ever extends its own entry
+        "build_id": uuid.uuid4().hex,
     }
     if aot_cache_tag is not None:
         manifest["aot_cache_tag"] = aot_cache_tag
     start = time.perf_counter()
     try:
         with store.lock(exclusive=True):
-            store.write_entry(key.digest, manifest, files, replace=replace)
+            if not store.write_entry(key.digest, manifest, files, replace=replace):
+                return None
     except (CacheError, OSError) as e:
         log.warning("could not write graph cache entry %s for %s (%s); the compiled graph is used anyway", key.digest[:12], ctx.graph_id, e)
-        return
+        return None
     log.info("graph cache entry %s written for %s (%d files, %.2f s)", key.digest[:12], ctx.graph_id, len(files), time.perf_counter() - start)
+    return manifest, files

@@ -16,6 +16,9 @@ and by the ``ascend-graph`` CLI). Layout of a cache directory::
                                     inductor's FX-graph entry and, for inductor codegen, the
                                     AOTAutograd entry a hit loads (cache/aot.py)
         kernels/<xx>/<key>*.so      inductor's compiled C++ kernels (see below)
+        kernels/<xx>/<key>.best_config  inductor's autotuning result of a Triton kernel
+        triton/<hash>/<file>        Triton's cache files the build and the first run made:
+                                    cubins and their metadata, compiled launchers
     DIR/builds/<name>.json          one record per ``ascend-graph build`` (buckets, timings)
     DIR/.tmp-*                      an entry being written (renamed into entries/ when complete)
 
@@ -38,6 +41,17 @@ so the entry keeps those files and restores them before the build. The keys are 
 source and compiler command line, so a restored file is only ever used by the kernel it
 was built from. This relies on inductor's cache layout: ``tests/cache`` checks it on the
 installed torch (a warm start must compile no C++).
+
+On CUDA the same gap has three parts, measured on an H100 (BENCHMARKS.md, warm start):
+kernels that inductor does not launch statically are compiled by Triton again (its cache
+is keyed by source and options, but a fresh ``TRITON_CACHE_DIR`` is empty), their
+launchers are compiled again with the host C compiler, and pointwise kernels with several
+configs are benchmarked again because their autotuning result (``.best_config``, written
+at the first *run*, after the compile) is not among the artifacts. So the entry also keeps
+the files that appear in Triton's cache dir and inductor's ``.best_config`` files; those
+of the first run are added to the entry after that run (``compile_with_cache``). Triton's
+group files name their members by absolute path; the stored copy has the directory
+replaced by a placeholder, which a restore replaces by the directory of the process.
 """
 
 from __future__ import annotations
@@ -80,6 +94,7 @@ BUILD_LOCK = ".build.lock"
 MANIFEST = "manifest.json"
 TORCH_ARTIFACTS = "torch_artifacts.bin"
 KERNELS = "kernels"
+TRITON = "triton"
 
 #: How often a waiting process retries a held lock (flock has no timeout of its own).
 _LOCK_POLL_SECONDS = 0.05
@@ -242,7 +257,16 @@ class Entry:
 
     @property
     def kernels(self) -> dict[str, bytes]:
-        prefix = KERNELS + "/"
+        """Inductor cache-dir files (C++ binaries, autotuning results), by path inside that dir."""
+        return self._under(KERNELS)
+
+    @property
+    def triton(self) -> dict[str, bytes]:
+        """Triton cache-dir files, by path inside that dir (group files with the placeholder)."""
+        return self._under(TRITON)
+
+    def _under(self, top: str) -> dict[str, bytes]:
+        prefix = top + "/"
         return {name[len(prefix):]: data for name, data in self.files.items() if name.startswith(prefix)}
 
 
@@ -379,8 +403,8 @@ class CacheStore:
 
     # -- writing --------------------------------------------------------------------
 
-    def write_entry(self, digest: str, manifest: dict[str, Any], files: Mapping[str, bytes], *, replace: bool = False) -> None:
-        """Write one entry atomically; the caller holds the exclusive lock.
+    def write_entry(self, digest: str, manifest: dict[str, Any], files: Mapping[str, bytes], *, replace: bool = False) -> bool:
+        """Write one entry atomically; the caller holds the exclusive lock. Returns whether it wrote.
 
         An existing valid entry of the same digest is kept (another process built the
         same graph first; both builds are equivalent) unless ``replace``. An invalid one
@@ -389,7 +413,7 @@ class CacheStore:
         final = self.entry_dir(digest)
         if not replace and os.path.isdir(final) and not self.verify(digest):
             log.info("cache entry %s was written meanwhile by another process; kept", digest[:12])
-            return
+            return False
         os.makedirs(self.entries_dir, exist_ok=True)
         tmp = os.path.join(self.entries_dir, f".tmp-{digest[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.makedirs(tmp)
@@ -420,6 +444,7 @@ class CacheStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return True
 
     def _remove(self, path: str) -> None:
         # Rename first so that the entry disappears at once even if rmtree is interrupted.
@@ -539,22 +564,45 @@ def _inductor_cache_dir() -> str:
     return cache_dir()
 
 
-class KernelRecorder:
-    """Finds the C++ binaries a build used, and reads them.
+def triton_cache_dir() -> str | None:
+    """Triton's cache directory in this process (``TRITON_CACHE_DIR``), None without Triton."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+    return str(knobs.cache.dir)
 
-    Two sources, because each misses something: binaries that appear in the inductor
-    cache directory during the build (this includes the little programs inductor
-    compiles once per process to probe the CPU's vector ISA, which no code cache lists),
-    and the keys new to the in-process code caches (a kernel whose binary was already on
-    disk from an earlier process is used, not created). A kernel already loaded in this
-    process by an earlier graph stays with that graph's entry.
+
+#: Stands for Triton's cache directory inside a stored group file (see the module docstring).
+TRITON_DIR_PLACEHOLDER = b"<ascend-graph:triton-cache-dir>"
+_TRITON_GROUP_PREFIX = "__grp__"
+
+
+def _is_triton_group(rel: str) -> bool:
+    return rel.rsplit("/", 1)[-1].startswith(_TRITON_GROUP_PREFIX)
+
+
+class KernelRecorder:
+    """Finds the compiled kernels a build (and its first run) used, and reads them.
+
+    Inductor's cache dir: C++ binaries that appear during the build (this includes the
+    little programs inductor compiles once per process to probe the CPU's vector ISA,
+    which no code cache lists), the keys new to the in-process code caches (a kernel
+    whose binary was already on disk from an earlier process is used, not created), and
+    autotuning results (``.best_config``). Triton's cache dir: every file that appears.
+    What was on disk before the recorder started and is not a new code-cache key stays
+    out: a kernel shared with an earlier graph of this process stays with that graph's
+    entry. ``collect`` can be called again later (after the first run) for the files
+    that appeared meanwhile.
     """
 
-    _BINARY_SUFFIXES = (".so", ".o")
+    _BINARY_SUFFIXES = (".so", ".o", ".best_config")
 
     def __init__(self) -> None:
         self.keys_before: set[str] = set()
         self.files_before: set[str] = set()
+        self.triton_root: str | None = None
+        self.triton_before: set[str] = set()
 
     @classmethod
     def _binaries(cls, root: str) -> set[str]:
@@ -568,16 +616,36 @@ class KernelRecorder:
                 out.update(f"{sub.name}/{e.name}" for e in os.scandir(sub.path) if e.name.endswith(cls._BINARY_SUFFIXES))
         return out
 
+    @staticmethod
+    def _triton_files(root: str | None) -> set[str]:
+        """``<hash>/<file>`` of Triton's finished cache files (not its temporaries or locks)."""
+        out: set[str] = set()
+        if root is None:
+            return out
+        try:
+            subdirs = [e for e in os.scandir(root) if e.is_dir() and not e.name.startswith((".", "tmp"))]
+        except FileNotFoundError:
+            return out
+        for sub in subdirs:
+            with contextlib.suppress(OSError):
+                out.update(
+                    f"{sub.name}/{e.name}" for e in os.scandir(sub.path)
+                    if e.is_file() and not e.name.startswith(("tmp.", ".")) and e.name != "lock"
+                )
+        return out
+
     def __enter__(self) -> "KernelRecorder":
         self.keys_before = {k for c in _code_caches() for k in c.cache}
         self.files_before = self._binaries(_inductor_cache_dir())
+        self.triton_root = triton_cache_dir()
+        self.triton_before = self._triton_files(self.triton_root)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         pass
 
     def collect(self) -> dict[str, bytes]:
-        """``{relative path in the inductor cache dir: bytes}`` of the binaries this build used."""
+        """``{entry file name: bytes}`` of what the build used: ``kernels/<rel>`` and ``triton/<rel>``."""
         root = _inductor_cache_dir()
         files = self._binaries(root)
         wanted = files - self.files_before
@@ -587,7 +655,15 @@ class KernelRecorder:
         for rel in sorted(wanted):
             with contextlib.suppress(OSError):
                 with open(os.path.join(root, rel), "rb") as f:
-                    out[rel] = f.read()
+                    out[f"{KERNELS}/{rel}"] = f.read()
+        if self.triton_root is not None:
+            for rel in sorted(self._triton_files(self.triton_root) - self.triton_before):
+                with contextlib.suppress(OSError):
+                    with open(os.path.join(self.triton_root, rel), "rb") as f:
+                        data = f.read()
+                    if _is_triton_group(rel):
+                        data = data.replace(os.path.abspath(self.triton_root).encode(), TRITON_DIR_PLACEHOLDER)
+                    out[f"{TRITON}/{rel}"] = data
         return out
 
 
@@ -605,6 +681,35 @@ def restore_kernels(kernels: Mapping[str, bytes]) -> int:
         path = os.path.join(root, *parts)
         if os.path.exists(path):
             continue
+        write_file_atomic(path, data)
+        os.chmod(path, 0o755)
+        written += 1
+    return written
+
+
+def restore_triton(files: Mapping[str, bytes]) -> int:
+    """Put stored Triton cache files into this process's Triton cache dir; returns how many were written.
+
+    Group files get this directory in place of the placeholder. Files already present are
+    left alone (Triton's keys hash source, options and target). Without Triton nothing is
+    written.
+    """
+    if not files:
+        return 0
+    root = triton_cache_dir()
+    if root is None:
+        log.info("%d Triton cache files in the entry are not restored: Triton is not installed", len(files))
+        return 0
+    written = 0
+    for rel, data in files.items():
+        parts = rel.split("/")
+        if len(parts) != 2 or any(p in ("", ".", "..") for p in parts):
+            raise CacheError("Triton file path in a cache entry escapes the Triton cache directory", expected="<hash>/<file>", got=rel)
+        path = os.path.join(root, *parts)
+        if os.path.exists(path):
+            continue
+        if _is_triton_group(rel):
+            data = data.replace(TRITON_DIR_PLACEHOLDER, os.path.abspath(root).encode())
         write_file_atomic(path, data)
         os.chmod(path, 0o755)
         written += 1
