@@ -7,14 +7,20 @@ Entry points: ``torch.ops.ascend_graph.moe_gating_topk`` and
 Contracts (what the fake impls promise and every implementation keeps):
 
 ``moe_gating_topk(logits[T, E], top_k, bias[E]?, scoring, n_group, topk_group,
-renormalize, routed_scaling_factor, eps) -> (weights[T, k], ids[T, k] int64)``
+renormalize, routed_scaling_factor, eps, router_weight[E, H]?) -> (weights[T, k], ids[T, k] int64)``
+    With ``router_weight`` the first argument is the router's input ``x [T, H]`` instead
+    of its logits, and the op computes them itself: ``logits =
+    F.linear(x, router_weight.to(x.dtype)).float()`` (the GEMM accumulates in float32 and
+    its result is rounded to ``x.dtype`` first, as ``F.linear`` returns it; a bias-free
+    router linear, which is what the MoE routers of HF transformers and vLLM are). On CUDA
+    that folds the router GEMM into the gating launch at decode sizes.
     ``scoring`` is ``"softmax"`` or ``"sigmoid"``. The experts are chosen on
     ``score + bias`` (DeepSeek-V3's correction bias; ``bias`` None means zeros); with
     ``n_group > 1`` the experts form ``n_group`` equal groups, each group is scored by the
     sum of its top-2 choice scores and only the best ``topk_group`` groups may be chosen.
     The weights are the *unbiased* scores of the chosen experts, divided by their sum
-    (plus ``eps``) when ``renormalize``, times ``routed_scaling_factor``. ``weights`` has
-    the dtype of ``logits``; ``ids`` are int64 (what ``torch.topk`` gives, so the ops
+    (plus ``eps``) when ``renormalize``, times ``routed_scaling_factor``, all in float32.
+    ``weights`` has the dtype of the first argument (``logits``, or ``x``); ``ids`` are int64 (what ``torch.topk`` gives, so the ops
     downstream of a fused router keep their dtypes).
 
 ``moe_dispatch_ffn_combine(x[T, H], topk_weights[T, k], topk_ids[T, k], w13[E, 2I, H],
@@ -53,7 +59,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedError
 from .kernels.triton import moe as _cuda
 
-__all__ = ["moe_gating_topk", "moe_dispatch_ffn_combine", "ACTIVATIONS", "SCORINGS", "apply_activation", "gating_reference", "experts_reference"]
+__all__ = ["moe_gating_topk", "moe_dispatch_ffn_combine", "ACTIVATIONS", "SCORINGS", "apply_activation", "gating_reference", "router_logits", "experts_reference"]
 
 log = logging.getLogger("ascend_graph.ops.moe")
 
@@ -74,12 +80,18 @@ def apply_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     raise UnsupportedError("unknown MoE activation", expected=f"one of {ACTIVATIONS}", got=repr(activation))
 
 
-def _check_gating(logits: torch.Tensor, top_k: int, scoring: str, n_group: int, topk_group: int) -> None:
+def _check_gating(logits: torch.Tensor, top_k: int, scoring: str, n_group: int, topk_group: int, router_weight: Optional[torch.Tensor] = None) -> None:
     if logits.dim() != 2:
-        raise UnsupportedError("moe_gating_topk takes 2-D router logits", expected="[tokens, experts]", got=tuple(logits.shape))
+        raise UnsupportedError("moe_gating_topk takes 2-D router logits (or router inputs)", expected="[tokens, experts] (or [tokens, hidden])", got=tuple(logits.shape))
     if scoring not in SCORINGS:
         raise UnsupportedError("unknown MoE scoring function", expected=f"one of {SCORINGS}", got=repr(scoring))
-    experts = logits.shape[1]
+    if router_weight is not None and (router_weight.dim() != 2 or router_weight.shape[1] != logits.shape[1] or not router_weight.is_floating_point()):
+        raise UnsupportedError(
+            "router_weight must be the router linear's float weight",
+            expected=f"[experts, {logits.shape[1]}] (x is [tokens, hidden])",
+            got=f"{tuple(router_weight.shape)} {router_weight.dtype}",
+        )
+    experts = logits.shape[1] if router_weight is None else router_weight.shape[0]
     if n_group < 1 or experts % n_group != 0 or not (1 <= topk_group <= n_group):
         raise UnsupportedError(
             "invalid expert groups",
@@ -88,6 +100,11 @@ def _check_gating(logits: torch.Tensor, top_k: int, scoring: str, n_group: int, 
         )
     if not (1 <= top_k <= experts):
         raise UnsupportedError("top_k out of range", expected=f"1..{experts}", got=top_k)
+
+
+def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """The logits ``moe_gating_topk`` computes from ``x`` when given ``router_weight`` (float32)."""
+    return F.linear(x, router_weight.to(x.dtype)).float()
 
 
 def gating_reference(
@@ -100,9 +117,13 @@ def gating_reference(
     renormalize: bool,
     routed_scaling_factor: float,
     eps: float,
+    router_weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch routing, written as HF transformers writes it (the ground truth)."""
-    _check_gating(logits, top_k, scoring, n_group, topk_group)
+    _check_gating(logits, top_k, scoring, n_group, topk_group, router_weight)
+    out_dtype = logits.dtype
+    if router_weight is not None:
+        logits = router_logits(logits, router_weight)
     scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
     choice = scores if bias is None else scores + bias
     if n_group > 1:
@@ -117,7 +138,7 @@ def gating_reference(
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
     weights = weights * routed_scaling_factor
-    return weights.to(logits.dtype), ids.to(torch.int64)
+    return weights.to(out_dtype), ids.to(torch.int64)
 
 
 @torch.library.custom_op("ascend_graph::moe_gating_topk", mutates_args=())
@@ -131,26 +152,35 @@ def moe_gating_topk(
     renormalize: bool = True,
     routed_scaling_factor: float = 1.0,
     eps: float = 0.0,
+    router_weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router scores -> (top-k weights, top-k expert ids). See the module docstring."""
-    return gating_reference(logits, top_k, bias, scoring, n_group, topk_group, renormalize, routed_scaling_factor, eps)
+    """Router logits (or router input and weight) -> (top-k weights, top-k expert ids). See the module docstring."""
+    return gating_reference(logits, top_k, bias, scoring, n_group, topk_group, renormalize, routed_scaling_factor, eps, router_weight)
 
 
 @moe_gating_topk.register_fake
-def _gating_fake(logits, top_k, bias=None, scoring="softmax", n_group=1, topk_group=1, renormalize=True, routed_scaling_factor=1.0, eps=0.0):
-    _check_gating(logits, top_k, scoring, n_group, topk_group)
+def _gating_fake(logits, top_k, bias=None, scoring="softmax", n_group=1, topk_group=1, renormalize=True, routed_scaling_factor=1.0, eps=0.0, router_weight=None):
+    _check_gating(logits, top_k, scoring, n_group, topk_group, router_weight)
     t = logits.shape[0]
     return logits.new_empty((t, top_k)), logits.new_empty((t, top_k), dtype=torch.int64)
 
 
 @moe_gating_topk.register_kernel("cuda")
-def _gating_cuda(logits, top_k, bias=None, scoring="softmax", n_group=1, topk_group=1, renormalize=True, routed_scaling_factor=1.0, eps=0.0):
-    _check_gating(logits, top_k, scoring, n_group, topk_group)
+def _gating_cuda(logits, top_k, bias=None, scoring="softmax", n_group=1, topk_group=1, renormalize=True, routed_scaling_factor=1.0, eps=0.0, router_weight=None):
+    _check_gating(logits, top_k, scoring, n_group, topk_group, router_weight)
     from .kernels.triton import moe_gating  # one launch instead of ~8 (decode latency)
 
+    args = (top_k, bias, scoring, n_group, topk_group, renormalize, routed_scaling_factor, eps)
+    if router_weight is not None:
+        if moe_gating.router_gating_supported(logits, router_weight, n_group):
+            return moe_gating.router_gating_topk(logits, router_weight, *args)  # router GEMM folded in
+        x, logits = logits, F.linear(logits, router_weight.to(logits.dtype))  # real M: cuBLAS
+        if moe_gating.gating_supported(logits, n_group):
+            return moe_gating.gating_topk(logits, *args)  # scores in fp32 whatever the logits' dtype
+        return gating_reference(x, *args, router_weight)
     if moe_gating.gating_supported(logits, n_group):
-        return moe_gating.gating_topk(logits, top_k, bias, scoring, n_group, topk_group, renormalize, routed_scaling_factor, eps)
-    return gating_reference(logits, top_k, bias, scoring, n_group, topk_group, renormalize, routed_scaling_factor, eps)
+        return moe_gating.gating_topk(logits, *args)
+    return gating_reference(logits, *args)
 
 
 def _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared, ep_world_size, shared_expert_gate=None) -> None:

@@ -1,5 +1,7 @@
 """MoE fusion pass: HF transformers' MoE blocks fuse to the two MoE ops; look-alikes do not."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,10 +74,16 @@ def test_qwen3_moe_block_fuses(tmp_path):
     assert ascend_graph.stats()["fusions"]["moe"] == 1
     (before,) = tmp_path.glob("*moe_fusion.before.py")
     (after,) = tmp_path.glob("*moe_fusion.after.py")
-    for op in ("aten.histc", "aten.sort", "aten._grouped_mm", "aten.topk"):
+    # the router linear (bf16 mm, softmax in fp32, weights cast back) folds into the gating op
+    for op in ("aten.histc", "aten.sort", "aten._grouped_mm", "aten.topk", "aten.mm"):
         assert op in before.read_text() and op not in after.read_text()
     assert "ascend_graph.moe_gating_topk" in after.read_text() and "ascend_graph.moe_dispatch_ffn_combine" in after.read_text()
     torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
+
+
+def _router_folded(after_code) -> int:
+    # gating ops given the router weight (a graph input) as their last argument
+    return len(re.findall(r"moe_gating_topk\.default\([^;]*, arg\d+_1\)", after_code))
 
 
 def _fused_experts_nodes(after_code):
@@ -93,12 +101,15 @@ def test_deepseek_v3_moe_through_the_backend_fuses_router_experts_and_shared_exp
     with torch.no_grad():
         out, ref = compiled(x), block(x)
     assert ascend_graph.stats()["fusions"]["moe"] == 1
+    before = next(tmp_path.glob("*moe_fusion.before.py")).read_text()
     after = next(tmp_path.glob("*moe_fusion.after.py")).read_text()
-    # the shared MLP (3 weights, DeepseekV3MLP on the 3-D hidden states) is inside the op:
-    # the only mm left is the router's
+    # the shared MLP (3 weights, DeepseekV3MLP on the 3-D hidden states) is inside the
+    # experts op and the router linear inside the gating op: no mm is left
     (fused,) = _fused_experts_nodes(after)
     assert fused.count("arg") == 5 and "'silu', None, arg" in fused  # w13, w2 and the shared MLP
-    assert after.count("aten.mm.default(") == 1
+    assert after.count("aten.mm.default(") == 0 and "aten.mm.default(" in before
+    (gating,) = [line.split(";")[0] for line in after.splitlines() if "ascend_graph.moe_gating_topk" in line]
+    assert "'sigmoid', 4, 2, True, 2.5, 1e-20, arg" in gating  # router weight passed
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -118,7 +129,7 @@ def test_qwen2_moe_sigmoid_gated_shared_expert_folds(tmp_path):
     assert "aten.sigmoid" in before and "aten.sigmoid" not in after
     (fused,) = _fused_experts_nodes(after)
     assert "'', 1, 0, arg" in fused  # shared_expert_gate passed
-    assert after.count("aten.mm.default(") == 1
+    assert after.count("aten.mm.default(") == 0  # the router's linear folded into the gating op
     torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
 
 
@@ -165,7 +176,7 @@ def test_grouped_router_keeps_its_scalars(tmp_path):
         w_ref, ids_ref = router(x)[1:]
     assert ascend_graph.stats()["fusions"]["moe"] == 1
     (after,) = tmp_path.glob("*moe_fusion.after.py")
-    assert "'sigmoid', 8, 4, True, 1.7, 1e-20)" in after.read_text()
+    assert "'sigmoid', 8, 4, True, 1.7, 1e-20, arg" in after.read_text()  # the router weight: linear folded
     torch.testing.assert_close(ids.sort(1)[0], ids_ref.sort(1)[0])
     torch.testing.assert_close(w.sum(1), w_ref.sum(1))
 
@@ -201,6 +212,51 @@ def test_softmax_topk_over_the_wrong_dim_does_not_fuse():
     gm = _trace(_topk_over_tokens, torch.randn(10, 6))
     assert make_pass(AscendConfig())(gm.graph) == 0
     assert ops.moe_gating_topk.default not in _targets(gm)
+
+
+def _router_plain(x, weight):
+    # Qwen-style softmax router on a bias-free linear
+    w, ids = torch.topk(torch.softmax(F.linear(x, weight), dim=-1, dtype=torch.float32), 3, dim=-1)
+    return (w / w.sum(dim=-1, keepdim=True)).to(x.dtype), ids
+
+
+def _router_bias(x, weight, bias):
+    # the same on a linear with a bias: the op's router_weight has none
+    w, ids = torch.topk(torch.softmax(F.linear(x, weight, bias), dim=-1, dtype=torch.float32), 3, dim=-1)
+    return (w / w.sum(dim=-1, keepdim=True)).to(x.dtype), ids
+
+
+def _router_logits_out(x, weight):
+    # the model also returns the logits (an auxiliary loss): they must stay
+    logits = F.linear(x, weight)
+    w, ids = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), 3, dim=-1)
+    return (w / w.sum(dim=-1, keepdim=True)).to(x.dtype), ids, logits
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["plain", "bias", "logits_out"])
+def test_router_linear_folds_only_when_nothing_else_needs_its_logits(kind, dtype):
+    # a bias-free linear whose logits only feed the router folds into the gating op; a
+    # biased one, or logits the model also returns, stay a GEMM feeding the gating op
+    torch.manual_seed(0)
+    fn = {"plain": _router_plain, "bias": _router_bias, "logits_out": _router_logits_out}[kind]
+    args = [torch.randn(7, 24, dtype=dtype), (torch.randn(10, 24) * 0.3).to(dtype)] + ([torch.randn(10, dtype=dtype)] if kind == "bias" else [])
+    gm = _trace_fake(fn, *args)
+    gm.graph.eliminate_dead_code()  # the CPU trace leaves dead casts; the backend's cleanup drops them first
+    mms = sum(n.target in (aten.mm.default, aten.addmm.default) for n in gm.graph.nodes)
+    assert make_pass(AscendConfig())(gm.graph) == 1
+    gm.graph.lint()
+    gm.recompile()
+    (gating,) = [n for n in gm.graph.nodes if n.target is ops.moe_gating_topk.default]
+    folded = len(gating.args) == 10 and gating.args[9] is not None
+    assert folded == (kind == "plain")
+    assert sum(n.target in (aten.mm.default, aten.addmm.default) for n in gm.graph.nodes) == mms - folded
+    assert aten.topk.default not in _targets(gm)
+    with torch.no_grad():
+        out, ref = gm(*args), fn(*args)
+    torch.testing.assert_close(out[1], ref[1])
+    torch.testing.assert_close(out[0], ref[0], atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=0)
+    assert out[0].dtype == ref[0].dtype == dtype
 
 
 def test_pass_is_off_when_the_family_is_not_configured():
@@ -291,8 +347,10 @@ def test_expert_loop_fuses(form, tmp_path):
     x = torch.randn(13, _H)
     out, ref, before, after = _compile_loop(module, x, tmp_path)
     assert ascend_graph.stats()["fusions"]["moe"] == 1
-    # E unrolled expert bodies (2 GEMMs each) before; the router's GEMM only after
-    assert before.count("aten.mm.default(") == 2 * _E + 1 and after.count("aten.mm.default(") == 1
+    # E unrolled expert bodies (2 GEMMs each) and the router's GEMM before; none after
+    # (the router's fp32 linear folds into the gating op)
+    assert before.count("aten.mm.default(") == 2 * _E + 1 and after.count("aten.mm.default(") == 0
+    assert _router_folded(after)
     assert len(_fused_experts_nodes(after)) == 1 and "ascend_graph.moe_gating_topk" in after
     for op in ("aten.nonzero", "aten.index_put", "aten.eq.Scalar"):
         assert op not in after
@@ -316,10 +374,11 @@ def test_expert_loop_look_alikes_do_not_fuse(form, tmp_path):
     module = _LoopMoE(form).eval()
     x = torch.randn(13, _H)
     out, ref, before, after = _compile_loop(module, x, tmp_path)
-    # the experts stay as written (the router alone may fuse: it is a real top-k router)
+    # the experts stay as written (the router alone may fuse, its linear with it: it is a
+    # real top-k router)
     assert before.count("aten.mm.default(") >= 2 * (_E - 1) + 1
     assert not _fused_experts_nodes(after)
-    assert after.count("aten.mm.default(") == before.count("aten.mm.default(")
+    assert after.count("aten.mm.default(") == before.count("aten.mm.default(") - _router_folded(after)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 

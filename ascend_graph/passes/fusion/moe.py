@@ -470,11 +470,103 @@ def _router_check(match: Match) -> bool:
     return logits is not None and logits.dim() == 2 and logits.is_floating_point()
 
 
+# Router GEMM folded in: the rows above with their logits computed by a bias-free
+# ``F.linear(x, router_weight)``, the way HF routers write it; the replacement hands
+# ``router_weight`` to the op, which computes ``F.linear(x, w).float()`` itself (one
+# launch at decode sizes on CUDA instead of a cuBLAS GEMM and the gating kernel).
+# Half-precision models: Qwen/Mixtral-style routers run the linear in the model dtype,
+# score in fp32 (``softmax(dtype=float)``) and cast the weights back to the model dtype;
+# DeepSeek-V3's runs the linear itself in fp32 (``F.linear(x.float(), w.float())``, so
+# the op gets ``x.float()`` and the half weight, whose conversion is exact) and keeps
+# fp32 weights. Float32 models have no casts. Where the logits have another user (an
+# auxiliary loss, ``output_router_logits``) these rows do not match and the plain ones do.
+
+
+def _linear_softmax_renorm_half(x, router_weight, top_k):
+    weights, ids = _softmax_topk_renorm(F.linear(x, router_weight).float(), top_k)
+    return weights.to(x.dtype), ids
+
+
+def _linear_softmax_half(x, router_weight, top_k):
+    weights, ids = _softmax_topk(F.linear(x, router_weight).float(), top_k)
+    return weights.to(x.dtype), ids
+
+
+def _linear_softmax_renorm_fp32(x, router_weight, top_k):
+    return _softmax_topk_renorm(F.linear(x, router_weight), top_k)
+
+
+def _linear_softmax_fp32(x, router_weight, top_k):
+    return _softmax_topk(F.linear(x, router_weight), top_k)
+
+
+def _linear_softmax_renorm_fused(x, router_weight, top_k):
+    return _ops.moe_gating_topk(x, top_k, None, "softmax", 1, 1, True, 1.0, 0.0, router_weight)
+
+
+def _linear_softmax_fused(x, router_weight, top_k):
+    return _ops.moe_gating_topk(x, top_k, None, "softmax", 1, 1, False, 1.0, 0.0, router_weight)
+
+
+def _linear_sigmoid_grouped_renorm_half(x, router_weight, bias, top_k, n_group, topk_group, scale):
+    return _sigmoid_grouped_renorm(F.linear(x.float(), router_weight.float()), bias, top_k, n_group, topk_group, scale)
+
+
+def _linear_sigmoid_grouped_half(x, router_weight, bias, top_k, n_group, topk_group, scale):
+    return _sigmoid_grouped(F.linear(x.float(), router_weight.float()), bias, top_k, n_group, topk_group, scale)
+
+
+def _linear_sigmoid_grouped_renorm_fp32(x, router_weight, bias, top_k, n_group, topk_group, scale):
+    return _sigmoid_grouped_renorm(F.linear(x, router_weight), bias, top_k, n_group, topk_group, scale)
+
+
+def _linear_sigmoid_grouped_fp32(x, router_weight, bias, top_k, n_group, topk_group, scale):
+    return _sigmoid_grouped(F.linear(x, router_weight), bias, top_k, n_group, topk_group, scale)
+
+
+def _linear_sigmoid_grouped_renorm_fused(x, router_weight, bias, top_k, n_group, topk_group, scale):
+    return _ops.moe_gating_topk(x.float(), top_k, bias, "sigmoid", n_group, topk_group, True, scale, 1e-20, router_weight)
+
+
+def _linear_sigmoid_grouped_fused(x, router_weight, bias, top_k, n_group, topk_group, scale):
+    return _ops.moe_gating_topk(x.float(), top_k, bias, "sigmoid", n_group, topk_group, False, scale, 0.0, router_weight)
+
+
+def _linear_softmax_inputs(dtype: torch.dtype) -> Callable[[], list[Any]]:
+    # T=6, H=19, E=17, top_k=11 (see _softmax_inputs)
+    return lambda: [torch.empty(6, 19, dtype=dtype), torch.empty(17, 19, dtype=dtype), 11]
+
+
+def _linear_grouped_inputs(dtype: torch.dtype) -> Callable[[], list[Any]]:
+    # T=5, H=21, E=39 (see _grouped_inputs); the correction bias stays fp32, as HF keeps it
+    return lambda: [torch.empty(5, 21, dtype=dtype), torch.empty(39, 21, dtype=dtype), torch.empty(39), 11, 13, 7, 2.3]
+
+
+def _linear_check(dtypes: tuple[torch.dtype, ...]) -> Callable[[Match], bool]:
+    def check(match: Match) -> bool:
+        x, w = (match.kwargs[n].meta.get("val") for n in ("x", "router_weight"))
+        if x is None or w is None:
+            return False
+        return x.dim() == 2 and w.dim() == 2 and w.shape[1] == x.shape[1] and x.dtype == w.dtype and x.dtype in dtypes
+
+    return check
+
+
 _SOFTMAX_WORKAROUND = {"top_k": 11}
 _GROUPED_WORKAROUND = {"top_k": 11, "n_group": 13, "topk_group": 7, "scale": 2.3}
+_HALF, _FP32 = (torch.bfloat16, torch.float16), (torch.float32,)
 
-#: routers; the renormalising rows come first (the plain ones are their prefixes)
+#: routers; the rows with the router linear folded in come first (the others match their
+#: tails), and the renormalising rows before the plain ones (which are their prefixes)
 ROUTER_FUSIONS: list[Fusion] = [
+    Fusion("linear_softmax_topk_renorm_bf16", _linear_softmax_renorm_half, _linear_softmax_renorm_fused, _linear_softmax_inputs(torch.bfloat16), _linear_check(_HALF), _SOFTMAX_WORKAROUND),
+    Fusion("linear_softmax_topk_bf16", _linear_softmax_half, _linear_softmax_fused, _linear_softmax_inputs(torch.bfloat16), _linear_check(_HALF), _SOFTMAX_WORKAROUND),
+    Fusion("linear_softmax_topk_renorm_fp32", _linear_softmax_renorm_fp32, _linear_softmax_renorm_fused, _linear_softmax_inputs(torch.float32), _linear_check(_FP32), _SOFTMAX_WORKAROUND),
+    Fusion("linear_softmax_topk_fp32", _linear_softmax_fp32, _linear_softmax_fused, _linear_softmax_inputs(torch.float32), _linear_check(_FP32), _SOFTMAX_WORKAROUND),
+    Fusion("linear_sigmoid_grouped_topk_renorm_bf16", _linear_sigmoid_grouped_renorm_half, _linear_sigmoid_grouped_renorm_fused, _linear_grouped_inputs(torch.bfloat16), _linear_check(_HALF), _GROUPED_WORKAROUND),
+    Fusion("linear_sigmoid_grouped_topk_bf16", _linear_sigmoid_grouped_half, _linear_sigmoid_grouped_fused, _linear_grouped_inputs(torch.bfloat16), _linear_check(_HALF), _GROUPED_WORKAROUND),
+    Fusion("linear_sigmoid_grouped_topk_renorm_fp32", _linear_sigmoid_grouped_renorm_fp32, _linear_sigmoid_grouped_renorm_fused, _linear_grouped_inputs(torch.float32), _linear_check(_FP32), _GROUPED_WORKAROUND),
+    Fusion("linear_sigmoid_grouped_topk_fp32", _linear_sigmoid_grouped_fp32, _linear_sigmoid_grouped_fused, _linear_grouped_inputs(torch.float32), _linear_check(_FP32), _GROUPED_WORKAROUND),
     Fusion("softmax_topk_renorm", _softmax_topk_renorm, _softmax_topk_renorm_fused, _softmax_inputs, _router_check, _SOFTMAX_WORKAROUND),
     Fusion("softmax_topk", _softmax_topk, _softmax_topk_fused, _softmax_inputs, _router_check, _SOFTMAX_WORKAROUND),
     Fusion("sigmoid_grouped_topk_renorm", _sigmoid_grouped_renorm, _sigmoid_grouped_renorm_fused, _grouped_inputs, _router_check, _GROUPED_WORKAROUND),

@@ -7,7 +7,8 @@ registrations by ``tests/ops/test_npu_contract.py``), :func:`mc2_buffer_bytes` a
 
 Mapping (torch_npu names and keywords from ``CustomFunctions.h``):
 
-- ``moe_gating_topk``: plain softmax top-k -> ``npu_moe_gating_top_k_softmax``; sigmoid,
+- ``moe_gating_topk``: with ``router_weight``, the router GEMM first (``F.linear``, a
+  matmul on the NPU), then as with logits: plain softmax top-k -> ``npu_moe_gating_top_k_softmax``; sigmoid,
   a correction bias or expert groups -> ``npu_moe_gating_top_k`` (``norm_type`` 1 =
   sigmoid, ``group_select_mode`` 1 = groups scored by their top-2 sum, as DeepSeek-V3).
   The kernels give int32 ids; we widen them to int64 (our contract). The weights are
@@ -107,9 +108,13 @@ def hccl_buffsize_mb() -> int:
 # -- bindings -----------------------------------------------------------------------
 
 
-def gating_topk_npu(logits, top_k, bias=None, scoring="softmax", n_group=1, topk_group=1, renormalize=True, routed_scaling_factor=1.0, eps=0.0):
+def gating_topk_npu(logits, top_k, bias=None, scoring="softmax", n_group=1, topk_group=1, renormalize=True, routed_scaling_factor=1.0, eps=0.0, router_weight=None):
     import torch_npu
 
+    out_dtype = logits.dtype
+    if router_weight is not None:
+        # the router GEMM as its own matmul (the gating kernels take logits), then as below
+        logits = torch.nn.functional.linear(logits, router_weight.to(logits.dtype)).float()
     if scoring == "softmax" and bias is None and n_group == 1:
         weights, ids, _row_idx = torch_npu.npu_moe_gating_top_k_softmax(logits, k=top_k)
         weights = weights.float()
@@ -130,7 +135,7 @@ def gating_topk_npu(logits, top_k, bias=None, scoring="softmax", n_group=1, topk
         weights = scores.gather(1, ids.long())
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
-    return (weights * routed_scaling_factor).to(logits.dtype), ids.long()
+    return (weights * routed_scaling_factor).to(out_dtype), ids.long()
 
 
 def _act_npu(h: torch.Tensor, activation: str) -> torch.Tensor:

@@ -61,6 +61,11 @@ class MoeConfig:
     w2_k: int = 128
     w2_warps: int = 4
     w2_stages: int = 4
+    #: programmatic dependent launch between the op's launches (honoured on SM90+ only)
+    pdl: bool = True
+    #: with ``pdl``: each down-projection program prefetches its weight tile into L2
+    #: before waiting for the gate/up kernel (weights do not depend on it)
+    w2_prefetch: bool = True
 
 
 #: (max tokens, config) in increasing order; the last entry serves any larger count.
@@ -132,8 +137,11 @@ def _align_kernel(
     P, E, NUM_SLOTS, NUM_BLOCKS,
     stride_it, stride_ik,
     TOPK: tl.constexpr, E_P2: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, HAS_MASK: tl.constexpr,
-    P_P2: tl.constexpr, NB_P2: tl.constexpr,
+    P_P2: tl.constexpr, NB_P2: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # the ids come from the previous kernel
+        tl.extra.cuda.gdc_launch_dependents()
     # Loop bounds are constexpr powers of two (P <= P_P2, NUM_BLOCKS <= NB_P2; the tails are
     # masked): one compile per power of two of the pair count, and the CPU interpreter,
     # whose runtime scalars range() cannot take, runs the same code.
@@ -185,6 +193,12 @@ def _block_rows(sorted_ptr, block_expert_ptr, ids_ptr, mask_ptr, pid_m, P, E, st
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    # fire-and-forget: the line is on its way into L2 when the real load asks for it
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _act(g, ACT: tl.constexpr):
     if ACT == 0:
         return g * tl.sigmoid(g)
@@ -211,10 +225,17 @@ def _w13_kernel(
     stride_xt, stride_xh, stride_we, stride_wn, stride_wh, stride_op, stride_it, stride_ik,
     TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, K_PER: tl.constexpr,
     NAIVE: tl.constexpr, HAS_MASK: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    if USE_PDL:
+        # the routing (ids, or the align kernel's blocks) comes from the previous kernel;
+        # once every program is past this point the down projection may launch: it reads
+        # nothing of ours before its own wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     e, pairs = _block_rows(sorted_ptr, block_expert_ptr, ids_ptr, mask_ptr, pid_m, P, E, stride_it, stride_ik, TOPK, BM, NAIVE, HAS_MASK)
     if e < 0:
         return
@@ -262,9 +283,13 @@ def _w2_kernel(
     TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KD: tl.constexpr,
     NAIVE: tl.constexpr, HAS_MASK: tl.constexpr, ACT: tl.constexpr, ACT_IN_PROLOGUE: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES_P2: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    # Under PDL this runs while the gate/up kernel still does: the routing it reads here
+    # (ids, or the align kernel's blocks) is two launches back, complete before any
+    # gate/up program let us launch (they wait for their predecessor first).
     e, pairs = _block_rows(sorted_ptr, block_expert_ptr, ids_ptr, mask_ptr, pid_m, P, E, stride_it, stride_ik, TOPK, BM, NAIVE, HAS_MASK)
     if e < 0:
         return
@@ -272,6 +297,14 @@ def _w2_kernel(
     pr = pairs.to(tl.int64)
     n = pid_n * BN + tl.arange(0, BN)
     nmask = n < N
+    if USE_PDL:
+        if PREFETCH:
+            # one L2 prefetch per 128-byte line of this program's weight tile
+            line = tl.minimum(tl.arange(0, LINES_P2) * LINE, KD - 1)
+            nn = tl.minimum(n, N - 1)
+            _prefetch_l2(w_ptr + e.to(tl.int64) * stride_we + nn[:, None] * stride_wn + line[None, :] * stride_wk)
+        tl.extra.cuda.gdc_wait()  # the hidden activations are the previous kernel's output
+        tl.extra.cuda.gdc_launch_dependents()
     kk = tl.arange(0, BK)
     a_ptrs = a_ptr + pr[:, None] * stride_ap + kk[None, :]
     w_ptrs = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn + kk[:, None] * stride_wk
@@ -303,9 +336,11 @@ def _w2_kernel(
 def _combine_kernel(
     y_ptr, out_ptr, ids_ptr, mask_ptr, E, H,
     stride_yp, stride_ot, stride_oh, stride_it, stride_ik,
-    TOPK: tl.constexpr, BH: tl.constexpr, HAS_MASK: tl.constexpr,
+    TOPK: tl.constexpr, BH: tl.constexpr, HAS_MASK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     t = tl.program_id(0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     h = tl.program_id(1) * BH + tl.arange(0, BH)
     hmask = h < H
     active = True
@@ -335,7 +370,14 @@ def _mask_arg(active_mask: Optional[torch.Tensor], ids: torch.Tensor) -> tuple[t
     return active_mask.contiguous(), True
 
 
-def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int, active_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _pdl(on: bool, device: torch.device) -> dict:
+    """Launch keywords for programmatic dependent launch, where the device has it."""
+    from .moe_gating import pdl_supported
+
+    return {"launch_pdl": True} if on and pdl_supported(device) else {}
+
+
+def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int, active_mask: Optional[torch.Tensor] = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted_pairs [MAX_BLOCKS*BM] int32, block_expert [MAX_BLOCKS] int32); see the module docstring."""
     t, k = topk_ids.shape
     p = t * k
@@ -348,8 +390,8 @@ def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int, active_
         p, num_experts, nb * block_m, nb,
         topk_ids.stride(0), topk_ids.stride(1),
         TOPK=k, E_P2=triton.next_power_of_2(num_experts), BM=block_m, CH=32, HAS_MASK=has_mask,
-        P_P2=triton.next_power_of_2(p), NB_P2=triton.next_power_of_2(nb),
-        num_warps=4,
+        P_P2=triton.next_power_of_2(p), NB_P2=triton.next_power_of_2(nb), USE_PDL=bool(pdl_kw := _pdl(pdl, topk_ids.device)),
+        num_warps=4, **pdl_kw,
     )
     return sorted_pairs, block_expert
 
@@ -379,7 +421,7 @@ def fused_experts(
         n_blocks = p
         sorted_pairs = block_expert = topk_ids  # unused pointers
     else:
-        sorted_pairs, block_expert = align_blocks(topk_ids, e, bm, active_mask)
+        sorted_pairs, block_expert = align_blocks(topk_ids, e, bm, active_mask, cfg.pdl)
         n_blocks = block_expert.shape[0]
     act = _ACT_IDS[activation]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -388,27 +430,30 @@ def fused_experts(
         hidden = torch.empty(p, inter, dtype=x.dtype, device=x.device)
     else:
         hidden = torch.zeros(p, 2 * inter, dtype=torch.float32, device=x.device)
-    common = dict(TOPK=k, BM=bm, NAIVE=cfg.naive, HAS_MASK=has_mask, ACT=act, DOT_PRECISION=precision, UPCAST=_interpreting())
+    pdl = _pdl(cfg.pdl, x.device)
+    common = dict(TOPK=k, BM=bm, NAIVE=cfg.naive, HAS_MASK=has_mask, ACT=act, DOT_PRECISION=precision, UPCAST=_interpreting(), USE_PDL=bool(pdl))
     _w13_kernel[(n_blocks, triton.cdiv(inter, cfg.w13_n), split)](
         x, w13, hidden, sorted_pairs, block_expert, topk_ids, mask,
         p, e, inter, h,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), hidden.stride(0), topk_ids.stride(0), topk_ids.stride(1),
         BN=cfg.w13_n, BK=cfg.w13_k, SPLIT_K=split, K_PER=triton.cdiv(triton.cdiv(h, split), cfg.w13_k) * cfg.w13_k, EVEN_K=h % (cfg.w13_k * split) == 0,
-        num_warps=cfg.w13_warps, num_stages=cfg.w13_stages, **common,
+        num_warps=cfg.w13_warps, num_stages=cfg.w13_stages, **common, **pdl,
     )
     y = torch.empty(p, h, dtype=torch.float32, device=x.device)
+    line = max(1, 128 // w2.element_size())  # elements per 128-byte line
     _w2_kernel[(n_blocks, triton.cdiv(h, cfg.w2_n))](
         hidden, w2, y, topk_weights, sorted_pairs, block_expert, topk_ids, mask,
         p, e, h,
         hidden.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0), topk_weights.stride(0), topk_weights.stride(1),
         topk_ids.stride(0), topk_ids.stride(1),
         BN=cfg.w2_n, BK=cfg.w2_k, KD=inter, ACT_IN_PROLOGUE=split > 1, EVEN_K=inter % cfg.w2_k == 0,
-        num_warps=cfg.w2_warps, num_stages=cfg.w2_stages, **common,
+        PREFETCH=cfg.w2_prefetch, LINE=line, LINES_P2=triton.next_power_of_2(triton.cdiv(inter, line)),
+        num_warps=cfg.w2_warps, num_stages=cfg.w2_stages, **common, **pdl,
     )
     bh = min(1024, triton.next_power_of_2(h))
     _combine_kernel[(t, triton.cdiv(h, bh))](
         y, out, topk_ids, mask, e, h,
         y.stride(0), out.stride(0), out.stride(1), topk_ids.stride(0), topk_ids.stride(1),
-        TOPK=k, BH=bh, HAS_MASK=has_mask, num_warps=4,
+        TOPK=k, BH=bh, HAS_MASK=has_mask, USE_PDL=bool(pdl), num_warps=4, **pdl,
     )
     return out

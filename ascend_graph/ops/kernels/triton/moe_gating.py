@@ -1,34 +1,148 @@
-"""Triton kernel of ``moe_gating_topk``: one launch for scoring, grouped top-k and renormalisation.
+"""Triton kernels of ``moe_gating_topk``: scoring, grouped top-k and renormalisation in one launch,
+with the router GEMM folded in for small token counts.
 
-Entry point: :func:`gating_topk`, with the contract of ``ascend_graph/ops/moe.py``
-(``gating_reference`` is the ground truth). On the CPU it runs under ``TRITON_INTERPRET=1``.
+Entry points: :func:`gating_topk` (router logits given) and :func:`router_gating_topk`
+(hidden states and the router weight given), with the contract of
+``ascend_graph/ops/moe.py`` (``gating_reference`` is the ground truth). On the CPU they
+run under ``TRITON_INTERPRET=1``.
 
-Why a kernel: the plain-torch routing is about eight launches (softmax, topk, gather, sum,
-add, div, mul, casts); at one decode token each costs more than its work, and together
-they are a third of the MoE layer's ~25 us bandwidth floor on an H100.
+Why kernels: the plain-torch routing is about eight launches (softmax, topk, gather, sum,
+add, div, mul, casts), and at one decode token the router GEMM is a cuBLAS launch of its
+own; together they were ~8 us of a ~25 us MoE layer floor on an H100.
 
-One program per token: the row of ``E`` logits is scored in float32 (softmax or
-sigmoid), the choice score adds the correction bias, groups are ranked by the sum of
-their two best choice scores and all but the best ``topk_group`` are masked, then the
-``top_k`` experts are taken one argmax at a time (descending, like ``torch.topk``).
-The weights are the unbiased scores, renormalised and scaled in float32.
+Selection (:func:`_select`, shared by both kernels) works on a ``[rows, E]`` tile: scores
+in float32 (softmax or sigmoid), the choice score adds the correction bias, groups are
+ranked by the sum of their two best choice scores and all but the best ``topk_group``
+are masked, then the ``top_k`` experts are taken one argmax at a time (descending, like
+``torch.topk``). The weights are the unbiased scores, renormalised and scaled in float32.
+
+Router GEMM folded in (:func:`router_gating_topk`, up to :data:`ROUTER_MAX_TOKENS`
+tokens): the ``[E, H]`` router weight is split over ``E / block_e`` expert blocks and
+``split_k`` slices of ``H``, one program each (a 0.5 MB weight read by one program would
+take ~4 us on one SM; spread over 32 programs it is a fraction of that). Each program
+stores its fp32 partial logits; the program that takes the last ticket of an atomic
+counter (zeroed per call) sums the partials in a fixed order (deterministic), rounds them
+to ``x.dtype`` as ``F.linear`` would, and runs the selection for every token. With one
+program (``block_e >= E`` and ``split_k == 1``) there is no counter and no scratch.
+
+Programmatic dependent launch (``pdl``, SM90+): the kernel waits for the previous
+kernel before reading ``x`` (the router weight is a parameter and needs no wait) and
+lets the next kernel (the experts op's first launch) start as soon as every program
+has begun, so its launch latency overlaps this kernel.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["gating_topk", "gating_supported"]
+__all__ = ["gating_topk", "gating_supported", "router_gating_topk", "router_gating_supported", "RouterConfig", "router_config_for", "ROUTER_MAX_TOKENS", "pdl_supported"]
+
+#: largest token count whose router GEMM is folded into the gating kernel; above it the
+#: GEMM has real M and cuBLAS does it (then :func:`gating_topk`)
+ROUTER_MAX_TOKENS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    """Launch parameters of the folded router kernel."""
+
+    #: experts per program (>= 16: the tensor-core tile)
+    block_e: int = 16
+    #: slices of the hidden size, one program each
+    split_k: int = 4
+    block_k: int = 128
+    num_warps: int = 4
+    #: programmatic dependent launch (honoured on SM90+ only)
+    pdl: bool = True
+
+
+def router_config_for(tokens: int) -> RouterConfig:
+    """Measured on an H100 (Qwen3-30B-A3B router, 128 x 2048 bf16; benchmarks/moe_layer.py --sweep)."""
+    return RouterConfig()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper and later, compiled (not interpreted) Triton."""
+    return device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def gating_supported(logits: torch.Tensor, n_group: int) -> bool:
     """Whether :func:`gating_topk` takes this problem (a 2-D float row per token, whole groups)."""
     e = logits.shape[-1]
     return logits.dtype in (torch.float32, torch.float16, torch.bfloat16) and e % n_group == 0 and e <= 4096
+
+
+def router_gating_supported(x: torch.Tensor, router_weight: torch.Tensor, n_group: int) -> bool:
+    """Whether :func:`router_gating_topk` takes this problem (few tokens, float operands, E <= 512)."""
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    e = router_weight.shape[0]
+    return x.shape[0] <= ROUTER_MAX_TOKENS and x.dtype in floats and router_weight.dtype in floats and e % n_group == 0 and e <= 512
+
+
+@triton.jit
+def _select(
+    logit, scores_rows, ex, em, bias_ptr, w_ptr, ids_ptr, stride_wt, stride_it,
+    scaling, eps,
+    TOPK: tl.constexpr, E_P2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+    N_GROUP: tl.constexpr, NG_P2: tl.constexpr, TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, TOPK_P2: tl.constexpr,
+    E,
+):
+    """Score ``logit [R, E_P2]`` (fp32, -inf past E), pick, weigh, store rows ``scores_rows`` (masked < 0)."""
+    neg = float("-inf")
+    emask = em[None, :]
+    if SIGMOID:
+        scores = tl.sigmoid(logit)
+    else:
+        z = tl.exp(logit - tl.max(logit, axis=1)[:, None])
+        scores = z / tl.sum(z, axis=1)[:, None]
+    scores = tl.where(emask, scores, 0.0)
+    choice = scores
+    if HAS_BIAS:
+        choice = choice + tl.load(bias_ptr + ex, mask=em, other=0.0).to(tl.float32)[None, :]
+    choice = tl.where(emask, choice, neg)
+    exr = ex[None, :]
+    if N_GROUP > 1:
+        gsize = E // N_GROUP
+        grp = exr // gsize
+        keep = choice != choice  # all False (choice is never NaN: -inf or finite)
+        gi = tl.arange(0, NG_P2)[None, :]
+        gscore = tl.where(gi < N_GROUP, 0.0, neg) + tl.zeros_like(tl.sum(choice, axis=1))[:, None]
+        for g in tl.static_range(N_GROUP):
+            c = tl.where(grp == g, choice, neg)
+            first = tl.argmax(c, axis=1)
+            top1 = tl.max(c, axis=1)
+            top2 = tl.max(tl.where(exr == first[:, None], neg, c), axis=1)
+            gscore = tl.where(gi == g, (top1 + top2)[:, None], gscore)
+        for _ in tl.static_range(TOPK_GROUP):
+            best = tl.argmax(gscore, axis=1)
+            keep = keep | (grp == best[:, None])
+            gscore = tl.where(gi == best[:, None], neg, gscore)
+        choice = tl.where(keep & emask, choice, neg)
+    kk = tl.arange(0, TOPK_P2)[None, :]
+    wv = tl.zeros_like(tl.sum(choice, axis=1))[:, None] + tl.zeros([1, TOPK_P2], dtype=tl.float32)
+    iv = wv.to(tl.int64)
+    for j in tl.static_range(TOPK):
+        idx = tl.argmax(choice, axis=1)[:, None]
+        wv = tl.where(kk == j, tl.sum(tl.where(exr == idx, scores, 0.0), axis=1)[:, None], wv)
+        iv = tl.where(kk == j, idx.to(tl.int64), iv)
+        choice = tl.where(exr == idx, neg, choice)
+    if RENORM:
+        wv = wv / (tl.sum(wv, axis=1)[:, None] + eps)
+    wv = wv * scaling
+    rows = scores_rows[:, None].to(tl.int64)
+    ok = (rows >= 0) & (kk < TOPK)
+    tl.store(w_ptr + rows * stride_wt + kk, wv.to(w_ptr.dtype.element_ty), mask=ok)
+    tl.store(ids_ptr + rows * stride_it + kk, iv, mask=ok)
 
 
 @triton.jit
@@ -39,51 +153,80 @@ def _gating_kernel(
     TOPK: tl.constexpr, E_P2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, NG_P2: tl.constexpr, TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, TOPK_P2: tl.constexpr,
 ):
+    # one program per token: a [1, E] tile
     t = tl.program_id(0).to(tl.int64)
     ex = tl.arange(0, E_P2)
     em = ex < E
-    neg = float("-inf")
-    logit = tl.load(logits_ptr + t * stride_lt + ex * stride_le, mask=em, other=neg).to(tl.float32)
-    if SIGMOID:
-        scores = tl.sigmoid(logit)
+    row = tl.zeros([1], dtype=tl.int64) + t
+    logit = tl.load(logits_ptr + row[:, None] * stride_lt + ex[None, :] * stride_le, mask=em[None, :], other=float("-inf")).to(tl.float32)
+    _select(logit, row, ex, em, bias_ptr, w_ptr, ids_ptr, stride_wt, stride_it, scaling, eps,
+            TOPK, E_P2, SIGMOID, HAS_BIAS, N_GROUP, NG_P2, TOPK_GROUP, RENORM, TOPK_P2, E)
+
+
+@triton.jit
+def _router_gating_kernel(
+    x_ptr, rw_ptr, bias_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
+    T, E, H, K_PER,
+    stride_xt, stride_xh, stride_re, stride_rh, stride_wt, stride_it,
+    scaling, eps,
+    TOPK: tl.constexpr, E_P2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+    N_GROUP: tl.constexpr, NG_P2: tl.constexpr, TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, TOPK_P2: tl.constexpr,
+    TM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, K_ITERS: tl.constexpr, NUM_E: tl.constexpr, SPLIT_K: tl.constexpr,
+    ROUND: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    pid_e = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = tl.arange(0, TM)
+    rmask = rows < T
+    ecol = pid_e * BE + tl.arange(0, BE)
+    ecm = ecol < E
+    kk = tl.arange(0, BK)
+    k_lo = pid_k * K_PER
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # x comes from the previous kernel
+        tl.extra.cuda.gdc_launch_dependents()
+    acc = tl.zeros([TM, BE], dtype=tl.float32)
+    for it in range(K_ITERS):  # K_ITERS * BK >= K_PER; the tail is masked
+        k = k_lo + it * BK + kk
+        kin = (k < H) & (it * BK + kk < K_PER)
+        a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xt + k[None, :] * stride_xh, mask=rmask[:, None] & kin[None, :], other=0.0)
+        w = tl.load(rw_ptr + ecol[None, :].to(tl.int64) * stride_re + k[:, None] * stride_rh, mask=ecm[None, :] & kin[:, None], other=0.0)
+        if UPCAST:  # fp32 x (or the interpreter): exact products in fp32
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
+    ex = tl.arange(0, E_P2)
+    em = ex < E
+    out_rows = tl.where(rmask, rows, -1)
+    if NUM_E * SPLIT_K == 1:
+        logit = acc  # BE == E_P2: this program holds every logit
+        if ROUND:
+            logit = logit.to(x_ptr.dtype.element_ty).to(tl.float32)
+        logit = tl.where(em[None, :], logit, float("-inf"))
+        _select(logit, out_rows, ex, em, bias_ptr, w_ptr, ids_ptr, stride_wt, stride_it, scaling, eps,
+                TOPK, E_P2, SIGMOID, HAS_BIAS, N_GROUP, NG_P2, TOPK_GROUP, RENORM, TOPK_P2, E)
     else:
-        z = tl.exp(logit - tl.max(logit, axis=0))
-        scores = z / tl.sum(z, axis=0)
-    scores = tl.where(em, scores, 0.0)
-    choice = scores
-    if HAS_BIAS:
-        choice = choice + tl.load(bias_ptr + ex, mask=em, other=0.0).to(tl.float32)
-    choice = tl.where(em, choice, neg)
-    if N_GROUP > 1:
-        gsize = E // N_GROUP
-        grp = ex // gsize
-        keep = ex < 0  # all False
-        gi = tl.arange(0, NG_P2)
-        gscore = tl.where(gi < N_GROUP, 0.0, neg)
-        for g in tl.static_range(N_GROUP):
-            c = tl.where(grp == g, choice, neg)
-            first = tl.argmax(c, axis=0)
-            top1 = tl.max(c, axis=0)
-            top2 = tl.max(tl.where(ex == first, neg, c), axis=0)
-            gscore = tl.where(gi == g, top1 + top2, gscore)
-        for _ in tl.static_range(TOPK_GROUP):
-            best = tl.argmax(gscore, axis=0)
-            keep = keep | (grp == best)
-            gscore = tl.where(gi == best, neg, gscore)
-        choice = tl.where(keep & em, choice, neg)
-    kk = tl.arange(0, TOPK_P2)
-    wv = tl.zeros([TOPK_P2], dtype=tl.float32)
-    iv = tl.zeros([TOPK_P2], dtype=tl.int64)
-    for j in tl.static_range(TOPK):
-        idx = tl.argmax(choice, axis=0)
-        wv = tl.where(kk == j, tl.sum(tl.where(ex == idx, scores, 0.0), axis=0), wv)
-        iv = tl.where(kk == j, idx.to(tl.int64), iv)
-        choice = tl.where(ex == idx, neg, choice)
-    if RENORM:
-        wv = wv / (tl.sum(wv, axis=0) + eps)
-    wv = wv * scaling
-    tl.store(w_ptr + t * stride_wt + kk, wv.to(w_ptr.dtype.element_ty), mask=kk < TOPK)
-    tl.store(ids_ptr + t * stride_it + kk, iv, mask=kk < TOPK)
+        # partials [SPLIT_K, TM, E_P2] fp32; the last program to arrive sums and selects
+        tl.store(part_ptr + (pid_k * TM + rows[:, None]) * E_P2 + ecol[None, :], acc, mask=ecm[None, :])
+        tl.debug_barrier()
+        ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == NUM_E * SPLIT_K - 1:
+            logit = tl.zeros([TM, E_P2], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                logit += tl.load(part_ptr + (s * TM + rows[:, None]) * E_P2 + ex[None, :], mask=em[None, :], other=0.0, cache_modifier=".cg")
+            if ROUND:
+                logit = logit.to(x_ptr.dtype.element_ty).to(tl.float32)
+            logit = tl.where(em[None, :], logit, float("-inf"))
+            _select(logit, out_rows, ex, em, bias_ptr, w_ptr, ids_ptr, stride_wt, stride_it, scaling, eps,
+                    TOPK, E_P2, SIGMOID, HAS_BIAS, N_GROUP, NG_P2, TOPK_GROUP, RENORM, TOPK_P2, E)
+
+
+def _select_args(top_k, bias, scoring, n_group, topk_group, renormalize, e_p2) -> dict:
+    return dict(
+        TOPK=top_k, E_P2=e_p2, SIGMOID=scoring == "sigmoid", HAS_BIAS=bias is not None,
+        N_GROUP=n_group, NG_P2=triton.next_power_of_2(n_group), TOPK_GROUP=topk_group, RENORM=renormalize,
+        TOPK_P2=triton.next_power_of_2(top_k),
+    )
 
 
 def gating_topk(
@@ -105,8 +248,56 @@ def gating_topk(
             logits, bias if bias is not None else logits, w, ids,
             e, logits.stride(0), logits.stride(1), w.stride(0), ids.stride(0),
             float(routed_scaling_factor), float(eps),
-            TOPK=top_k, E_P2=triton.next_power_of_2(e), SIGMOID=scoring == "sigmoid", HAS_BIAS=bias is not None,
-            N_GROUP=n_group, NG_P2=triton.next_power_of_2(n_group), TOPK_GROUP=topk_group, RENORM=renormalize,
-            TOPK_P2=triton.next_power_of_2(top_k), num_warps=1 if e <= 512 else 4,  # one warp: shuffle-only reductions
+            **_select_args(top_k, bias, scoring, n_group, topk_group, renormalize, triton.next_power_of_2(e)),
+            num_warps=1 if e <= 512 else 4,  # one warp: shuffle-only reductions
         )
+    return w, ids
+
+
+def router_gating_topk(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    top_k: int,
+    bias: Optional[torch.Tensor],
+    scoring: str,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    routed_scaling_factor: float,
+    eps: float,
+    config: Optional[RouterConfig] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moe_gating_topk(x, ..., router_weight=router_weight)`` in one launch (see the module docstring)."""
+    t, h = x.shape
+    e = router_weight.shape[0]
+    cfg = config or router_config_for(t)
+    w = torch.empty(t, top_k, dtype=x.dtype, device=x.device)
+    ids = torch.empty(t, top_k, dtype=torch.int64, device=x.device)
+    if t == 0:
+        return w, ids
+    e_p2 = max(16, triton.next_power_of_2(e))  # >= 16: a tensor-core tile when one program holds every expert
+    block_e = min(max(triton.next_power_of_2(cfg.block_e), 16), e_p2)
+    num_e = triton.cdiv(e, block_e)
+    split = max(1, min(cfg.split_k, triton.cdiv(h, cfg.block_k)))
+    k_per = triton.cdiv(triton.cdiv(h, split), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(h, k_per)
+    tm = max(16, triton.next_power_of_2(t))
+    if num_e * split > 1:
+        part = torch.empty(split, tm, e_p2, dtype=torch.float32, device=x.device)
+        count = torch.zeros(1, dtype=torch.int32, device=x.device)
+    else:
+        part = count = w  # never read
+    pdl = cfg.pdl and pdl_supported(x.device)
+    extra = {"launch_pdl": True} if pdl else {}
+    _router_gating_kernel[(num_e, split)](
+        x, router_weight, bias if bias is not None else x, part, count, w, ids,
+        t, e, h, k_per,
+        x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1), w.stride(0), ids.stride(0),
+        float(routed_scaling_factor), float(eps),
+        **_select_args(top_k, bias, scoring, n_group, topk_group, renormalize, e_p2),
+        TM=tm, BE=block_e, BK=cfg.block_k, K_ITERS=k_per // cfg.block_k, NUM_E=num_e, SPLIT_K=split,
+        ROUND=x.dtype != torch.float32, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        UPCAST=x.dtype == torch.float32 or _interpreting(), USE_PDL=pdl,
+        num_warps=cfg.num_warps if tm * e_p2 <= 4096 else max(cfg.num_warps, 8), **extra,
+    )
     return w, ids
