@@ -141,6 +141,9 @@ def child(args: argparse.Namespace) -> None:
         "logits_sum": float(check.sum().item()),
         "logits": check.flatten()[:64].tolist(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        # inductor autotuning results on disk at the end (a warm run that restored all of
+        # them writes none of its own)
+        "best_configs": sum(f.endswith(".best_config") for _, _, fs in os.walk(os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/nonexistent")) for f in fs),
     }))
 
 
@@ -175,10 +178,20 @@ def main() -> None:
         prof = lambda name: ["--profile", f"{args.profile}-{name}.txt"] if args.profile else []  # noqa: E731
         cold = run_child(common + prof("cold"), work, "cold")
         warm = run_child(common + prof("warm"), work, "warm")
+        from ascend_graph.cache.store import CacheStore
+
+        store = CacheStore(str(work / "cache"))
+        stored = [n for s in store.summaries() for n in (s.manifest or {}).get("files", {})]
+        kinds = {
+            "kernels/*.best_config": sum(n.startswith("kernels/") and n.endswith(".best_config") for n in stored),
+            "kernels/* (C++)": sum(n.startswith("kernels/") and not n.endswith(".best_config") for n in stored),
+            "triton/*": sum(n.startswith("triton/") for n in stored),
+            "first run": sum((s.manifest or {}).get("first_run_files", 0) for s in store.summaries()),
+        }
     ratio = warm["compile"] / cold["compile"]
     same = warm["logits"] == cold["logits"]
     if args.json:
-        print(json.dumps({"cold": cold, "warm": warm, "ratio": ratio, "same_logits": same}, indent=1))
+        print(json.dumps({"cold": cold, "warm": warm, "ratio": ratio, "same_logits": same, "cache_files": kinds}, indent=1))
         return
     print(f"model {args.model} on {cold['device']}, buckets {args.buckets}")
     print("| run | compile-to-ready (s) | device-graph capture (s) | compile part (s) | Dynamo trace (s) | backend (s) | cache hot-load (s) | build or load (s) | passes (s) | other (s) | imports (s) | per bucket (s) | cache events | AOTAutograd cache | inductor FX cache |")
@@ -192,6 +205,7 @@ def main() -> None:
     print(f"\nwarm / cold (compile part): {ratio:.1%} ({verdict} the <= 20% target)")
     with_imports = (warm["compile"] + warm["imports"]) / (cold["compile"] + cold["imports"])
     print(f"warm / cold (compile part + imports): {with_imports:.1%}")
+    print(f"cache entries hold: {kinds}; .best_config files in the inductor dir at the end: cold {cold['best_configs']}, warm {warm['best_configs']}")
     print(f"outputs of the warm run equal the cold run's: {same} (logits sum {cold['logits_sum']:.6g} / {warm['logits_sum']:.6g})")
 
 
