@@ -5,8 +5,8 @@ Shape: 128 experts, top-8, hidden 2048, expert dim 768, bf16, tokens 1..512.
 - ``hf_eager``: ``Qwen3MoeSparseMoeBlock`` as transformers runs it (default experts
   implementation, ``grouped_mm``);
 - ``hf_compile``: the same block under ``torch.compile`` (inductor, dynamic shapes);
-- ``fused``: router GEMM + ``ascend_graph::moe_gating_topk`` +
-  ``ascend_graph::moe_dispatch_ffn_combine``, replayed from a CUDA graph as the ascend
+- ``fused``: ``ascend_graph::moe_gating_topk`` given the router weight (its GEMM folded
+  into the gating launch up to 32 tokens, cuBLAS above) + ``ascend_graph::moe_dispatch_ffn_combine``, replayed from a CUDA graph as the ascend
   backend runs it (and eager, ``fused eager``); the op picks the Triton path up to
   ``TRITON_MAX_TOKENS`` tokens. The experts alone are timed on both paths (``Triton
   experts``, ``grouped_mm experts``) at every size, which is where that threshold comes from;
@@ -21,7 +21,9 @@ floor is the mean of the inputs' floors.
 
 Usage: ``python benchmarks/moe_layer.py [--tokens 1,2,4,...]`` prints a markdown table;
 ``--sweep`` times the Triton block-size candidates per token count first (how
-``moe_fused.CONFIGS`` was chosen) and prints the best of each.
+``moe_fused.CONFIGS`` was chosen) and prints the best of each; ``--variants 1,2,4`` times
+the whole layer with and without the router fold, programmatic dependent launch and the
+down projection's L2 prefetch, and the folded router's split candidates.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ import torch
 import triton.testing
 
 import ascend_graph.ops  # noqa: F401  (registers the ops)
+from ascend_graph.ops import moe as moe_ops
 from ascend_graph.ops.kernels.triton import moe as moe_cuda
-from ascend_graph.ops.kernels.triton import moe_fused
+from ascend_graph.ops.kernels.triton import moe_fused, moe_gating
 
 E, K, H, I = 128, 8, 2048, 768
 ROTATE = 4
@@ -68,10 +71,9 @@ def fused_forward(block):
 
     def fwd(x):
         x2 = x.view(-1, H)
-        # bf16 logits straight in: the gating kernel scores in fp32 and returns bf16
-        # weights, which is what HF's router does (softmax in fp32, weights cast back)
-        logits = torch.nn.functional.linear(x2, router)
-        w, ids = ops.moe_gating_topk(logits, K, None, "softmax", 1, 1, True, 1.0, 0.0)
+        # what the fusion pass makes of HF's router: the op takes x and the router weight,
+        # scores in fp32 and returns bf16 weights (HF: softmax in fp32, weights cast back)
+        w, ids = ops.moe_gating_topk(x2, K, None, "softmax", 1, 1, True, 1.0, 0.0, router)
         return ops.moe_dispatch_ffn_combine(x2, w, ids, experts.gate_up_proj, experts.down_proj, "silu").view_as(x)
 
     return fwd
@@ -98,8 +100,7 @@ def routed_inputs(block, t):
     sets, hits = [], []
     for _ in range(ROTATE):
         x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
-        logits = torch.nn.functional.linear(x, block.gate.weight)
-        w, ids = torch.ops.ascend_graph.moe_gating_topk(logits, K, None, "softmax", 1, 1, True, 1.0, 0.0)
+        w, ids = torch.ops.ascend_graph.moe_gating_topk(x, K, None, "softmax", 1, 1, True, 1.0, 0.0, block.gate.weight)
         sets.append((x, w, ids))
         hits.append(int(torch.unique(ids).numel()))
     return sets, hits
@@ -158,12 +159,60 @@ def sweep(block, tokens, expert_bytes, bw, w2_only=False) -> dict[int, moe_fused
     return best_cfgs
 
 
+def variants(block, tokens, expert_bytes, bw) -> None:
+    """The whole layer (graph-replayed) per variant: router fold, PDL, w2 L2 prefetch, router splits."""
+    router, w13, w2 = block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj
+    print("## variants (whole layer, graph-replayed, us per call)\n", flush=True)
+    for t in tokens:
+        sets, hits = routed_inputs(block, t)
+        floor = (sum(hits) / len(hits) * expert_bytes + E * H * 2 + 2 * t * H * 2) / bw * 1e6
+        xs = [(s[0],) for s in sets]
+        base = moe_fused.config_for(t)
+        # ids / weights of every router variant against the CPU reference
+        w_ref, ids_ref = moe_ops.gating_reference(sets[0][0].cpu(), K, None, "softmax", 1, 1, True, 1.0, 0.0, router.cpu())
+        ref = moe_ops.experts_reference(sets[0][0].cpu().float(), w_ref.float(), ids_ref, w13.cpu().float(), w2.cpu().float(), "silu")
+
+        def layer(rcfg, ecfg, fold=True):
+            def fn(x):
+                if fold:
+                    w, ids = moe_gating.router_gating_topk(x, router, K, None, "softmax", 1, 1, True, 1.0, 0.0, rcfg)
+                else:
+                    w, ids = moe_gating.gating_topk(torch.nn.functional.linear(x, router), K, None, "softmax", 1, 1, True, 1.0, 0.0, pdl=ecfg.pdl)
+                return moe_fused.fused_experts(x, w, ids, w13, w2, "silu", None, ecfg), ids
+            return fn
+
+        nopdl = dataclasses.replace(base, pdl=False)
+        rows = [
+            ("cuBLAS router + gating, no PDL", layer(None, nopdl, fold=False)),
+            ("cuBLAS router + gating, PDL", layer(None, base, fold=False)),
+            ("cuBLAS router + gating, PDL + w2 L2 prefetch", layer(None, dataclasses.replace(base, w2_prefetch=True), fold=False)),
+            ("fold (default), no PDL", layer(moe_gating.RouterConfig(pdl=False), nopdl)),
+        ]
+        for be, sk, warps in ((16, 4, 4), (16, 8, 4), (16, 8, 1), (16, 8, 2), (32, 4, 1), (16, 16, 1), (64, 8, 2)):
+            rows.append((f"fold block_e={be} split_k={sk} warps={warps}, PDL", layer(moe_gating.RouterConfig(block_e=be, split_k=sk, num_warps=warps), base)))
+        print(f"T={t}: floor {floor:.1f} us", flush=True)
+        for name, fn in rows:
+            try:
+                out, ids = fn(sets[0][0])
+                same_ids = torch.equal(ids.cpu().sort(1)[0], ids_ref.sort(1)[0])
+                err = ((out.float().cpu() - ref).norm() / ref.norm()).item()
+                us = graph_time_us(lambda x: fn(x), xs)
+                us2 = graph_time_us(lambda x: fn(x), xs)
+            except Exception as exc:
+                print(f"  {name}: skipped ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
+                continue
+            print(f"  {us:6.1f} / {us2:6.1f} us ({min(us, us2) / floor:.2f}x floor) ids {'==' if same_ids else '!='} ref, rel err {err:.1e}  {name}", flush=True)
+    print(flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256,512")
     parser.add_argument("--sweep", default="", help="token counts to sweep Triton configs at, e.g. 1,2,4,8,16,32,64")
     parser.add_argument("--w2-only", action="store_true", help="sweep only the down-projection configs (w13 as configured)")
     parser.add_argument("--use-sweep", action="store_true", help="run the table with the swept configs (preview)")
+    parser.add_argument("--variants", default="", help="token counts to time the layer variants at, e.g. 1,2,4,8,16,32")
+    parser.add_argument("--no-table", action="store_true", help="skip the main table")
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     torch.manual_seed(0)
@@ -178,6 +227,11 @@ def main() -> None:
             swept = tuple(sorted(best.items())) + ((1 << 62, moe_fused.CONFIGS[-1][1]),)
             moe_fused.CONFIGS = swept
             print("table below uses the swept configs:", swept, "\n", flush=True)
+    if args.variants:
+        with torch.no_grad():
+            variants(block, [int(t) for t in args.variants.split(",")], expert_bytes, bw)
+    if args.no_table:
+        return
     fused = fused_forward(block)
     compiled = torch.compile(block, dynamic=True)
     experts = block.experts

@@ -43,6 +43,34 @@ def test_softmax_gating_matches_qwen_router(renorm):
     torch.testing.assert_close(w, w_ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gating_with_router_weight_matches_qwen_router(dtype):
+    # the router linear folded in: x and the weight in, HF's (bf16) weights and ids out
+    cfg = Qwen3MoeConfig(hidden_size=24, num_experts=10, num_experts_per_tok=3, norm_topk_prob=True)
+    router = _init(Qwen3MoeTopKRouter(cfg)).to(dtype)
+    x = torch.randn(13, 24, dtype=dtype)
+    _, w_ref, ids_ref = router(x)
+    w, ids = ops.moe_gating_topk(x, 3, None, "softmax", 1, 1, True, 1.0, 0.0, router.weight)
+    assert w.dtype == dtype and ids.dtype == torch.int64
+    torch.testing.assert_close(ids, ids_ref)
+    torch.testing.assert_close(w, w_ref)
+    with pytest.raises(UnsupportedError) as e:
+        ops.moe_gating_topk(x, 3, None, "softmax", 1, 1, True, 1.0, 0.0, router.weight[:, :20])
+    assert "[experts, 24]" in str(e.value.expected)
+
+
+def test_gating_with_router_weight_matches_deepseek_router_in_bf16():
+    # DeepSeek-V3 runs its linear in fp32 on a bf16 weight: the op gets x.float() and the bf16 weight
+    cfg = DeepseekV3Config(hidden_size=24, n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    router = _init(DeepseekV3TopkRouter(cfg)).to(torch.bfloat16)
+    x = torch.randn(11, 24, dtype=torch.bfloat16)
+    _, w_ref, ids_ref = router(x)
+    w, ids = ops.moe_gating_topk(x.float(), 3, router.e_score_correction_bias, "sigmoid", 4, 2, True, 2.5, 1e-20, router.weight)
+    order, order_ref = ids.argsort(1), ids_ref.argsort(1)
+    torch.testing.assert_close(ids.gather(1, order), ids_ref.gather(1, order_ref))
+    torch.testing.assert_close(w.gather(1, order), w_ref.gather(1, order_ref))
+
+
 def test_grouped_sigmoid_gating_matches_deepseek_router():
     cfg = DeepseekV3Config(hidden_size=24, n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2, routed_scaling_factor=2.5)
     router = _init(DeepseekV3TopkRouter(cfg))
@@ -105,8 +133,10 @@ def test_fake_impls_give_static_shapes():
     with FakeTensorMode():
         logits = torch.empty(17, 12)
         w, ids = ops.moe_gating_topk(logits, 4, None, "softmax", 1, 1, True, 1.0, 0.0)
+        w16, _ = ops.moe_gating_topk(torch.empty(17, 16, dtype=torch.bfloat16), 4, None, "softmax", 1, 1, True, 1.0, 0.0, torch.empty(12, 16))
         out = ops.moe_dispatch_ffn_combine(torch.empty(17, 16, dtype=torch.bfloat16), w, ids, torch.empty(12, 10, 16, dtype=torch.bfloat16), torch.empty(12, 16, 5, dtype=torch.bfloat16))
     assert (tuple(w.shape), ids.dtype, tuple(out.shape), out.dtype) == ((17, 4), torch.int64, (17, 16), torch.bfloat16)
+    assert (tuple(w16.shape), w16.dtype) == ((17, 4), torch.bfloat16)  # weights take x's dtype
 
 
 def test_errors_say_expected_and_got():
@@ -211,6 +241,21 @@ _INTERPRET_SCRIPT = textwrap.dedent(
         o, o_ref = ids.argsort(1), ids_ref.argsort(1)
         assert torch.equal(ids.gather(1, o), ids_ref.gather(1, o_ref)), (ids, ids_ref)
         torch.testing.assert_close(w.gather(1, o), w_ref.gather(1, o_ref))
+
+    # router GEMM folded in: split over experts and hidden (last-ticket selection) and one program
+    x, rw = torch.randn(5, 40), torch.randn(20, 40) * 0.3
+    bias = torch.randn(20) * 0.1
+    for dtype in (torch.float32, torch.bfloat16):
+        for cfg in (moe_gating.RouterConfig(block_e=16, split_k=2, block_k=16), moe_gating.RouterConfig(block_e=32, split_k=1, block_k=32)):
+            for args in ((3, None, "softmax", 1, 1, True, 1.0, 0.0), (3, bias, "sigmoid", 4, 2, False, 2.5, 0.0)):
+                w, ids = moe_gating.router_gating_topk(x.to(dtype), rw.to(dtype), *args, config=cfg)
+                w_ref, ids_ref = moe.gating_reference(x.to(dtype), *args, router_weight=rw.to(dtype))
+                o, o_ref = ids.argsort(1), ids_ref.argsort(1)
+                assert torch.equal(ids.gather(1, o), ids_ref.gather(1, o_ref)), (cfg, args, ids, ids_ref)
+                assert w.dtype == dtype
+                # bf16: a logit's rounding may differ by one ulp (another fp32 summation order)
+                tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else {}
+                torch.testing.assert_close(w.gather(1, o), w_ref.gather(1, o_ref), **tol)
     print("INTERPRETED-OK")
     """
 )
@@ -304,6 +349,44 @@ def test_triton_experts_one_graph_serves_any_routing():
         out.fill_(float("nan"))
         g.replay()
         assert _rel_err(out, _ref(*new, w13, w2, "silu", m)) < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tokens", [1, 3, 32, 40])
+def test_router_gating_cuda_matches_reference(tokens):
+    # folded router GEMM (<= 32 tokens; 40: cuBLAS + the gating kernel), bf16 and fp32 x, in a graph
+    from ascend_graph.ops.kernels.triton import moe_gating
+
+    torch.manual_seed(tokens)
+    rw = torch.randn(128, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(tokens, 2048, device="cuda", dtype=dtype)
+        w, ids = ops.moe_gating_topk(x, 8, None, "softmax", 1, 1, True, 1.0, 0.0, rw)
+        w_ref, ids_ref = moe.gating_reference(x.cpu().double(), 8, None, "softmax", 1, 1, True, 1.0, 0.0, rw.cpu().double())
+        assert w.dtype == dtype
+        assert (ids.cpu() == ids_ref).float().mean() > 0.99  # bf16 rounding of the logits may swap a near tie
+        torch.testing.assert_close(w.float().cpu(), w_ref.float(), atol=2e-2, rtol=2e-2)
+    bias = torch.randn(256, device="cuda") * 0.1
+    rw = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16) * 0.05
+    x = torch.randn(tokens, 512, device="cuda")
+    for cfg in (None, moe_gating.RouterConfig(block_e=256, split_k=1, num_warps=8), moe_gating.RouterConfig(block_e=32, split_k=2, pdl=False)):
+        w, ids = moe_gating.router_gating_topk(x, rw, 8, bias, "sigmoid", 8, 4, True, 2.5, 1e-20, cfg) if tokens <= 32 else ops.moe_gating_topk(x, 8, bias, "sigmoid", 8, 4, True, 2.5, 1e-20, rw)
+        w_ref, ids_ref = moe.gating_reference(x.cpu(), 8, bias.cpu(), "sigmoid", 8, 4, True, 2.5, 1e-20, rw.cpu())
+        o, o_ref = ids.argsort(1), ids_ref.argsort(1)
+        torch.testing.assert_close(ids.gather(1, o).cpu(), ids_ref.gather(1, o_ref))
+        torch.testing.assert_close(w.gather(1, o).cpu(), w_ref.gather(1, o_ref), atol=1e-5, rtol=1e-5)
+    # one graph, any input: the per-call counter is reset by the memset captured with it
+    static = torch.randn(tokens, 512, device="cuda")
+    ops.moe_gating_topk(static, 8, bias, "sigmoid", 8, 4, True, 2.5, 1e-20, rw)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w, ids = ops.moe_gating_topk(static, 8, bias, "sigmoid", 8, 4, True, 2.5, 1e-20, rw)
+    for seed in range(3):
+        static.copy_(torch.randn(tokens, 512, device="cuda"))
+        ids.fill_(-1)
+        g.replay()
+        _, ids_ref = moe.gating_reference(static.cpu(), 8, bias.cpu(), "sigmoid", 8, 4, True, 2.5, 1e-20, rw.cpu())
+        assert torch.equal(ids.sort(1)[0].cpu(), ids_ref.sort(1)[0])
 
 
 @pytest.mark.cuda

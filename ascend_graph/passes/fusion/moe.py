@@ -18,7 +18,10 @@ order 1, 3, 2, 4:
    (top-2-sum group scores, ``topk_group`` of ``n_group`` groups) -> gather [->
    renormalise with eps] -> routed scaling. ``top_k``, ``n_group``, ``topk_group`` and
    the scaling factor are pattern arguments (``scalar_workaround``): the matcher binds
-   them from the graph and passes them to the replacement.
+   them from the graph and passes them to the replacement. Rows for each router with its
+   bias-free linear included come first: they hand the op ``x`` and ``router_weight`` (it
+   computes the logits itself, folding the GEMM into the gating launch on CUDA); where the
+   linear has a bias or its logits another user, the logits-only rows match instead.
 3. **experts as a loop over experts** (:func:`loop_fusion`, :data:`LOOP_FORMS`): Dynamo
    unrolls ``for e in range(E)``, so a row is the whole unrolled loop for one expert
    count E and intermediate size I (built for the pairs of stacked ``w13 [E, 2I, H]`` /

@@ -25,6 +25,13 @@ Pipeline (four launches, three at one token):
 4. ``_combine_kernel``: ``out[t] = sum_j y[t*k + j]`` in fp32 over the valid slots only
    (rows of invalid pairs are never written and never read), cast to ``x.dtype``.
 
+Programmatic dependent launch (``MoeConfig.pdl``, SM90+): every launch waits
+(``gdc_wait``) for its predecessor before reading what that wrote, and lets its successor
+launch once all its programs are past the wait, so launch latencies and ramps overlap the
+previous kernel's tail. The down projection's programs read the routing (two launches
+back, complete before any gate/up program let them launch) and prefetch their weight
+tile into L2 before their wait: the weights do not depend on the gate/up kernel.
+
 The intermediate buffers are indexed by pair, not by sorted slot, so their size is
 ``P`` rows whatever the padding. Block sizes come from :data:`CONFIGS` (measured on an
 H100 by ``benchmarks/moe_layer.py --sweep``).
@@ -64,8 +71,10 @@ class MoeConfig:
     #: programmatic dependent launch between the op's launches (honoured on SM90+ only)
     pdl: bool = True
     #: with ``pdl``: each down-projection program prefetches its weight tile into L2
-    #: before waiting for the gate/up kernel (weights do not depend on it)
-    w2_prefetch: bool = True
+    #: before waiting for the gate/up kernel (weights do not depend on it). Off: on an
+    #: H100 it cost 1.5-6 us at 1-8 tokens (the prefetches compete with the gate/up
+    #: kernel's own weight stream, which is the critical path)
+    w2_prefetch: bool = False
 
 
 #: (max tokens, config) in increasing order; the last entry serves any larger count.

@@ -16,8 +16,8 @@ ranked by the sum of their two best choice scores and all but the best ``topk_gr
 are masked, then the ``top_k`` experts are taken one argmax at a time (descending, like
 ``torch.topk``). The weights are the unbiased scores, renormalised and scaled in float32.
 
-Router GEMM folded in (:func:`router_gating_topk`, up to :data:`ROUTER_MAX_TOKENS`
-tokens): the ``[E, H]`` router weight is split over ``E / block_e`` expert blocks and
+Router GEMM folded in (:func:`router_gating_topk`, up to 32 tokens; the op uses it up to
+:data:`ROUTER_MAX_TOKENS`, which measurement set to 0): the ``[E, H]`` router weight is split over ``E / block_e`` expert blocks and
 ``split_k`` slices of ``H``, one program each (a 0.5 MB weight read by one program would
 take ~4 us on one SM; spread over 32 programs it is a fraction of that). Each program
 stores its fp32 partial logits; the program that takes the last ticket of an atomic
@@ -25,10 +25,10 @@ counter (zeroed per call) sums the partials in a fixed order (deterministic), ro
 to ``x.dtype`` as ``F.linear`` would, and runs the selection for every token. With one
 program (``block_e >= E`` and ``split_k == 1``) there is no counter and no scratch.
 
-Programmatic dependent launch (``pdl``, SM90+): the kernel waits for the previous
-kernel before reading ``x`` (the router weight is a parameter and needs no wait) and
-lets the next kernel (the experts op's first launch) start as soon as every program
-has begun, so its launch latency overlaps this kernel.
+Programmatic dependent launch (``pdl``, SM90+, both kernels): a kernel waits for the
+previous one before reading its input and lets the next kernel (the experts op's first
+launch) start as soon as every program has begun, so that launch's latency overlaps
+this kernel (measured: ~2 us of the 1-token layer, with the experts op's own PDL).
 """
 
 from __future__ import annotations
@@ -43,9 +43,15 @@ import triton.language as tl
 
 __all__ = ["gating_topk", "gating_supported", "router_gating_topk", "router_gating_supported", "RouterConfig", "router_config_for", "ROUTER_MAX_TOKENS", "pdl_supported"]
 
-#: largest token count whose router GEMM is folded into the gating kernel; above it the
-#: GEMM has real M and cuBLAS does it (then :func:`gating_topk`)
-ROUTER_MAX_TOKENS = 32
+#: largest token count whose router GEMM the op folds into the gating kernel; above it
+#: cuBLAS does the GEMM, then :func:`gating_topk`. 0: never, as measured on an H100
+#: (Qwen3-30B-A3B layer, benchmarks/results/moe.md): the folded kernel was 1.5-3 us slower
+#: than cuBLAS + the PDL-launched gating kernel at 1-32 tokens, every split tried (its
+#: zeroed counter, and the selection of every token in the last program, cost more than
+#: the launch it saves). :func:`router_gating_topk` stays callable (tests, the sweep).
+ROUTER_MAX_TOKENS = 0
+#: the folded kernel's own limit (its [tokens, experts] selection tile)
+_FOLD_MAX_TOKENS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +61,7 @@ class RouterConfig:
     #: experts per program (>= 16: the tensor-core tile)
     block_e: int = 16
     #: slices of the hidden size, one program each
-    split_k: int = 4
+    split_k: int = 8
     block_k: int = 128
     num_warps: int = 4
     #: programmatic dependent launch (honoured on SM90+ only)
@@ -82,11 +88,11 @@ def gating_supported(logits: torch.Tensor, n_group: int) -> bool:
     return logits.dtype in (torch.float32, torch.float16, torch.bfloat16) and e % n_group == 0 and e <= 4096
 
 
-def router_gating_supported(x: torch.Tensor, router_weight: torch.Tensor, n_group: int) -> bool:
+def router_gating_supported(x: torch.Tensor, router_weight: torch.Tensor, n_group: int, max_tokens: int = _FOLD_MAX_TOKENS) -> bool:
     """Whether :func:`router_gating_topk` takes this problem (few tokens, float operands, E <= 512)."""
     floats = (torch.float32, torch.float16, torch.bfloat16)
     e = router_weight.shape[0]
-    return x.shape[0] <= ROUTER_MAX_TOKENS and x.dtype in floats and router_weight.dtype in floats and e % n_group == 0 and e <= 512
+    return x.shape[0] <= min(max_tokens, _FOLD_MAX_TOKENS) and x.dtype in floats and router_weight.dtype in floats and e % n_group == 0 and e <= 512
 
 
 @triton.jit
@@ -152,9 +158,13 @@ def _gating_kernel(
     scaling, eps,
     TOPK: tl.constexpr, E_P2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, NG_P2: tl.constexpr, TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, TOPK_P2: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # one program per token: a [1, E] tile
     t = tl.program_id(0).to(tl.int64)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # the logits come from the previous kernel
+        tl.extra.cuda.gdc_launch_dependents()
     ex = tl.arange(0, E_P2)
     em = ex < E
     row = tl.zeros([1], dtype=tl.int64) + t
@@ -239,6 +249,7 @@ def gating_topk(
     renormalize: bool,
     routed_scaling_factor: float,
     eps: float,
+    pdl: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     t, e = logits.shape
     w = torch.empty(t, top_k, dtype=logits.dtype, device=logits.device)
@@ -249,7 +260,8 @@ def gating_topk(
             e, logits.stride(0), logits.stride(1), w.stride(0), ids.stride(0),
             float(routed_scaling_factor), float(eps),
             **_select_args(top_k, bias, scoring, n_group, topk_group, renormalize, triton.next_power_of_2(e)),
-            num_warps=1 if e <= 512 else 4,  # one warp: shuffle-only reductions
+            USE_PDL=bool(pdl_kw := ({"launch_pdl": True} if pdl and pdl_supported(logits.device) else {})),
+            num_warps=1 if e <= 512 else 4, **pdl_kw,  # one warp: shuffle-only reductions
         )
     return w, ids
 
@@ -278,8 +290,10 @@ def router_gating_topk(
     e_p2 = max(16, triton.next_power_of_2(e))  # >= 16: a tensor-core tile when one program holds every expert
     block_e = min(max(triton.next_power_of_2(cfg.block_e), 16), e_p2)
     num_e = triton.cdiv(e, block_e)
-    split = max(1, min(cfg.split_k, triton.cdiv(h, cfg.block_k)))
-    k_per = triton.cdiv(triton.cdiv(h, split), cfg.block_k) * cfg.block_k
+    # a K tile of at most 32 KB in fp32 (the dot's operands), so wide expert blocks fit shared memory
+    bk = min(triton.next_power_of_2(cfg.block_k), max(16, 8192 // block_e))
+    split = max(1, min(cfg.split_k, triton.cdiv(h, bk)))
+    k_per = triton.cdiv(triton.cdiv(h, split), bk) * bk
     split = triton.cdiv(h, k_per)
     tm = max(16, triton.next_power_of_2(t))
     if num_e * split > 1:
@@ -295,9 +309,9 @@ def router_gating_topk(
         x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1), w.stride(0), ids.stride(0),
         float(routed_scaling_factor), float(eps),
         **_select_args(top_k, bias, scoring, n_group, topk_group, renormalize, e_p2),
-        TM=tm, BE=block_e, BK=cfg.block_k, K_ITERS=k_per // cfg.block_k, NUM_E=num_e, SPLIT_K=split,
+        TM=tm, BE=block_e, BK=bk, K_ITERS=k_per // bk, NUM_E=num_e, SPLIT_K=split,
         ROUND=x.dtype != torch.float32, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         UPCAST=x.dtype == torch.float32 or _interpreting(), USE_PDL=pdl,
-        num_warps=cfg.num_warps if tm * e_p2 <= 4096 else max(cfg.num_warps, 8), **extra,
+        num_warps=cfg.num_warps if tm * e_p2 <= 4096 else max(cfg.num_warps, 8), num_stages=2, **extra,
     )
     return w, ids
