@@ -13,17 +13,22 @@ can free memory a graph still points at (vLLM and SGLang do the same).
 
 The NPU graph is written against torch_npu's real API (``torch.npu.NPUGraph``,
 ``torch.npu.graph(graph, pool=...)``, ``torch.npu.graph_pool_handle()``), imported only
-when an NPU graph is made. It has not run on an NPU: none exists on this project's
-machines.
+when an NPU graph is made. Kernels whose arguments are host arrays (FIA's sequence
+lengths) are captured as task groups and patched before every replay
+(``runtime/npu_updates.py``); ``capture(..., static_inputs=...)`` names the buffers whose
+values those arrays are read from. It has not run on an NPU: none exists on this
+project's machines.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+
+from . import npu_updates
 
 __all__ = [
     "DeviceGraph",
@@ -40,11 +45,15 @@ __all__ = [
 
 
 class DeviceGraph:
-    """Capture ``fn`` once, replay it many times."""
+    """Capture ``fn`` once, replay it many times.
+
+    ``static_inputs``: the caller's buffers that ``fn`` reads and that the caller reloads
+    before every replay (the runner's copied inputs). Only the NPU graph uses them.
+    """
 
     kind = "none"
 
-    def capture(self, fn: Callable[[], Any], pool: Any = None) -> Any:  # pragma: no cover - abstract
+    def capture(self, fn: Callable[[], Any], pool: Any = None, static_inputs: Sequence[Any] = ()) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def replay(self) -> Any:  # pragma: no cover - abstract
@@ -59,7 +68,7 @@ class NoGraph(DeviceGraph):
     def __init__(self) -> None:
         self._fn: Callable[[], Any] | None = None
 
-    def capture(self, fn: Callable[[], Any], pool: Any = None) -> Any:
+    def capture(self, fn: Callable[[], Any], pool: Any = None, static_inputs: Sequence[Any] = ()) -> Any:
         self._fn = fn
         return fn()
 
@@ -76,7 +85,7 @@ class CudaGraph(DeviceGraph):
         self.graph = torch.cuda.CUDAGraph()
         self.outputs: Any = None
 
-    def capture(self, fn: Callable[[], Any], pool: Any = None) -> Any:
+    def capture(self, fn: Callable[[], Any], pool: Any = None, static_inputs: Sequence[Any] = ()) -> Any:
         # A side stream, as torch.cuda.graph does by default; "thread_local" so a
         # helper thread's CUDA calls elsewhere do not invalidate this capture.
         with torch.cuda.device(self.device):
@@ -90,23 +99,44 @@ class CudaGraph(DeviceGraph):
 
 
 class NpuGraph(DeviceGraph):
-    """ACL graph through torch_npu (``torch.npu.NPUGraph``); mirrors CudaGraph."""
+    """ACL graph through torch_npu (``torch.npu.NPUGraph``); mirrors CudaGraph.
+
+    A capture runs inside a :class:`~ascend_graph.runtime.npu_updates.TaskCapture`:
+    bindings whose kernels take host arrays register task groups with it, and
+    :meth:`replay` patches those tasks with the values the ``static_inputs`` hold now
+    (one device-to-host read per replay) before replaying. A graph without such
+    kernels replays with no extra work.
+
+    ``torch_npu`` is the module to use (tests pass a recording stand-in); by default
+    the installed one.
+    """
 
     kind = "npu"
 
-    def __init__(self, device: torch.device) -> None:
-        import torch_npu  # noqa: F401  (registers torch.npu)
+    def __init__(self, device: torch.device, torch_npu: Any = None) -> None:
+        if torch_npu is None:
+            import torch_npu  # registers torch.npu
 
+        self.torch_npu = torch_npu
         self.device = device
-        self.graph = torch.npu.NPUGraph()
+        self.graph = torch_npu.npu.NPUGraph()
         self.outputs: Any = None
+        self.tasks: list[npu_updates.GraphTask] = []
+        self._done: Any = None  # the event the replay stream waits on after patching
 
-    def capture(self, fn: Callable[[], Any], pool: Any = None) -> Any:
-        with torch.npu.graph(self.graph, pool=pool):
-            self.outputs = fn()
+    def capture(self, fn: Callable[[], Any], pool: Any = None, static_inputs: Sequence[Any] = ()) -> Any:
+        recorder = npu_updates.TaskCapture(self.torch_npu, self.device, static_inputs)  # host snapshot: before capture
+        with self.torch_npu.npu.graph(self.graph, pool=pool):
+            with recorder.active():
+                self.outputs = fn()
+        self.tasks = recorder.finish()
+        if self.tasks:
+            self._done = self.torch_npu.npu.Event()
         return self.outputs
 
     def replay(self) -> Any:
+        if self.tasks:
+            npu_updates.patch_tasks(self.torch_npu, self.device, self.tasks, self._done)
         self.graph.replay()
         return self.outputs
 

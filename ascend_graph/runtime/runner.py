@@ -327,7 +327,9 @@ class BucketedRunner:
                 # must not happen inside the capture
                 outs = self.compiled(*static) if real_call else None
                 with capture_guard(self.device, collect=real_call):
-                    graph.capture(lambda: self.compiled(*static), pool=self.pool)
+                    # the copied inputs are reloaded before every replay: NPU graphs read
+                    # host-side kernel lengths from them (runtime/npu_updates.py)
+                    graph.capture(lambda: self.compiled(*static), pool=self.pool, static_inputs=[static[i] for i in self.copied])
             else:
                 outs = graph.capture(lambda: self.compiled(*static))
         except Exception as e:  # out of memory, out of streams, an op that cannot be captured

@@ -264,3 +264,243 @@ def test_meta_check_catches_a_wrong_shape(meta_functions):
     wrong = _shapes(fia(q, kv, kv, num_query_heads=16, num_key_value_heads=8, input_layout="BSH"))[0]
     assert right == (2, 7, 1024)
     assert wrong != right
+
+
+# --------------------------------------------------------------------------- graph task groups
+#
+# The captured-graph path (``runtime/npu_updates.py``, ``runtime/graphs.py`` and the
+# bindings' ``.out`` calls) uses names CustomFunctions.h does not declare: op overloads
+# (``torch_npu.<op>.out``, whose Python keywords ``workspace`` / ``out`` differ from the
+# C++ names) and the ``torch_npu.npu`` graph API. They are checked against the wheel
+# itself: the operator schemas registered in ``torch_npu/lib/libtorch_npu.so`` and the
+# Python sources of ``torch_npu/npu/``.
+
+import zipfile
+
+GRAPH_MODULES = ("ascend_graph.runtime.npu_updates", "ascend_graph.runtime.graphs")
+
+
+def _wheel() -> zipfile.ZipFile:
+    npu_wheel.unpacked()  # downloads it (or skips) once
+    (path,) = list(npu_wheel.cache_root().glob("torch_npu-*.whl"))[:1] or [None]
+    if path is None:
+        pytest.skip("torch-npu wheel not cached")
+    return zipfile.ZipFile(path)
+
+
+@pytest.fixture(scope="module")
+def wheel_python() -> dict[str, str]:
+    """The wheel's ``torch_npu/npu/*.py`` sources, by file name."""
+    with _wheel() as z:
+        return {
+            n.rsplit("/", 1)[1]: z.read(n).decode()
+            for n in z.namelist()
+            if n.startswith("torch_npu/npu/") and n.count("/") == 2 and n.endswith(".py")
+        }
+
+
+_SCHEMA = re.compile(rb"(_?npu_\w+(?:\.\w+)?\([^\x00\n]*?\) -> [^\x00\n]+)")
+
+
+@pytest.fixture(scope="module")
+def op_schemas() -> dict[str, str]:
+    """``name[.overload]`` -> schema string, as registered in ``libtorch_npu.so`` (cached)."""
+    cached = npu_wheel.cache_root() / "libtorch_npu_schemas.txt"
+    if not cached.exists():
+        with _wheel() as z:
+            blob = z.read("torch_npu/lib/libtorch_npu.so")
+        cached.write_text("\n".join(sorted({m.decode() for m in _SCHEMA.findall(blob)})))
+    return {line.split("(", 1)[0]: line for line in cached.read_text().splitlines()}
+
+
+def schema_params(schema: str) -> tuple[list[str], list[str]]:
+    """(positional names, keyword-only names) of a ``name(args) -> ret`` schema."""
+    inner = schema[schema.index("(") + 1 : schema.rindex(") ->")]
+    positional, keyword, kw_only = [], [], False
+    for p in _split_top(inner):
+        p = p.strip()
+        if p == "*":
+            kw_only = True
+            continue
+        name = p.split("=", 1)[0].split()[-1]
+        (keyword if kw_only else positional).append(name)
+    return positional, keyword
+
+
+def _npu_exports(wheel_python: dict[str, str]) -> dict[str, str]:
+    """``torch_npu.npu`` public name -> the file of ``torch_npu/npu/`` it is imported from."""
+    tree = ast.parse(wheel_python["__init__.py"])
+    exported: set[str] = set()
+    origin: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            exported = {e.value for e in node.value.elts}
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            for alias in node.names:
+                origin[alias.asname or alias.name] = node.module.split(".")[0] + ".py"
+    # ``from .memory import *``: the file that defines the name at top level
+    defined: dict[str, str] = {}
+    for file, src in sorted(wheel_python.items()):
+        for n in ast.parse(src).body:
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef)):
+                defined.setdefault(n.name, file)
+    return {name: origin.get(name) or defined.get(name, "__init__.py") for name in exported}
+
+
+def _python_def(wheel_python: dict[str, str], file: str, name: str) -> ast.AST | None:
+    for node in ast.parse(wheel_python[file]).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
+            return node
+    return None
+
+
+def _callable_params(node: ast.AST) -> tuple[list[str], bool]:
+    """(parameter names, takes **kwargs) of a def, or of a class's __init__/__new__."""
+    if isinstance(node, ast.ClassDef):
+        inits = [n for n in node.body if isinstance(n, ast.FunctionDef) and n.name in ("__init__", "__new__")]
+        if not inits:
+            return [], False
+        # the richer of the two: torch_npu's Stream defines only __new__, graph only __init__
+        node = max(inits, key=lambda f: len(f.args.args))
+        args = node.args
+        return [a.arg for a in args.args[1:] + args.kwonlyargs], args.kwarg is not None
+    args = node.args
+    return [a.arg for a in args.args + args.kwonlyargs], args.kwarg is not None
+
+
+def _chain(node: ast.AST) -> list[str] | None:
+    """``x.torch_npu.a.b`` / ``torch_npu.a.b`` -> ['a', 'b'], rooted at torch_npu; ``torch.npu.a`` -> ['npu', 'a']."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        if node.attr == "torch_npu":
+            return list(reversed(parts[:-1]))
+        node = node.value
+    if isinstance(node, ast.Name) and node.id == "torch_npu":
+        return list(reversed(parts))
+    if isinstance(node, ast.Name) and node.id == "torch" and parts and parts[-1] == "npu":
+        return list(reversed(parts))
+    return None
+
+
+def graph_api_uses(source: str) -> list[tuple[int, list[str], tuple[int, list[str], bool] | None]]:
+    """(line, chain, (positional count, keywords, starred) if called) of every two-level
+    ``torch_npu.<a>.<b>`` (or ``torch.npu.<b>``) reference."""
+    tree = ast.parse(source)
+    calls = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            starred = any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords)
+            calls[id(node.func)] = (len(node.args), [k.arg for k in node.keywords if k.arg], starred)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            chain = _chain(node)
+            if chain is not None and len(chain) == 2:
+                out.append((node.lineno, chain, calls.get(id(node))))
+    return out
+
+
+def graph_api_errors(source: str, exports: dict[str, str], wheel_python: dict[str, str], op_schemas: dict[str, str], header) -> list[str]:
+    errors = []
+    for line, (first, second), call in graph_api_uses(source):
+        where = f"line {line}: torch_npu.{first}.{second}"
+        if call is not None and call[2]:
+            errors.append(f"{where} called with *args/**kwargs; names cannot be checked")
+            continue
+        if first == "npu":
+            if second not in exports:
+                errors.append(f"{where} is not exported by torch_npu/npu/__init__.py")
+                continue
+            if call is None:
+                continue
+            node = _python_def(wheel_python, exports[second], second)
+            if node is None:
+                errors.append(f"{where}: no def/class {second} in torch_npu/npu/{exports[second]}")
+                continue
+            params, takes_kwargs = _callable_params(node)
+            if call[0] > len(params):
+                errors.append(f"{where}: {call[0]} positional arguments, it takes {params}")
+            bad = [k for k in call[1] if k not in params and not takes_kwargs]
+            if bad:
+                errors.append(f"{where}: unknown keyword(s) {bad}, it takes {params}")
+        elif first == "_C":
+            imported = any(f"from torch_npu._C import {second}" in src or re.search(rf"from torch_npu\._C import \([^)]*\b{second}\b", src) for src in wheel_python.values())
+            if not imported:
+                errors.append(f"{where}: torch_npu/npu/*.py never imports {second} from torch_npu._C")
+        else:  # an op overload: torch_npu.<op>.<overload>(...)
+            schema = op_schemas.get(f"{first}.{second}")
+            if schema is None:
+                errors.append(f"{where}: no schema {first}.{second} registered in libtorch_npu.so")
+                continue
+            if first not in header:
+                errors.append(f"{where}: {first} is not declared in CustomFunctions.h")
+            if call is None:
+                continue
+            positional, keyword = schema_params(schema)
+            if call[0] > len(positional):
+                errors.append(f"{where}: {call[0]} positional arguments, the schema has {len(positional)}")
+            bad = [k for k in call[1] if k not in positional + keyword]
+            if bad:
+                errors.append(f"{where}: unknown keyword(s) {bad}")
+    return errors
+
+
+@pytest.fixture(scope="module")
+def npu_exports(wheel_python) -> dict[str, str]:
+    return _npu_exports(wheel_python)
+
+
+@pytest.mark.parametrize("module_name", GRAPH_MODULES + tuple(f"{npu_pkg.__name__}.{f}" for f in binding_modules()))
+def test_graph_api_uses_exist_in_wheel(module_name, npu_exports, wheel_python, op_schemas, header):
+    source = Path(importlib.import_module(module_name).__file__).read_text()
+    assert graph_api_errors(source, npu_exports, wheel_python, op_schemas, header) == []
+
+
+def test_task_group_path_uses_every_checked_name(npu_exports, wheel_python, op_schemas, header):
+    """The names the capture path needs are all seen by the scan above, and exist."""
+    from ascend_graph.ops.kernels.npu import attention
+    from ascend_graph.runtime import npu_updates
+
+    used = set()
+    for name in GRAPH_MODULES + (attention.__name__,):
+        used |= {tuple(c) for _, c, _ in graph_api_uses(Path(importlib.import_module(name).__file__).read_text())}
+    for fn in npu_updates.GRAPH_API:
+        assert fn in npu_exports, fn
+        assert ("npu", fn) in used, f"GRAPH_API lists {fn} but no code calls torch_npu.npu.{fn}"
+    for dotted in attention._FIA_GRAPH_OPS:
+        if "." in dotted:
+            assert dotted in op_schemas, dotted
+            assert tuple(dotted.split(".")) in used
+        else:
+            assert dotted in header, dotted
+    # the .out overload's Python keywords: the C++ names are attention_out / softmax_lse
+    positional, keyword = schema_params(op_schemas["npu_fused_infer_attention_score_v2.out"])
+    assert positional == ["query", "key", "value"] and keyword[-2:] == ["workspace", "out"]
+    assert ("_C", "_weak_ref_tensor") in used
+
+
+def test_methods_used_on_npu_objects_exist(npu_exports, wheel_python):
+    from ascend_graph.runtime import npu_updates
+
+    for cls, methods in npu_updates.NPU_METHODS.items():
+        node = _python_def(wheel_python, npu_exports[cls], cls)
+        assert isinstance(node, ast.ClassDef), cls
+        defined = {n.name for n in node.body if isinstance(n, ast.FunctionDef)}
+        assert set(methods) <= defined, f"{cls} lacks {set(methods) - defined}"
+
+
+def test_graph_checker_rejects_wrong_uses(npu_exports, wheel_python, op_schemas, header):
+    good = (
+        "def f(torch_npu, s, h, q, k, v, ws, o, l):\n"
+        "    torch_npu.npu.graph_task_update_begin(s, h)\n"
+        "    torch_npu.npu_fused_infer_attention_score_v2.out(q, k, v, actual_seq_qlen=[1], workspace=ws, out=[o, l])\n"
+        "    torch_npu._C._weak_ref_tensor(q)\n"
+    )
+    check = lambda src: graph_api_errors(src, npu_exports, wheel_python, op_schemas, header)  # noqa: E731
+    assert check(good) == []
+    assert "not exported" in check(good.replace("graph_task_update_begin", "graph_task_update_start"))[0]
+    assert "positional" in check(good.replace("(s, h)", "(s, h, q)"))[0]
+    assert "unknown keyword(s) ['attention_out']" in check(good.replace("out=[o, l]", "attention_out=o"))[0]
+    assert "no schema" in check(good.replace(".out(", ".inplace("))[0]
+    assert "never imports" in check(good.replace("_weak_ref_tensor", "_strong_ref_tensor"))[0]

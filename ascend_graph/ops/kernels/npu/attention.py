@@ -14,9 +14,17 @@
 - ``ascend_graph::paged_attention`` -> the same op in ``TND`` with ``block_table``, the
   caches viewed as ``[blocks, block_size, Nkv*D]`` (vllm-ascend's view), ``sparse_mode=3``.
   FIA declares ``actual_seq_qlen`` / ``actual_seq_kvlen`` as host int arrays
-  (``OptionalSymIntArrayRef``), so the binding reads the device length tensors with
-  ``.tolist()``: inside a captured ACL graph these arguments must be re-issued at replay
-  (vllm-ascend's ``graph_task_update``), which the runtime owns. FIA requires
+  (``SymInt[]?``), so the eager binding reads the device length tensors with ``.tolist()``.
+  Inside an ACL graph captured by the runtime (``NpuGraph``; its capture context is
+  :func:`~ascend_graph.runtime.npu_updates.active_capture`) that read is not allowed and
+  its values would be baked into every replay, so the call is instead issued as
+  ``npu_fused_infer_attention_score_v2.out(..., workspace=ws, out=[out, lse])`` inside a
+  task group: ``ws`` from ``_npu_fused_infer_attention_score_v2_get_max_workspace`` (one
+  per graph, the largest), ``out``/``lse`` from
+  ``_npu_fused_infer_attention_score_v2_infer_output`` (as torch_npu's own graph handler
+  ``_IFAv2DefaultHandler`` does). The task is registered with the length sources
+  ``cu_seqlens_q[1:]`` and ``seq_lens_kv`` (the runner's static buffers), and the runtime
+  re-issues it with their new values before each replay. FIA requires
   ``T == cu_seqlens_q[-1]`` and at most 16 query tokens per request (the padding planner's job).
 - ``ascend_graph::reshape_and_cache`` -> ``torch_npu.npu_scatter_pa_kv_cache(...,
   cache_mode="Norm")``. That ``slot < 0`` rows are skipped by the NPU op is NOT verified
@@ -36,6 +44,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ....runtime import npu_updates
+
 __all__ = ["register", "META_CHECKS"]
 
 log = logging.getLogger("ascend_graph.ops.npu.attention")
@@ -43,6 +53,12 @@ log = logging.getLogger("ascend_graph.ops.npu.attention")
 #: FIA's compressed causal mask is 2048 x 2048 for sparse_mode 2/3/4 (CANN docs).
 _COMPRESSED_MASK = 2048
 _FIA = "npu_fused_infer_attention_score_v2"
+#: what the captured (task-group) path calls besides the task-group API itself
+_FIA_GRAPH_OPS = (
+    "npu_fused_infer_attention_score_v2.out",
+    "_npu_fused_infer_attention_score_v2_get_max_workspace",
+    "_npu_fused_infer_attention_score_v2_infer_output",
+)
 _SCATTER = "npu_scatter_pa_kv_cache"
 
 
@@ -108,14 +124,27 @@ def _paged_call(torch_npu: Any, q, k_cache, v_cache, block_table, cu_seqlens_q, 
     sparse_mode, pre_tokens, next_tokens = 3, 2147483647, 2147483647
     if window > 0:
         sparse_mode, pre_tokens, next_tokens = 4, window - 1, 0
+    query = _fia_dtype(q)
+    key = _fia_dtype(k_cache).view(num_blocks, block_size, nkv * d)
+    value = _fia_dtype(v_cache).view(num_blocks, block_size, nkv * dv)
+    mask = _compressed_causal_mask(q.device)
+    table = block_table.to(torch.int32)
+    capture = npu_updates.active_capture()
+    if capture is not None:
+        out = _paged_captured(
+            capture, torch_npu, query, key, value, mask, table, sinks, cu_seqlens_q[1:], seq_lens_kv,
+            num_query_heads=q.shape[1], num_key_value_heads=nkv, softmax_scale=float(scale),
+            pre_tokens=pre_tokens, next_tokens=next_tokens, sparse_mode=sparse_mode, block_size=block_size,
+        )
+        return out.to(out_dtype)
     out, _ = torch_npu.npu_fused_infer_attention_score_v2(
-        _fia_dtype(q),
-        _fia_dtype(k_cache).view(num_blocks, block_size, nkv * d),
-        _fia_dtype(v_cache).view(num_blocks, block_size, nkv * dv),
-        atten_mask=_compressed_causal_mask(q.device),
+        query,
+        key,
+        value,
+        atten_mask=mask,
         actual_seq_qlen=cu_seqlens_q[1:].tolist(),
         actual_seq_kvlen=seq_lens_kv.tolist(),
-        block_table=block_table.to(torch.int32),
+        block_table=table,
         learnable_sink=sinks,
         num_query_heads=q.shape[1],
         num_key_value_heads=nkv,
@@ -127,6 +156,76 @@ def _paged_call(torch_npu: Any, q, k_cache, v_cache, block_table, cu_seqlens_q, 
         block_size=block_size,
     )
     return out.to(out_dtype)
+
+
+def _paged_out_call(
+    torch_npu: Any, query, key, value, mask, table, sinks, workspace, out, lse, qlen, kvlen, *,
+    num_query_heads, num_key_value_heads, softmax_scale, pre_tokens, next_tokens, sparse_mode, block_size,
+) -> None:
+    """The paged FIA launch as a graph task: the ``.out`` overload into persistent buffers.
+    Issued once at capture and again, with new host lengths, before every replay."""
+    torch_npu.npu_fused_infer_attention_score_v2.out(
+        query,
+        key,
+        value,
+        atten_mask=mask,
+        actual_seq_qlen=qlen,
+        actual_seq_kvlen=kvlen,
+        block_table=table,
+        learnable_sink=sinks,
+        num_query_heads=num_query_heads,
+        num_key_value_heads=num_key_value_heads,
+        softmax_scale=softmax_scale,
+        pre_tokens=pre_tokens,
+        next_tokens=next_tokens,
+        input_layout="TND",
+        sparse_mode=sparse_mode,
+        block_size=block_size,
+        workspace=workspace,
+        out=[out, lse],
+    )
+
+
+def _paged_captured(capture: Any, torch_npu: Any, query, key, value, mask, table, sinks, qlen_src, kvlen_src, **fixed: Any) -> torch.Tensor:
+    """Inside a runtime capture: workspace and outputs allocated once, the launch recorded
+    as a task group whose lengths the runtime patches before each replay."""
+    capture.require(_FIA_GRAPH_OPS)
+    qlen, kvlen = capture.host_values(qlen_src), capture.host_values(kvlen_src)
+    workspace = capture.shared_workspace(
+        torch_npu._npu_fused_infer_attention_score_v2_get_max_workspace(
+            query,
+            key,
+            value,
+            atten_mask=mask,
+            actual_seq_qlen=qlen,
+            actual_seq_kvlen=kvlen,
+            block_table=table,
+            learnable_sink=sinks,
+            num_query_heads=fixed["num_query_heads"],
+            num_key_value_heads=fixed["num_key_value_heads"],
+            softmax_scale=fixed["softmax_scale"],
+            pre_tokens=fixed["pre_tokens"],
+            next_tokens=fixed["next_tokens"],
+            input_layout="TND",
+            sparse_mode=fixed["sparse_mode"],
+            block_size=fixed["block_size"],
+        )
+    )
+    out, lse = torch_npu._npu_fused_infer_attention_score_v2_infer_output(
+        query,
+        value,
+        input_layout="TND",
+        block_table=table,
+        num_query_heads=fixed["num_query_heads"],
+        num_key_value_heads=fixed["num_key_value_heads"],
+    )
+    capture.task_group(
+        "paged_attention",
+        functools.partial(_paged_out_call, torch_npu, **fixed),
+        (query, key, value, mask, table, sinks, workspace, out, lse),
+        (qlen_src, kvlen_src),
+    )
+    return out
 
 
 def _cache_call(torch_npu: Any, k, v, k_cache, v_cache, slot_mapping) -> None:
