@@ -128,15 +128,19 @@ _TRITON_SCRIPT = textwrap.dedent(
             r = cc.reference_causal_conv1d(xv, w, None, s1, qsl, idx, init, act)
             t = tk.causal_conv1d(xv, w, None, s2, qsl, idx, init, act, block_c=16, block_l=4)
             worst = max(worst, (r - t).abs().max().item(), (s1 - s2).abs().max().item())
-            for L, use_acc in ((1, False), (3, True)):
-                for acc in [torch.tensor([1, 2, L, 1]) if use_acc else None]:
+            # the update, both kernels: 5 requests, the tile kernel 2 per program (a partial last block)
+            for L, use_acc in ((1, False), (3, True), (2, False)):
+                for acc in [torch.tensor([1, 2, L, 1, 3]) if use_acc else None]:
                     st0u = torch.randn(6, C, K - 2 + L if acc is not None else S)
-                    xu = torch.randn(4, C, L) if L > 1 else torch.randn(4, C)
-                    idx = torch.tensor([5, -1, 0, 2])
-                    s1, s2 = st0u.clone(), st0u.clone()
+                    xu = torch.randn(5, C, L) if L > 1 else torch.randn(5, C)
+                    idx = torch.tensor([5, -1, 0, 2, 4])
+                    s1 = st0u.clone()
                     r = cc.reference_causal_conv1d_update(xu, s1, w, bias, idx, acc, act)
-                    t = tk.causal_conv1d_update(xu, s2, w, bias, idx, acc, act, block_c=16)
-                    worst = max(worst, (r[[0, 2, 3]] - t[[0, 2, 3]]).abs().max().item(), (s1 - s2).abs().max().item())
+                    for kw in (dict(kernel="column"), dict(kernel="tile", block_r=2)):
+                        s2 = st0u.clone()
+                        t = tk.causal_conv1d_update(xu, s2, w, bias, idx, acc, act, block_c=16, **kw)
+                        assert torch.equal(s1, s2) and torch.all(t[1] == 0), kw
+                        worst = max(worst, (r[[0, 2, 3, 4]] - t[[0, 2, 3, 4]]).abs().max().item())
     print("WORST", worst)
     """
 )
@@ -174,6 +178,41 @@ def test_cuda_kernels_match_reference(dtype):
     r = reference_causal_conv1d_update(xu, s2, w, b, None, None, "silu")
     torch.testing.assert_close(y, r, **tol)
     torch.testing.assert_close(s1, s2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["vllm", "hf", "cfirst"])
+def test_cuda_update_configs_layouts_padding_and_speculative(layout):
+    """Both update kernels in every state layout (the default pick, several requests per
+    program with a batch that is not a multiple of them, with and without eviction hints),
+    padded slots and the 1+k form: outputs as the reference, the state bit-exact (the
+    update only moves state values)."""
+    from ascend_graph.ops.causal_conv import reference_causal_conv1d_update
+    from ascend_graph.ops.kernels.triton import causal_conv as tk
+
+    torch.manual_seed(1)
+    dev, Cc, B, N = "cuda", 1000, 37, 50
+    w, b = torch.randn(Cc, K, device=dev, dtype=torch.bfloat16), torch.randn(Cc, device=dev, dtype=torch.bfloat16)
+    slots = torch.randperm(N, device=dev)[:B]
+    slots[[3, 20]] = -1  # padded requests
+    for L, spec in ((1, False), (3, False), (3, True)):
+        S = K - 2 + L if spec else (K if layout == "hf" else K - 1)
+        acc = torch.randint(1, L + 1, (B,), device=dev) if spec else None
+        if layout == "vllm":
+            st0 = torch.randn(N, S, Cc, device=dev, dtype=torch.bfloat16).transpose(1, 2)
+        else:
+            st0 = torch.randn(N, Cc, S, device=dev, dtype=torch.bfloat16)
+        x = torch.randn(B, L, Cc, device=dev, dtype=torch.bfloat16).transpose(1, 2)
+        s_ref = st0.clone()
+        ref = reference_causal_conv1d_update(x, s_ref, w, b, slots, acc, "silu")
+        keep = slots >= 0
+        configs = ({}, dict(kernel="column"), dict(kernel="tile", evict=False), dict(kernel="tile", block_r=1, block_c=1024, num_warps=4),
+                   dict(kernel="tile", block_r=8, block_c=256, num_warps=8))
+        for kw in configs:
+            s = st0.clone()
+            y = tk.causal_conv1d_update(x, s, w, b, slots, acc, "silu", **kw)
+            torch.testing.assert_close(y[keep], ref[keep], atol=2e-2, rtol=2e-2)
+            assert torch.equal(s, s_ref), (layout, L, spec, kw)
 
 
 def test_npu_meta_checks_use_our_fake_shapes():
