@@ -59,6 +59,7 @@ import torch.fx
 from .. import _stats
 from .._version import __version__
 from ..config import AscendConfig
+from ..errors import CaptureError
 from ..passes.base import GraphPass
 from ..passes.manager import PassManager, build_pass_manager
 from ..passes.pattern import Fusion, PatternPass
@@ -464,6 +465,7 @@ def _build_wrapper_cls() -> type:
             self.device = torch.device(current_platform.device_type)
             self.graph_pool = current_platform.get_global_graph_pool() if device_graphs.supports_graphs(self.device) else None
             self.entries: dict[Any, device_graphs.DeviceGraph] = {}
+            self.uncapturable: set[Any] = set()  # descriptors whose capture raised CaptureError
 
         def __getattr__(self, key: str) -> Any:
             if key == "runnable":
@@ -486,6 +488,8 @@ def _build_wrapper_cls() -> type:
                 return self.runnable(*args, **kwargs)
             if descriptor is None:
                 raise ValueError(f"forward context has runtime mode {mode.name} but no batch_descriptor")
+            if descriptor in self.uncapturable:
+                return self.runnable(*args, **kwargs)
             graph = self.entries.get(descriptor)
             if graph is not None:
                 _stats.record_replay()
@@ -497,8 +501,17 @@ def _build_wrapper_cls() -> type:
             import time
 
             start = time.perf_counter()
-            with device_graphs.capture_guard(self.device):
-                output = graph.capture(lambda: self.runnable(*args, **kwargs), pool=self.graph_pool)
+            try:
+                with device_graphs.capture_guard(self.device):
+                    output = graph.capture(lambda: self.runnable(*args, **kwargs), pool=self.graph_pool)
+            except CaptureError as e:
+                # an NPU binding that cannot record this shape (runtime/npu_updates.py), as the
+                # runner does: counted, and this descriptor runs without a graph from now on
+                name = f"vllm:{self.runtime_mode.name}:{descriptor}"
+                log.warning("capture of %s failed (%s); it runs without a graph", name, e)
+                _stats.record_capture_failure(name, f"{type(e).__name__}: {e}"[:200])
+                self.uncapturable.add(descriptor)
+                return self.runnable(*args, **kwargs)
             _stats.record_capture(f"vllm:{self.runtime_mode.name}:{descriptor}", time.perf_counter() - start, device_graphs.pool_reserved_bytes(self.device))
             self.entries[descriptor] = graph
             return output

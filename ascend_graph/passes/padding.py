@@ -26,7 +26,14 @@ Rules:
   share it (a rewrite is counted per attention node rewired);
 - left alone: a ``cu_seqlens_q`` that is an ``arange`` (possibly scaled or cast): a
   uniform batch's metadata, consistent at every size by construction (the decode
-  benchmark's ``arange(T + 1)``), so it costs nothing there.
+  benchmark's ``arange(T + 1)``), so it costs nothing there;
+- left alone on an NPU (:func:`_patched_at_replay`): ``cu_seqlens_q`` and ``seq_lens_kv``
+  both graph inputs on an ``npu`` device. FIA takes them as host arrays, and inside an
+  ACL graph the runtime patches them before each replay from the runner's static
+  buffers, applying the same rule on the host (``runtime/npu_updates.py``,
+  :func:`~ascend_graph.runtime.padding.fia_pad_lengths`); computed in the graph they
+  could not be patched and the bucket would get no graph (docs/npu_graphs.md). Logged
+  at debug, not counted as a rewrite.
 
 The rewrite is an identity on metadata that already holds (the runner's), so it never
 changes a correct batch; it keeps the graph functional and adds no aliasing.
@@ -95,6 +102,17 @@ def _is_arange(node: Any) -> bool:
     return False
 
 
+def _patched_at_replay(cu: Any, lens: Any) -> bool:
+    """Both lengths are graph inputs on an NPU: the runtime applies the FIA rule to them on
+    the host when it patches them into a captured ACL graph, so the graph must read them
+    as they are (a view of the runner's static buffers). A module-level predicate so CPU
+    tests can stand in for an NPU device (CPU torch has none)."""
+    return all(
+        isinstance(n, torch.fx.Node) and n.op == "placeholder" and getattr(n.meta.get("val"), "device", None) is not None and n.meta["val"].device.type == "npu"
+        for n in (cu, lens)
+    )
+
+
 def _num_tokens(graph: torch.fx.Graph, q: torch.fx.Node) -> tuple[Any, str]:
     """``q.size(0)`` as a graph value (an int, or a ``sym_size`` node) and a key for it."""
     size = q.meta["val"].shape[0]
@@ -135,6 +153,9 @@ class FiaPaddingPass(GraphPass):
                 continue
             if _is_arange(cu):
                 log.debug("%s: cu_seqlens_q is an arange (uniform by construction); left alone", node.name)
+                continue
+            if _patched_at_replay(cu, lens):
+                log.debug("%s: cu_seqlens_q / seq_lens_kv are NPU graph inputs (FIA rule applied at replay); left alone", node.name)
                 continue
             with graph.inserting_before(node):
                 num_tokens, t_key = _num_tokens(graph, q)

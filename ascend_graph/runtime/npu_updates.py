@@ -30,6 +30,14 @@ How the pieces meet:
   host lists at the same point), then on the update stream (after it waits for the
   replay stream, so a still-running previous replay is never patched under it) patches
   every task, records an event, and makes the replay stream wait on it.
+- Paged attention's tasks (``"paged_attention"``) get FIA's padding rule applied on the
+  host to the lengths patched in (and to the capture-time ones):
+  :func:`~ascend_graph.runtime.padding.fia_pad_lengths`, the planner's rule, at the
+  query's token count recorded at capture (static per graph). So metadata padded the
+  vLLM way (``query_start_loc`` tail repeating its last value, ``seq_lens`` 0) still gives
+  FIA ``T == cu[-1]`` and a KV length per request; the runner's planned metadata comes
+  through unchanged. This is why ``passes/padding.py`` leaves the attention's metadata
+  alone on an NPU: computed in the graph, it could not be patched at all.
 
 The update stream is one per device and process, shared by every graph (the main model
 and an MTP drafter must not use separate update streams: vllm-ascend #13600).
@@ -43,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import threading
 import weakref
@@ -52,6 +61,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from ..errors import CaptureError
+from . import padding as planner
 
 __all__ = [
     "GraphTask",
@@ -102,7 +112,8 @@ class GraphTask:
     """One kernel launch recorded in a task group, re-issued with new lengths at replay.
 
     ``issue(*tensors, *host_lengths)`` makes the call; ``lengths`` are the device views
-    whose current values are the host arrays of the next replay.
+    whose current values are the host arrays of the next replay; ``rule``, when set, maps
+    those host arrays to the ones issued (FIA's padding rule for paged attention).
     """
 
     name: str
@@ -110,6 +121,26 @@ class GraphTask:
     issue: Callable[..., Any]
     tensors: tuple[Optional[torch.Tensor], ...]
     lengths: tuple[torch.Tensor, ...]
+    rule: Optional[Callable[..., list[list[int]]]] = None
+
+
+def _fia_lengths(num_tokens: int, qlen: list[int], kvlen: list[int]) -> list[list[int]]:
+    return list(planner.fia_pad_lengths(qlen, kvlen, num_tokens))
+
+
+@functools.lru_cache(maxsize=None)
+def _fia_rule(num_tokens: int) -> Callable[..., list[list[int]]]:
+    """FIA's rule on a paged attention task's ``(actual_seq_qlen, actual_seq_kvlen)`` at
+    the ``num_tokens`` query tokens the graph was captured with; one object per token
+    count, so :func:`apply_rules` runs it once for every layer sharing the metadata."""
+    return functools.partial(_fia_lengths, num_tokens)
+
+
+#: task name -> the host rule of its lengths, made from the task's tensors at capture
+#: (paged attention: ``tensors[0]`` is the query, its dim 0 the graph's token count)
+_HOST_RULES: dict[str, Callable[[Sequence[Optional[torch.Tensor]]], Callable[..., list[list[int]]]]] = {
+    "paged_attention": lambda tensors: _fia_rule(int(tensors[0].shape[0])),
+}
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -198,15 +229,22 @@ class TaskCapture:
         return workspace
 
     def task_group(self, name: str, issue: Callable[..., Any], tensors: Sequence[Optional[torch.Tensor]], lengths: Sequence[torch.Tensor]) -> Any:
-        """Issue ``issue(*tensors, *capture-time lengths)`` as one task group and register it."""
+        """Issue ``issue(*tensors, *capture-time lengths)`` as one task group and register it.
+
+        A task with a host rule (``_HOST_RULES``: paged attention's FIA padding) is issued
+        with the rule applied, here and at every replay."""
         host = [self.host_values(t) for t in lengths]
+        make_rule = _HOST_RULES.get(name)
+        rule = make_rule(tensors) if make_rule is not None else None
+        if rule is not None:
+            host = rule(*host)
         stream = self.torch_npu.npu.current_stream()
         self.torch_npu.npu.graph_task_group_begin(stream)
         try:
             result = issue(*tensors, *host)
         finally:
             handle = self.torch_npu.npu.graph_task_group_end(stream)
-        self.tasks.append(GraphTask(name=name, handle=handle, issue=issue, tensors=tuple(tensors), lengths=tuple(lengths)))
+        self.tasks.append(GraphTask(name=name, handle=handle, issue=issue, tensors=tuple(tensors), lengths=tuple(lengths), rule=rule))
         return result
 
     def finish(self) -> list[GraphTask]:
@@ -267,6 +305,23 @@ def read_lengths(tasks: Sequence[GraphTask]) -> list[list[list[int]]]:
     return out
 
 
+def apply_rules(tasks: Sequence[GraphTask], host: Sequence[list[list[int]]]) -> list[list[list[int]]]:
+    """Each task's host rule on its read lengths; computed once per distinct (sources,
+    token count), since every layer of a model reads the same metadata (``read_lengths``
+    hands shared sources back as the same list objects)."""
+    done: dict[tuple, list[list[int]]] = {}
+    out = []
+    for task, lengths in zip(tasks, host):
+        if task.rule is None:
+            out.append(list(lengths))
+            continue
+        key = (tuple(id(v) for v in lengths), id(task.rule))
+        if key not in done:
+            done[key] = task.rule(*lengths)
+        out.append(done[key])
+    return out
+
+
 def patch_tasks(torch_npu: Any, device: Any, tasks: Sequence[GraphTask], done: Any) -> None:
     """Re-issue every task with the lengths its sources hold now; order the replay after it.
 
@@ -275,7 +330,7 @@ def patch_tasks(torch_npu: Any, device: Any, tasks: Sequence[GraphTask], done: A
     """
     if not tasks:
         return
-    host = read_lengths(tasks)
+    host = apply_rules(tasks, read_lengths(tasks))  # the one host read, then FIA's rule on the host
     replay_stream = torch_npu.npu.current_stream()
     upd = update_stream(torch_npu, device)
     # never patch a task while an earlier replay of the graph may still be running it

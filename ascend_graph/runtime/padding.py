@@ -9,6 +9,8 @@ Entry points:
   (device ops only, no host synchronisation);
 - :func:`fia_pad_metadata`: the in-graph form of the FIA rule (device ops only; what
   ``passes/padding.py`` inserts in front of ``ascend_graph::paged_attention``);
+- :func:`fia_pad_lengths`: the same rule on FIA's host arrays (what
+  ``runtime/npu_updates.py`` applies to the lengths it patches into an ACL graph);
 - :func:`plan_drafter_batch`, :func:`drafter_token_mask`, :func:`drafter_sample_indices`,
   :func:`mask_rejected_slots`: the padded MTP drafter batch.
 
@@ -75,6 +77,7 @@ __all__ = [
     "plan_fia",
     "fia_specs",
     "fia_pad_metadata",
+    "fia_pad_lengths",
     "DrafterPlan",
     "plan_drafter_batch",
     "drafter_token_mask",
@@ -436,6 +439,30 @@ def fia_pad_metadata(cu_seqlens_q: torch.Tensor, seq_lens_kv: torch.Tensor, num_
     new_cu = torch.cat([cu[:1], cu[1:] + torch.cumsum(add, 0, dtype=cu.dtype)])
     new_lens = torch.where(empty, seq_lens_kv.clamp_min(1), seq_lens_kv)
     return new_cu, new_lens
+
+
+def fia_pad_lengths(query_ends: Sequence[int], kv_lens: Sequence[int], num_tokens: int) -> tuple[list[int], list[int]]:
+    """:func:`fia_pad_metadata` on FIA's host arrays: ``actual_seq_qlen`` (``cu[1:]``) and
+    ``actual_seq_kvlen`` of a batch run at ``num_tokens`` query tokens.
+
+    The trailing requests that end where the batch ends (``cu[r] == cu[-1]``) are the
+    dummies; :func:`plan_fia` lays the ``num_tokens - cu[-1]`` padded tokens over them
+    (evenly, at most 16 each) and their KV lengths are raised to 1. Metadata that already
+    holds comes back equal. A batch the rule cannot repair (more padded tokens than the
+    dummies can hold, or ``cu[-1] > num_tokens``) is the plan's :class:`PaddingError`.
+    """
+    ends = [int(x) for x in query_ends]
+    kv = [int(x) for x in kv_lens]
+    if len(ends) != len(kv):
+        raise PaddingError("one query end per KV length", expected=len(kv), got=len(ends))
+    starts = [0] + ends[:-1]
+    last = ends[-1] if ends else 0
+    dummies = 0
+    while dummies < len(starts) and starts[len(starts) - 1 - dummies] == last:
+        dummies += 1
+    real = len(ends) - dummies
+    plan = plan_fia(last, real, int(num_tokens), len(ends))
+    return ends[:real] + list(plan.cu_tail), kv[:real] + [max(n, 1) for n in kv[real:]]
 
 
 # --------------------------------------------------------------------------- MTP drafter batch

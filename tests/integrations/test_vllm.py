@@ -330,6 +330,40 @@ def test_graph_wrapper_follows_vllm_forward_context_on_cpu():
         agv.AscendGraphWrapper(runnable, config, CUDAGraphMode.NONE)
 
 
+def test_graph_wrapper_runs_without_a_graph_when_capture_raises_capture_error(monkeypatch):
+    """An NPU binding refusing to record a shape (runtime/npu_updates.py: FIA lengths that
+    are not the runner's static buffers, a torch_npu without task groups) raises
+    CaptureError at capture: the wrapper counts it like the runner does and runs that
+    descriptor without a graph, now and later (no second capture attempt)."""
+    from vllm.compilation.monitor import set_cudagraph_capturing_enabled
+
+    from ascend_graph.errors import CaptureError
+
+    attempts = []
+
+    class Refusing:
+        def capture(self, fn, pool=None, static_inputs=()):
+            attempts.append(static_inputs)
+            raise CaptureError("a host-length argument of a captured kernel is not one of the runner's static input buffers", expected="x", got="y")
+
+    monkeypatch.setattr(agv.device_graphs, "new_graph", lambda device, enabled=True: Refusing())
+    config = _vllm_config()
+    runnable = _Counting()
+    wrapper = agv.AscendGraphWrapper(runnable, config, CUDAGraphMode.FULL)
+    x = torch.randn(4, 3)
+    set_cudagraph_capturing_enabled(True)
+    try:
+        with set_forward_context(None, config, cudagraph_runtime_mode=CUDAGraphMode.FULL, batch_descriptor=BatchDescriptor(num_tokens=4)):
+            assert torch.equal(wrapper(x), x * 2)
+            assert torch.equal(wrapper(x), x * 2)
+    finally:
+        set_cudagraph_capturing_enabled(False)
+    assert len(attempts) == 1 and wrapper.entries == {} and runnable.calls == 2
+    s = ascend_graph.stats()
+    assert s["capture_failures"] == 1 and s["buckets_captured"] == 0
+    assert "not one of the runner's static input buffers" in next(v["failed"] for v in s["buckets"].values() if "failed" in v)
+
+
 def test_graph_wrapper_refuses_capture_outside_vllm_capture_window():
     config = _vllm_config()
     wrapper = agv.AscendGraphWrapper(_Counting(), config, CUDAGraphMode.FULL)

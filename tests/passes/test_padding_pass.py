@@ -138,3 +138,35 @@ def test_backend_counts_padding_rewrites_in_stats():
         torch.testing.assert_close(compiled(*args), two_layers(*args))
     st = ascend_graph.stats()
     assert st["padding"]["rewrites"] == 2 and st["passes"]["fia_padding"]["rewrites"] == 2
+
+
+def paged_on_inputs(q, k_cache, v_cache, block_table, cu, seq_lens):
+    """Paged attention reading its metadata straight from the graph's inputs (a runner's)."""
+    return ops.paged_attention(q, k_cache, v_cache, block_table, cu, seq_lens, None, 0.25, 0)
+
+
+def _input_metadata_graph():
+    q, kc, vc, bt, ql, kv = _inputs([2, 3, 1], [4, 0, 6])
+    cu = F.pad(ql.cumsum(0), (1, 0)).to(torch.int32)
+    return _trace(paged_on_inputs, q, kc, vc, bt, cu, kv)
+
+
+def test_graph_input_metadata_rewritten_off_npu():
+    """CPU/CUDA: metadata that are graph inputs still go through the rule (the predicate
+    that spares them holds only for inputs on an npu device)."""
+    gm = _input_metadata_graph()
+    paged = next(n for n in gm.graph.nodes if n.target is PAGED)
+    assert paged.args[4].op == paged.args[5].op == "placeholder"
+    assert not padding_pass._patched_at_replay(paged.args[4], paged.args[5])
+    assert _run_pass(gm) == 1
+    assert paged.args[4].op == "call_function" and paged.args[5].op == "call_function"
+
+
+def test_npu_graph_input_metadata_left_for_replay_patching(monkeypatch):
+    """On an NPU the runtime applies the rule on the host when it patches FIA's lengths
+    (runtime/npu_updates.py): the pass leaves graph-input metadata alone there."""
+    monkeypatch.setattr(padding_pass, "_patched_at_replay", lambda cu, lens: True)
+    gm = _input_metadata_graph()
+    code = gm.code
+    assert _run_pass(gm) == 0
+    assert gm.code == code

@@ -424,27 +424,87 @@ def test_runner_replays_patch_each_batch_lengths(caches, monkeypatch):
     assert len(fake.events("replay")) == 4
 
 
-def test_in_graph_fia_padding_makes_the_lengths_unpatchable(caches, monkeypatch):
-    """With the attention family on, passes/padding.py recomputes cu/seq_lens inside the
-    graph (fia_pad_metadata): their replay-time values exist only on the device, after
-    the graph prefix, so they cannot be patched beforehand. Each bucket's capture fails
-    with CaptureError, is counted, and the bucket is served without a graph (correctly).
-    A known limitation, reported; not a silent wrong answer."""
+def test_attention_family_on_npu_captures_and_patches_the_graph_inputs(caches, monkeypatch):
+    """With the attention family on (the default), on an NPU the padding pass leaves
+    paged attention's metadata as the graph's inputs (passes/padding._patched_at_replay,
+    stood in for here: CPU torch has no npu device), so every bucket captures, and each
+    replay is patched with that batch's lengths and matches the reference."""
+    from ascend_graph.passes import padding as padding_pass
     from ascend_graph.runtime import runner as R
 
     fake = FakeTorchNpu()
+    asked = []
+    monkeypatch.setattr(padding_pass, "_patched_at_replay", lambda cu, lens: asked.append((cu.op, lens.op)) or True)
     monkeypatch.setattr(R, "supports_graphs", lambda device: True)
     monkeypatch.setattr(R, "new_graph", lambda device, enabled=True: NpuGraph(device, torch_npu=fake))
     model = PagedAttentionOnly(caches).eval()
     torch._dynamo.reset()
-    cm = torch.compile(model, backend=ascend_backend, options={"codegen": "fx", "buckets": [4]}, dynamic=True)
+    cm = torch.compile(model, backend=ascend_backend, options={"codegen": "fx", "buckets": [4, 8]}, dynamic=True)
+    rng = random.Random(1)
     with npu_binding_on_cpu(fake), torch.no_grad():
-        q, bt, cu, seq_lens = batch([1, 1, 1], [3, 8, 5], 30)
-        torch.testing.assert_close(cm(q, bt, cu, seq_lens), reference(q, caches, bt, cu, seq_lens))
+        for trial, r in enumerate([3, 2, 4, 6]):
+            kv = [rng.randint(1, 16) for _ in range(r)]
+            q, bt, cu, seq_lens = batch([1] * r, kv, 30 + trial)
+            torch.testing.assert_close(cm(q, bt, cu, seq_lens), reference(q, caches, bt, cu, seq_lens))
+            if trial == 1:  # bucket 4 again: a replay patched with this batch (two dummies)
+                assert fake.events("update_begin", "fia.out")[-1][2:4] == ([1, 2, 3, 4], kv + [1, 1])
     st = ascend_graph.stats()
-    assert st["padding"]["rewrites"] >= 1 and st["capture_failures"] >= 1
-    assert all("not one of the runner's static input buffers" in v["failed"] for v in st["buckets"].values() if "failed" in v)
-    assert not fake.events("group_begin")
+    assert asked and all(a == ("placeholder", "placeholder") for a in asked)
+    assert st["padding"]["rewrites"] == 0
+    assert st["capture_failures"] == 0 and st["eager_fallbacks"] == 0
+    assert len(fake.events("group_begin")) == 2 and len(fake.events("update_begin")) == 2
+
+
+def test_vllm_padded_metadata_at_an_exact_bucket_is_patched_by_the_fia_rule(caches):
+    """vLLM pads the way FIA rejects: query_start_loc's tail repeats its last value and
+    seq_lens is 0, at a batch exactly the bucket's size. The lengths patched in (and
+    those of the capture) go through the planner's rule on the host: T == cu[-1], at
+    most 16 tokens and a KV length >= 1 per dummy request; the real rows are right."""
+    fake = FakeTorchNpu()
+    T = 6
+    q, bt, _, _ = batch([1] * T, [1] * T, 40)
+    cu = torch.tensor([0, 1, 2, 3, 3, 3, 3], dtype=torch.int32)  # 3 real requests, 3 padded slots
+    seq_lens = torch.tensor([5, 9, 2, 0, 0, 0], dtype=torch.int32)
+    g = NpuGraph(torch.device("cpu"), torch_npu=fake)
+    (out, _) = g.capture(lambda: two_layers(fake, caches, q, bt, cu, seq_lens), static_inputs=[q, bt, cu, seq_lens])
+    assert fake.events("fia.out")[0][2:4] == ([1, 2, 3, 4, 5, 6], [5, 9, 2, 1, 1, 1])
+
+    # the next vLLM batch: 1 request of 2 tokens (an MTP-like row) + 1 of 1, then 3 empty
+    cu.copy_(torch.tensor([0, 2, 3, 3, 3, 3, 3], dtype=torch.int32))
+    seq_lens.copy_(torch.tensor([12, 7, 0, 0, 0, 0], dtype=torch.int32))
+    q.copy_(batch([1] * T, [1] * T, 41)[0])
+    fake.log.clear()
+    g.replay()
+    calls = fake.events("fia.out")
+    assert len(calls) == 2
+    for call in calls:
+        qlen, kvlen = call[2], call[3]
+        assert qlen[-1] == T  # FIA's T == cu[-1] (error 561002 otherwise)
+        sizes = [b - a for a, b in zip([0] + qlen, qlen)]
+        assert max(sizes) <= 16 and min(kvlen) >= 1
+        assert (qlen, kvlen) == ([2, 3, 4, 5, 6, 6], [12, 7, 1, 1, 1, 1])  # 3 padded tokens over 4 empty requests
+    real = reference(q[:3], caches, bt[:2], cu[:3], seq_lens[:2])
+    torch.testing.assert_close(out[:3], real)
+
+
+def test_patched_lengths_the_rule_cannot_repair_are_a_padding_error(caches):
+    """More padded tokens than the empty requests may hold (16 each): a PaddingError with
+    expected/got before anything is patched, not FIA's error 561002 on the device."""
+    from ascend_graph.errors import PaddingError
+
+    fake = FakeTorchNpu()
+    T = 20
+    q, _, _, _ = batch([1] * T, [1] * T, 42)
+    bt = (torch.arange(2)[:, None] * 5 + torch.arange(5)).int()
+    cu = torch.tensor([0, 2, 20], dtype=torch.int32)
+    seq_lens = torch.tensor([4, 18], dtype=torch.int32)
+    g = NpuGraph(torch.device("cpu"), torch_npu=fake)
+    g.capture(lambda: two_layers(fake, caches, q, bt, cu, seq_lens), static_inputs=[q, bt, cu, seq_lens])
+    cu.copy_(torch.tensor([0, 2, 2], dtype=torch.int32))  # 18 padded tokens, one empty request
+    fake.log.clear()
+    with pytest.raises(PaddingError, match="more than 16"):
+        g.replay()
+    assert not fake.events("update_begin", "replay")
 
 
 class NoOutFia(FakeFiaV2):
