@@ -198,7 +198,8 @@ def main() -> None:
             pct = nbytes / (t_graph * 1e-3) / bw * 100
             pct_cold = nbytes / (t_cold * 1e-6) / bw * 100
             print(f"| {layout} | {B} | {t_eager * 1e3:.1f} | {t_graph * 1e3:.1f} | {pct:.0f}% | {t_cold:.1f} | {pct_cold:.0f}% "
-                  f"| {t_idx:.1f} | {t_copy:.1f} | {t_torch * 1e3:.1f} | {t_ind * 1e3:.1f} | {kern} {br}/{bc}/{nw}w{' evict' if ev else ''} |")
+                  f"| {t_idx:.1f} | {t_copy:.1f} | {t_torch * 1e3:.1f} | {t_ind * 1e3:.1f} "
+                  f"| {kern} {br}/{bc}/{nw}w{' evict' if ev else ''} |")
 
     print("\n## vLLM layout, B = 64, cold: the default config against its neighbours (same run)\n")
     print("| kernel | requests/channels/warps | evict hints | cold us | %HBM | cold, idx us |")
@@ -210,7 +211,8 @@ def main() -> None:
                                  ("tile", 1, 256, 1, True), ("tile", 1, 256, 1, False), ("tile", 1, 1024, 4, True)):
         cfg = dict(kernel=kern, block_r=br, block_c=bc, num_warps=nw, evict=ev)
         t, t_idx = cold_us(xs, sts, w, **cfg), cold_us(xs, sts, w, idx=perm, **cfg)
-        print(f"| {kern} | {br}/{bc}/{nw} | {'yes' if ev else 'no'} | {t:.2f} | {update_bytes(B, S) / (t * 1e-6) / bw * 100:.0f}% | {t_idx:.2f} |")
+        pct = update_bytes(B, S) / (t * 1e-6) / bw * 100
+        print(f"| {kern} | {br}/{bc}/{nw} | {'yes' if ev else 'no'} | {t:.2f} | {pct:.0f}% | {t_idx:.2f} |")
     del xs, sts
 
     print("\n## prefill: causal_conv1d, x [B, C, L] (transposed view of [B, L, C]), silu, no state\n")

@@ -206,8 +206,13 @@ def test_cuda_update_configs_layouts_padding_and_speculative(layout):
         s_ref = st0.clone()
         ref = reference_causal_conv1d_update(x, s_ref, w, b, slots, acc, "silu")
         keep = slots >= 0
-        configs = ({}, dict(kernel="column"), dict(kernel="tile", evict=False), dict(kernel="tile", block_r=1, block_c=1024, num_warps=4),
-                   dict(kernel="tile", block_r=8, block_c=256, num_warps=8))
+        configs = (
+            {},  # the default pick for the layout
+            dict(kernel="column"),
+            dict(kernel="tile", evict=False),
+            dict(kernel="tile", block_r=1, block_c=1024, num_warps=4),
+            dict(kernel="tile", block_r=8, block_c=256, num_warps=8),
+        )
         for kw in configs:
             s = st0.clone()
             y = tk.causal_conv1d_update(x, s, w, b, slots, acc, "silu", **kw)

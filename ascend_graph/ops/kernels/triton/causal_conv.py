@@ -358,11 +358,12 @@ def causal_conv1d(
 def _update_config(B: int, C: int, channels_contiguous: bool) -> tuple[str, int, int, int, bool]:
     """(kernel, requests per program, channels per program, warps, eviction hints) of the update.
 
-    From ``python benchmarks/causal_conv.py --sweep`` on an H100 (B = 64, state from HBM):
-    in vLLM's layout 2 requests x 256 channels on 2 warps (8 channels a thread, one 16-byte
-    vector per column) with the hints was the fastest with and without cache indices;
-    fewer, larger programs (1024-2048 channels, 8-16 requests) were slower. The column
-    kernel's best block there was 256 channels on 4 warps.
+    From ``python benchmarks/causal_conv.py --sweep`` and the benchmark's neighbour table on
+    an H100 (B = 64, state from HBM; ``benchmarks/results/causal_conv.md``): in vLLM's layout
+    2 requests x 256 channels on 2 warps (8 channels a thread, one 16-byte vector per column)
+    with the hints was among the fastest without cache indices (1 x 256 on 1 warp ties) and
+    the fastest with them; fewer, larger programs (1024-2048 channels, 8-16 requests) were
+    slower. The column kernel's best block there was 256 channels on 4 warps.
     """
     if channels_contiguous:
         return "tile", 2, min(256, _p2(C)), 2, True
