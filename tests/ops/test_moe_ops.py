@@ -364,7 +364,13 @@ def test_router_gating_cuda_matches_reference(tokens):
         w, ids = ops.moe_gating_topk(x, 8, None, "softmax", 1, 1, True, 1.0, 0.0, rw)
         w_ref, ids_ref = moe.gating_reference(x.cpu().double(), 8, None, "softmax", 1, 1, True, 1.0, 0.0, rw.cpu().double())
         assert w.dtype == dtype
-        assert (ids.cpu() == ids_ref).float().mean() > 0.99  # bf16 rounding of the logits may swap a near tie
+        # The op rounds the logits to x's dtype (as HF's linear does); in bf16 that can swap
+        # a near tie at the k-th place against the float64 reference. So: every chosen
+        # expert's exact probability is within bf16 rounding of the k-th best one.
+        probs = torch.nn.functional.linear(x.cpu().double(), rw.cpu().double()).softmax(-1)
+        kth = probs.topk(8, dim=-1).values[:, -1:]
+        assert (probs.gather(1, ids.cpu().long()) >= kth * (1 - 2e-2)).all()
+        assert (ids.cpu() == ids_ref).float().mean() > (0.99 if dtype == torch.float32 else 0.95)
         torch.testing.assert_close(w.float().cpu(), w_ref.float(), atol=2e-2, rtol=2e-2)
     bias = torch.randn(256, device="cuda") * 0.1
     rw = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16) * 0.05
