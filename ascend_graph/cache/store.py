@@ -67,7 +67,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from ..errors import CacheError
 
@@ -667,24 +667,32 @@ class KernelRecorder:
         return out
 
 
+def _restore_into(root: str, files: Mapping[str, bytes], what: str, expected: str, fix: Callable[[str, bytes], bytes] | None = None) -> int:
+    """Write ``files`` (``<subdir>/<name>`` -> bytes) under ``root``; returns how many were written.
+
+    A path with any other shape is refused (it could escape ``root``); files already present
+    are left alone (both caches key their files by content hashes).
+    """
+    written = 0
+    for rel, data in files.items():
+        parts = rel.split("/")
+        if len(parts) != 2 or any(p in ("", ".", "..") for p in parts):
+            raise CacheError(f"{what} path in a cache entry escapes the {what} directory", expected=expected, got=rel)
+        path = os.path.join(root, *parts)
+        if os.path.exists(path):
+            continue
+        write_file_atomic(path, fix(rel, data) if fix is not None else data)
+        os.chmod(path, 0o755)
+        written += 1
+    return written
+
+
 def restore_kernels(kernels: Mapping[str, bytes]) -> int:
     """Put stored kernel binaries where inductor looks for them; returns how many were written.
 
     Files already present are left alone (same key, same source and command line).
     """
-    root = _inductor_cache_dir()
-    written = 0
-    for rel, data in kernels.items():
-        parts = rel.split("/")
-        if len(parts) != 2 or any(p in ("", ".", "..") for p in parts):
-            raise CacheError("kernel path in a cache entry escapes the kernel directory", expected="<xx>/<key>.so", got=rel)
-        path = os.path.join(root, *parts)
-        if os.path.exists(path):
-            continue
-        write_file_atomic(path, data)
-        os.chmod(path, 0o755)
-        written += 1
-    return written
+    return _restore_into(_inductor_cache_dir(), kernels, "kernel", "<xx>/<key>.so")
 
 
 def restore_triton(files: Mapping[str, bytes]) -> int:
@@ -700,17 +708,9 @@ def restore_triton(files: Mapping[str, bytes]) -> int:
     if root is None:
         log.info("%d Triton cache files in the entry are not restored: Triton is not installed", len(files))
         return 0
-    written = 0
-    for rel, data in files.items():
-        parts = rel.split("/")
-        if len(parts) != 2 or any(p in ("", ".", "..") for p in parts):
-            raise CacheError("Triton file path in a cache entry escapes the Triton cache directory", expected="<hash>/<file>", got=rel)
-        path = os.path.join(root, *parts)
-        if os.path.exists(path):
-            continue
-        if _is_triton_group(rel):
-            data = data.replace(TRITON_DIR_PLACEHOLDER, os.path.abspath(root).encode())
-        write_file_atomic(path, data)
-        os.chmod(path, 0o755)
-        written += 1
-    return written
+    here = os.path.abspath(root).encode()
+
+    def fix(rel: str, data: bytes) -> bytes:
+        return data.replace(TRITON_DIR_PLACEHOLDER, here) if _is_triton_group(rel) else data
+
+    return _restore_into(root, files, "Triton cache", "<hash>/<file>", fix)
