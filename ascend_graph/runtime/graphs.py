@@ -122,6 +122,7 @@ class NpuGraph(DeviceGraph):
         self.graph = torch_npu.npu.NPUGraph()
         self.outputs: Any = None
         self.tasks: list[npu_updates.GraphTask] = []
+        self._length_views: tuple[torch.Tensor, ...] = ()
         self._done: Any = None  # the event the replay stream waits on after patching
 
     def capture(self, fn: Callable[[], Any], pool: Any = None, static_inputs: Sequence[Any] = ()) -> Any:
@@ -129,14 +130,14 @@ class NpuGraph(DeviceGraph):
         with self.torch_npu.npu.graph(self.graph, pool=pool):
             with recorder.active():
                 self.outputs = fn()
-        self.tasks = recorder.finish()
+        self.tasks, self._length_views = recorder.finish()
         if self.tasks:
             self._done = self.torch_npu.npu.Event()
         return self.outputs
 
     def replay(self) -> Any:
         if self.tasks:
-            npu_updates.patch_tasks(self.torch_npu, self.device, self.tasks, self._done)
+            npu_updates.patch_tasks(self.torch_npu, self.device, self.tasks, self._length_views, self._done)
         self.graph.replay()
         return self.outputs
 

@@ -114,6 +114,9 @@ class GraphTask:
     ``issue(*tensors, *host_lengths)`` makes the call; ``lengths`` are the device views
     whose current values are the host arrays of the next replay; ``rule``, when set, maps
     those host arrays to the ones issued (FIA's padding rule for paged attention).
+    ``sources`` (set by :meth:`TaskCapture.finish`) index ``lengths`` into the graph's
+    distinct length views, so a replay reads each shared view once without re-deriving
+    which views are shared.
     """
 
     name: str
@@ -122,6 +125,7 @@ class GraphTask:
     tensors: tuple[Optional[torch.Tensor], ...]
     lengths: tuple[torch.Tensor, ...]
     rule: Optional[Callable[..., list[list[int]]]] = None
+    sources: tuple[int, ...] = ()
 
 
 def _fia_lengths(num_tokens: int, qlen: list[int], kvlen: list[int]) -> list[list[int]]:
@@ -247,19 +251,31 @@ class TaskCapture:
         self.tasks.append(GraphTask(name=name, handle=handle, issue=issue, tensors=tuple(tensors), lengths=tuple(lengths), rule=rule))
         return result
 
-    def finish(self) -> list[GraphTask]:
-        """After the capture: the tasks, with their device tensors held weakly.
+    def finish(self) -> tuple[list[GraphTask], tuple[torch.Tensor, ...]]:
+        """After the capture: the tasks, with their device tensors held weakly, and the
+        graph's distinct length views (every task's ``sources`` index into them).
 
-        The graph owns their memory (its pool); a strong reference per task would keep
+        The graph owns the tasks' memory (its pool); a strong reference per task would keep
         every layer's output and workspace out of the shared pool for every bucket (the
-        reason torch_npu and vllm-ascend weak-reference them). Length sources stay
-        strong: they are the runner's buffers, read at every replay.
+        reason torch_npu and vllm-ascend weak-reference them). Length views stay strong:
+        they are the runner's buffers, read at every replay. Views shared by several tasks
+        (every layer reads the same ``query_start_loc``) are listed once.
         """
         weak = self.torch_npu._C._weak_ref_tensor
+        order: dict[tuple, int] = {}
+        views: list[torch.Tensor] = []
         for task in self.tasks:
             task.tensors = tuple(None if t is None else weak(t) for t in task.tensors)
+            index = []
+            for t in task.lengths:
+                key = (_storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+                if key not in order:
+                    order[key] = len(views)
+                    views.append(t)
+                index.append(order[key])
+            task.sources = tuple(index)
         self._workspace = None
-        return self.tasks
+        return self.tasks, tuple(views)
 
 
 # --------------------------------------------------------------------------- replay
@@ -278,59 +294,45 @@ def update_stream(torch_npu: Any, device: Any) -> Any:
         return stream
 
 
-def read_lengths(tasks: Sequence[GraphTask]) -> list[list[list[int]]]:
-    """Every task's length sources as host lists, with one device-to-host read.
-
-    Sources shared by several tasks (every layer reads the same ``query_start_loc``)
-    are read once.
-    """
-    order: dict[tuple, int] = {}
-    views: list[torch.Tensor] = []
-    for task in tasks:
-        for t in task.lengths:
-            key = (_storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-            if key not in order:
-                order[key] = len(views)
-                views.append(t)
+def read_lengths(views: Sequence[torch.Tensor]) -> list[list[int]]:
+    """The graph's distinct length views as host lists, with one device-to-host read."""
     if not views:
-        return [[] for _ in tasks]
+        return []
     flat = torch.cat([v.reshape(-1).to(torch.int64) for v in views]).tolist()  # the one D2H read
     values, at = [], 0
     for v in views:
         values.append(flat[at : at + v.numel()])
         at += v.numel()
-    out = []
-    for task in tasks:
-        out.append([values[order[(_storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)]] for t in task.lengths])
-    return out
+    return values
 
 
-def apply_rules(tasks: Sequence[GraphTask], host: Sequence[list[list[int]]]) -> list[list[list[int]]]:
-    """Each task's host rule on its read lengths; computed once per distinct (sources,
-    token count), since every layer of a model reads the same metadata (``read_lengths``
-    hands shared sources back as the same list objects)."""
+def apply_rules(tasks: Sequence[GraphTask], values: Sequence[list[int]]) -> list[list[list[int]]]:
+    """Each task's host lengths, its host rule applied; the rule runs once per distinct
+    (sources, rule), since every layer of a model reads the same metadata."""
     done: dict[tuple, list[list[int]]] = {}
     out = []
-    for task, lengths in zip(tasks, host):
+    for task in tasks:
+        lengths = [values[i] for i in task.sources]
         if task.rule is None:
-            out.append(list(lengths))
+            out.append(lengths)
             continue
-        key = (tuple(id(v) for v in lengths), id(task.rule))
+        key = (task.sources, id(task.rule))
         if key not in done:
             done[key] = task.rule(*lengths)
         out.append(done[key])
     return out
 
 
-def patch_tasks(torch_npu: Any, device: Any, tasks: Sequence[GraphTask], done: Any) -> None:
+def patch_tasks(torch_npu: Any, device: Any, tasks: Sequence[GraphTask], views: Sequence[torch.Tensor], done: Any) -> None:
     """Re-issue every task with the lengths its sources hold now; order the replay after it.
 
-    Call right before ``graph.replay()`` on the replay stream. ``done`` is an
+    Call right before ``graph.replay()`` on the replay stream. ``views`` are the graph's
+    distinct length views (:meth:`TaskCapture.finish`); ``done`` is an
     ``torch_npu.npu.Event`` owned by the graph.
     """
     if not tasks:
         return
-    host = apply_rules(tasks, read_lengths(tasks))  # the one host read, then FIA's rule on the host
+    host = apply_rules(tasks, read_lengths(views))  # the one host read, then FIA's rule on the host
     replay_stream = torch_npu.npu.current_stream()
     upd = update_stream(torch_npu, device)
     # never patch a task while an earlier replay of the graph may still be running it
