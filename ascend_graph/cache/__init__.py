@@ -291,7 +291,7 @@ class _AmendAfterFirstCall:
         return out
 
     def _amend(self, recorder: KernelRecorder) -> None:
-        late = {name: data for name, data in recorder.collect().items() if name not in self.files}
+        late = recorder.collect(known=self.files.keys())
         if not late:
             return
         try:

@@ -67,7 +67,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 from ..errors import CacheError
 
@@ -644,8 +644,11 @@ class KernelRecorder:
     def __exit__(self, *exc: Any) -> None:
         pass
 
-    def collect(self) -> dict[str, bytes]:
-        """``{entry file name: bytes}`` of what the build used: ``kernels/<rel>`` and ``triton/<rel>``."""
+    def collect(self, known: Collection[str] = frozenset()) -> dict[str, bytes]:
+        """``{entry file name: bytes}`` of what the build used: ``kernels/<rel>`` and ``triton/<rel>``.
+
+        Names in ``known`` (an entry's files already) are not read again.
+        """
         root = _inductor_cache_dir()
         files = self._binaries(root)
         wanted = files - self.files_before
@@ -653,11 +656,15 @@ class KernelRecorder:
         wanted |= {rel for rel in files if rel.split("/", 1)[1].split(".", 1)[0] in new_keys}
         out: dict[str, bytes] = {}
         for rel in sorted(wanted):
+            if f"{KERNELS}/{rel}" in known:
+                continue
             with contextlib.suppress(OSError):
                 with open(os.path.join(root, rel), "rb") as f:
                     out[f"{KERNELS}/{rel}"] = f.read()
         if self.triton_root is not None:
             for rel in sorted(self._triton_files(self.triton_root) - self.triton_before):
+                if f"{TRITON}/{rel}" in known:
+                    continue
                 with contextlib.suppress(OSError):
                     with open(os.path.join(self.triton_root, rel), "rb") as f:
                         data = f.read()
