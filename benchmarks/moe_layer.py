@@ -5,8 +5,8 @@ Shape: 128 experts, top-8, hidden 2048, expert dim 768, bf16, tokens 1..512.
 - ``hf_eager``: ``Qwen3MoeSparseMoeBlock`` as transformers runs it (default experts
   implementation, ``grouped_mm``);
 - ``hf_compile``: the same block under ``torch.compile`` (inductor, dynamic shapes);
-- ``fused``: ``ascend_graph::moe_gating_topk`` given the router weight (its GEMM folded
-  into the gating launch up to 32 tokens, cuBLAS above) + ``ascend_graph::moe_dispatch_ffn_combine``, replayed from a CUDA graph as the ascend
+- ``fused``: ``ascend_graph::moe_gating_topk`` given the router weight (up to 32 tokens a
+  Triton router GEMM, then the gating kernel; cuBLAS above) + ``ascend_graph::moe_dispatch_ffn_combine``, replayed from a CUDA graph as the ascend
   backend runs it (and eager, ``fused eager``); the op picks the Triton path up to
   ``TRITON_MAX_TOKENS`` tokens. The experts alone are timed on both paths (``Triton
   experts``, ``grouped_mm experts``) at every size, which is where that threshold comes from;
@@ -22,8 +22,9 @@ floor is the mean of the inputs' floors.
 Usage: ``python benchmarks/moe_layer.py [--tokens 1,2,4,...]`` prints a markdown table;
 ``--sweep`` times the Triton block-size candidates per token count first (how
 ``moe_fused.CONFIGS`` was chosen) and prints the best of each; ``--variants 1,2,4`` times
-the whole layer with and without the router fold, programmatic dependent launch and the
-down projection's L2 prefetch, and the folded router's split candidates.
+the whole layer per router (cuBLAS, Triton; ``--router-splits`` for its split candidates)
+and experts path; ``--ffn-sweep 1,2`` the one-launch experts path's block sizes;
+``--profile 1`` lists the fused layer's kernels with their device times.
 """
 
 from __future__ import annotations
@@ -159,8 +160,12 @@ def sweep(block, tokens, expert_bytes, bw, w2_only=False) -> dict[int, moe_fused
     return best_cfgs
 
 
-def variants(block, tokens, expert_bytes, bw) -> None:
-    """The whole layer (graph-replayed) per variant: router fold, PDL, w2 L2 prefetch, router splits."""
+def variants(block, tokens, expert_bytes, bw, splits=False) -> None:
+    """The whole layer (graph-replayed) per (router, experts) variant: cuBLAS router + gating
+    kernel, or the Triton router GEMM (partials, then the gating kernel sums them; with
+    ``splits``, other splits and the one-launch last-program selection too); experts as
+    configured, and where that is the one-launch path, the two-launch path and the
+    one-launch path without PDL (its fp32 sums zeroed by a memset node)."""
     router, w13, w2 = block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj
     print("## variants (whole layer, graph-replayed, us per call)\n", flush=True)
     for t in tokens:
@@ -172,26 +177,28 @@ def variants(block, tokens, expert_bytes, bw) -> None:
         w_ref, ids_ref = moe_ops.gating_reference(sets[0][0].cpu(), K, None, "softmax", 1, 1, True, 1.0, 0.0, router.cpu())
         ref = moe_ops.experts_reference(sets[0][0].cpu().float(), w_ref.float(), ids_ref, w13.cpu().float(), w2.cpu().float(), "silu")
 
-        def layer(rcfg, ecfg, fold=True):
+        def layer(rcfg, ecfg):
             def fn(x):
-                if fold:
-                    w, ids = moe_gating.router_gating_topk(x, router, K, None, "softmax", 1, 1, True, 1.0, 0.0, rcfg)
-                else:
+                if rcfg is None:
                     w, ids = moe_gating.gating_topk(torch.nn.functional.linear(x, router), K, None, "softmax", 1, 1, True, 1.0, 0.0, pdl=ecfg.pdl)
+                else:
+                    w, ids = moe_gating.router_gating_topk(x, router, K, None, "softmax", 1, 1, True, 1.0, 0.0, rcfg)
                 return moe_fused.fused_experts(x, w, ids, w13, w2, "silu", None, ecfg), ids
             return fn
 
-        nopdl = dataclasses.replace(base, pdl=False)
-        rows = [
-            ("cuBLAS router + gating, no PDL", layer(None, nopdl, fold=False)),
-            ("cuBLAS router + gating, PDL", layer(None, base, fold=False)),
-            ("cuBLAS router + gating, PDL + w2 L2 prefetch", layer(None, dataclasses.replace(base, w2_prefetch=True), fold=False)),
-            ("fold (default), no PDL", layer(moe_gating.RouterConfig(pdl=False), nopdl)),
-        ]
-        for be, sk, warps in ((16, 4, 4), (16, 8, 4), (16, 8, 1), (16, 8, 2), (32, 4, 1), (16, 16, 1), (64, 8, 2)):
-            rows.append((f"fold block_e={be} split_k={sk} warps={warps}, PDL", layer(moe_gating.RouterConfig(block_e=be, split_k=sk, num_warps=warps), base)))
+        routers = [("cuBLAS + gating", None), ("Triton router (default)", moe_gating.RouterConfig())]
+        if splits:
+            for be, sk, warps in ((16, 8, 4), (16, 32, 4), (32, 16, 4), (32, 32, 4), (16, 16, 2), (64, 32, 4)):
+                routers.append((f"router be={be} sk={sk} w={warps}", moe_gating.RouterConfig(block_e=be, split_k=sk, num_warps=warps)))
+            routers.append(("router one launch (last-program selection)", moe_gating.RouterConfig(two_launch=False)))
+        experts = [("configured", base)]
+        if base.ffn_chunk:
+            experts.append(("two launches (gate/up, down)", dataclasses.replace(base, ffn_chunk=0, w13_n=32, w13_k=128, w2_n=64 if t == 1 else 128, w2_k=128)))
+            experts.append(("one launch, y zeroed by a memset node (no PDL)", dataclasses.replace(base, pdl=False)))
         print(f"T={t}: floor {floor:.1f} us", flush=True)
-        for name, fn in rows:
+        for (rname, rcfg), (ename, ecfg) in itertools.product(routers, experts):
+            name = f"{rname} | {ename}"
+            fn = layer(rcfg, ecfg)
             try:
                 out, ids = fn(sets[0][0])
                 same_ids = torch.equal(ids.cpu().sort(1)[0], ids_ref.sort(1)[0])
@@ -205,6 +212,77 @@ def variants(block, tokens, expert_bytes, bw) -> None:
     print(flush=True)
 
 
+def ffn_candidates(t):
+    base = dataclasses.replace(moe_fused.config_for(t), naive=True)
+    for chunk, bk, warps in itertools.product((32, 64), (64, 128, 256), (4, 8)):
+        yield dataclasses.replace(base, ffn_chunk=chunk, ffn_k=bk, ffn_warps=warps, ffn_stages=3 if chunk * bk >= 64 * 256 else 4)
+
+
+def ffn_sweep(block, tokens, expert_bytes, bw) -> None:
+    """The one-launch experts path (gate/up + activation + down projection per chunk) against
+    the configured one: the experts op alone and the whole layer, graph-replayed."""
+    router, w13, w2 = block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj
+    print("## one-launch experts sweep (graph-replayed, us per call)\n", flush=True)
+    for t in tokens:
+        sets, hits = routed_inputs(block, t)
+        floor = sum(hits) / len(hits) * expert_bytes / bw * 1e6
+        ref = moe_cuda.sorted_experts(sets[0][0], sets[0][1], sets[0][2], w13, w2, "silu", None).float()
+        xs = [(s[0],) for s in sets]
+
+        def time_cfg(cfg):
+            op = lambda x, w, ids: moe_fused.fused_experts(x, w, ids, w13, w2, "silu", None, cfg)  # noqa: E731
+
+            def layer(x):
+                w, ids = moe_gating.router_gating_topk(x, router, K, None, "softmax", 1, 1, True, 1.0, 0.0)
+                return op(x, w, ids)
+
+            err = ((op(*sets[0]).float() - ref).norm() / ref.norm()).item()
+            return graph_time_us(op, sets), graph_time_us(layer, xs), err
+
+        results = []
+        base = moe_fused.config_for(t)
+        b_op, b_layer, _ = time_cfg(base)
+        print(f"T={t}: experts floor {floor:.1f} us; configured path: experts {b_op:.1f} us, layer {b_layer:.1f} us", flush=True)
+        cands = list(ffn_candidates(t))
+        for cfg in cands:
+            try:
+                results.append((*time_cfg(cfg), cfg))
+            except Exception as exc:
+                print(f"  skip chunk={cfg.ffn_chunk} k={cfg.ffn_k} warps={cfg.ffn_warps}: {type(exc).__name__}", flush=True)
+        best = min(results, key=lambda r: r[1])[3]
+        for bn, st in itertools.product((64, 128, 256), (3, 4, 5)):
+            cfg = dataclasses.replace(best, ffn_n=bn, ffn_stages=st)
+            if cfg in cands:
+                continue
+            try:
+                results.append((*time_cfg(cfg), cfg))
+            except Exception as exc:
+                print(f"  skip n={bn} stages={st}: {type(exc).__name__}", flush=True)
+        results.sort(key=lambda r: r[1])
+        for op_us, layer_us, err, cfg in results[:12]:
+            print(f"  experts {op_us:6.1f} us ({op_us / floor:.2f}x)  layer {layer_us:6.1f} us  rel err {err:.1e}  chunk={cfg.ffn_chunk} k={cfg.ffn_k} n={cfg.ffn_n} "
+                  f"warps={cfg.ffn_warps} stages={cfg.ffn_stages}", flush=True)
+        print(f"  worst rel err over all configs: {max(r[2] for r in results):.1e}", flush=True)
+    print(flush=True)
+
+
+def profile_kernels(block, t) -> None:
+    """Device time of every kernel of the fused layer (eager launches, torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fused = fused_forward(block)
+    x = torch.randn(1, t, H, device="cuda", dtype=torch.bfloat16)
+    for _ in range(10):
+        fused(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            fused(x)
+        torch.cuda.synchronize()
+    print(f"## kernels of the fused layer at {t} tokens (20 eager calls)\n", flush=True)
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256,512")
@@ -212,6 +290,9 @@ def main() -> None:
     parser.add_argument("--w2-only", action="store_true", help="sweep only the down-projection configs (w13 as configured)")
     parser.add_argument("--use-sweep", action="store_true", help="run the table with the swept configs (preview)")
     parser.add_argument("--variants", default="", help="token counts to time the layer variants at, e.g. 1,2,4,8,16,32")
+    parser.add_argument("--ffn-sweep", default="", help="token counts to sweep the one-launch experts path at, e.g. 1,2")
+    parser.add_argument("--profile", default="", help="token counts whose fused layer's kernels are profiled")
+    parser.add_argument("--router-splits", action="store_true", help="with --variants: time the Triton router's split candidates too")
     parser.add_argument("--no-table", action="store_true", help="skip the main table")
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -229,7 +310,14 @@ def main() -> None:
             print("table below uses the swept configs:", swept, "\n", flush=True)
     if args.variants:
         with torch.no_grad():
-            variants(block, [int(t) for t in args.variants.split(",")], expert_bytes, bw)
+            variants(block, [int(t) for t in args.variants.split(",")], expert_bytes, bw, args.router_splits)
+    if args.profile:
+        with torch.no_grad():
+            for t in args.profile.split(","):
+                profile_kernels(block, int(t))
+    if args.ffn_sweep:
+        with torch.no_grad():
+            ffn_sweep(block, [int(t) for t in args.ffn_sweep.split(",")], expert_bytes, bw)
     if args.no_table:
         return
     fused = fused_forward(block)

@@ -173,7 +173,7 @@ def _gating_cuda(logits, top_k, bias=None, scoring="softmax", n_group=1, topk_gr
     args = (top_k, bias, scoring, n_group, topk_group, renormalize, routed_scaling_factor, eps)
     if router_weight is not None:
         if moe_gating.router_gating_supported(logits, router_weight, n_group, moe_gating.ROUTER_MAX_TOKENS):
-            return moe_gating.router_gating_topk(logits, router_weight, *args)  # router GEMM folded in
+            return moe_gating.router_gating_topk(logits, router_weight, *args)  # Triton router GEMM, then the gating kernel
         x, logits = logits, F.linear(logits, router_weight.to(logits.dtype))  # real M: cuBLAS
         if moe_gating.gating_supported(logits, n_group):
             return moe_gating.gating_topk(logits, *args)  # scores in fp32 whatever the logits' dtype

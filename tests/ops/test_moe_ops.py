@@ -217,6 +217,9 @@ _INTERPRET_SCRIPT = textwrap.dedent(
         (torch.float32, 1, mf.MoeConfig(naive=True, w13_n=16, w13_k=32, w2_n=16, w2_k=16), "gelu"),
         (torch.float32, 7, mf.MoeConfig(w13_n=16, w13_k=32, w2_n=32, w2_k=16), "silu"),
         (torch.bfloat16, 6, mf.MoeConfig(w13_n=16, w13_k=16, split_k=2, w2_n=16, w2_k=32), "gelu_tanh"),
+        # one launch per pair and chunk (chunk 32 of 40 units: a masked tail; H 48 over K/N tiles of 32)
+        (torch.float32, 3, mf.MoeConfig(naive=True, ffn_chunk=32, ffn_k=32, ffn_n=32), "silu"),
+        (torch.bfloat16, 1, mf.MoeConfig(naive=True, ffn_chunk=16, ffn_k=16, ffn_n=16), "gelu"),
     ]
     for dtype, t, cfg, act in cases:
         x = torch.randn(t, h, dtype=dtype)
@@ -246,7 +249,9 @@ _INTERPRET_SCRIPT = textwrap.dedent(
     x, rw = torch.randn(5, 40), torch.randn(20, 40) * 0.3
     bias = torch.randn(20) * 0.1
     for dtype in (torch.float32, torch.bfloat16):
-        for cfg in (moe_gating.RouterConfig(block_e=16, split_k=2, block_k=16), moe_gating.RouterConfig(block_e=32, split_k=1, block_k=32)):
+        # partials summed by the gating kernel; a last-program selection; one program
+        for cfg in (moe_gating.RouterConfig(block_e=16, split_k=2, block_k=16), moe_gating.RouterConfig(block_e=16, split_k=2, block_k=16, two_launch=False),
+                    moe_gating.RouterConfig(block_e=32, split_k=1, block_k=32)):
             for args in ((3, None, "softmax", 1, 1, True, 1.0, 0.0), (3, bias, "sigmoid", 4, 2, False, 2.5, 0.0)):
                 w, ids = moe_gating.router_gating_topk(x.to(dtype), rw.to(dtype), *args, config=cfg)
                 w_ref, ids_ref = moe.gating_reference(x.to(dtype), *args, router_weight=rw.to(dtype))
@@ -321,16 +326,18 @@ def test_triton_experts_cuda(dtype, tokens, activation):
     assert _rel_err(out, ref) < (1e-4 if dtype == torch.float32 else 1e-2)
     assert torch.count_nonzero(out[~mask]) == 0
     # every tuned config (naive, split-K, block sizes) on this problem
-    for _, cfg in moe_fused.CONFIGS + ((0, moe_fused.MoeConfig(split_k=4, w13_k=64)),):
+    extra = (moe_fused.MoeConfig(split_k=4, w13_k=64), moe_fused.MoeConfig(naive=True), moe_fused.MoeConfig(naive=True, ffn_chunk=32, pdl=False))
+    for cfg in [c for _, c in moe_fused.CONFIGS] + list(extra):
         out = moe_fused.fused_experts(x, w, ids, w13, w2, activation, mask, cfg)
         assert _rel_err(out, ref) < (1e-4 if dtype == torch.float32 else 1e-2), cfg
 
 
 @pytest.mark.cuda
-def test_triton_experts_one_graph_serves_any_routing():
-    x, w, ids, w13, w2 = _cuda_case(16, torch.bfloat16)
+@pytest.mark.parametrize("tokens", [1, 16])  # 1: the one-launch path (its zeroing captured too)
+def test_triton_experts_one_graph_serves_any_routing(tokens):
+    x, w, ids, w13, w2 = _cuda_case(tokens, torch.bfloat16)
     static = [x.clone(), w.clone(), ids.clone()]
-    mask = torch.ones(16, dtype=torch.bool, device="cuda")
+    mask = torch.ones(tokens, dtype=torch.bool, device="cuda")
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -341,9 +348,10 @@ def test_triton_experts_one_graph_serves_any_routing():
         out = ops.moe_dispatch_ffn_combine(*static, w13, w2, "silu", mask)
     for seed in range(3):
         torch.manual_seed(100 + seed)
-        skew = torch.randint(0, 2, (16, 4), device="cuda") if seed == 2 else torch.randint(0, 16, (16, 4), device="cuda")  # all on 2 experts
+        skew = torch.randint(0, 2, (tokens, 4), device="cuda") if seed == 2 else torch.randint(0, 16, (tokens, 4), device="cuda")  # all on 2 experts
         new = [torch.randn_like(x), torch.rand_like(w), skew]
-        m = torch.rand(16, device="cuda") > 0.3
+        m = torch.rand(tokens, device="cuda") > 0.3
+        m[0] = True
         for dst, src in zip(static + [mask], new + [m]):
             dst.copy_(src)
         out.fill_(float("nan"))
@@ -354,7 +362,7 @@ def test_triton_experts_one_graph_serves_any_routing():
 @pytest.mark.cuda
 @pytest.mark.parametrize("tokens", [1, 3, 32, 40])
 def test_router_gating_cuda_matches_reference(tokens):
-    # folded router GEMM (<= 32 tokens; 40: cuBLAS + the gating kernel), bf16 and fp32 x, in a graph
+    # Triton router GEMM (<= 32 tokens; 40: cuBLAS + the gating kernel), bf16 and fp32 x, in a graph
     from ascend_graph.ops.kernels.triton import moe_gating
 
     torch.manual_seed(tokens)
@@ -375,13 +383,15 @@ def test_router_gating_cuda_matches_reference(tokens):
     bias = torch.randn(256, device="cuda") * 0.1
     rw = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16) * 0.05
     x = torch.randn(tokens, 512, device="cuda")
-    for cfg in (None, moe_gating.RouterConfig(block_e=256, split_k=1, num_warps=8), moe_gating.RouterConfig(block_e=32, split_k=2, pdl=False)):
+    configs = (None, moe_gating.RouterConfig(block_e=256, split_k=1, num_warps=8), moe_gating.RouterConfig(block_e=32, split_k=2, pdl=False),
+               moe_gating.RouterConfig(block_e=32, split_k=2, two_launch=False))
+    for cfg in configs:
         w, ids = moe_gating.router_gating_topk(x, rw, 8, bias, "sigmoid", 8, 4, True, 2.5, 1e-20, cfg) if tokens <= 32 else ops.moe_gating_topk(x, 8, bias, "sigmoid", 8, 4, True, 2.5, 1e-20, rw)
         w_ref, ids_ref = moe.gating_reference(x.cpu(), 8, bias.cpu(), "sigmoid", 8, 4, True, 2.5, 1e-20, rw.cpu())
         o, o_ref = ids.argsort(1), ids_ref.argsort(1)
         torch.testing.assert_close(ids.gather(1, o).cpu(), ids_ref.gather(1, o_ref))
         torch.testing.assert_close(w.gather(1, o).cpu(), w_ref.gather(1, o_ref), atol=1e-5, rtol=1e-5)
-    # one graph, any input: the per-call counter is reset by the memset captured with it
+    # one graph, any input (the partials are rewritten by every call)
     static = torch.randn(tokens, 512, device="cuda")
     ops.moe_gating_topk(static, 8, bias, "sigmoid", 8, 4, True, 2.5, 1e-20, rw)
     g = torch.cuda.CUDAGraph()

@@ -4,7 +4,20 @@ Entry point: :func:`fused_experts` (``moe_dispatch_ffn_combine``'s contract with
 experts; chosen by :func:`ascend_graph.ops.kernels.triton.moe.dispatch_ffn_combine`).
 On the CPU the kernels run under ``TRITON_INTERPRET=1`` (how the tests check them).
 
-Pipeline (four launches, three at one token):
+Two pipelines, chosen by the token-count bucket's :class:`MoeConfig`.
+
+One launch for the experts (``naive`` with ``ffn_chunk``; 1-2 tokens), three in all:
+
+- ``_zero_kernel`` zeroes an fp32 ``y[T, H]``;
+- ``_ffn_kernel``, one program per (pair, chunk of ``ffn_chunk`` intermediate units):
+  the chunk's gate and up rows over the whole hidden size, the activation, then the
+  chunk's columns of the down projection times the routing weight, added atomically into
+  ``y[token]``. A unit's activation needs only its own gate and up rows, so no program
+  waits for another and the gate/up and down weight streams run in one launch (on an
+  H100 at one token: 33.1 us against 35.4-35.6 us for the two-launch path below);
+- ``_combine_kernel`` casts ``y`` to ``x.dtype``.
+
+Four launches otherwise (three with ``naive``):
 
 1. ``_align_kernel`` (one program): the ``P = T*k`` (token, slot) pairs are grouped by
    expert into blocks of ``BM`` pair slots. ``sorted_pairs[MAX_BLOCKS*BM]`` lists the pair
@@ -26,11 +39,12 @@ Pipeline (four launches, three at one token):
    (rows of invalid pairs are never written and never read), cast to ``x.dtype``.
 
 Programmatic dependent launch (``MoeConfig.pdl``, SM90+): every launch waits
-(``gdc_wait``) for its predecessor before reading what that wrote, and lets its successor
-launch once all its programs are past the wait, so launch latencies and ramps overlap the
-previous kernel's tail. The down projection's programs read the routing (two launches
-back, complete before any gate/up program let them launch) and prefetch their weight
-tile into L2 before their wait: the weights do not depend on the gate/up kernel.
+(``gdc_wait``) for its predecessor before reading or writing what that may still use, and
+lets its successor launch once all its programs are past the wait, so launch latencies
+and ramps overlap the previous kernel's tail. That is why the one-launch path zeroes
+``y`` with a kernel: a memset node would end the chain (1.3 us more at 1 token).
+With ``w2_prefetch`` the down projection's programs prefetch their weight tile into L2
+before their wait (off: measured slower).
 
 The intermediate buffers are indexed by pair, not by sorted slot, so their size is
 ``P`` rows whatever the padding. Block sizes come from :data:`CONFIGS` (measured on an
@@ -75,7 +89,14 @@ class MoeConfig:
     #: H100 it cost 1.5-6 us at 1-8 tokens (the prefetches compete with the gate/up
     #: kernel's own weight stream, which is the critical path)
     w2_prefetch: bool = False
-
+    #: with ``naive``: one launch for gate/up, activation and down projection
+    #: (:func:`_ffn_kernel`), each program owning ``ffn_chunk`` intermediate units of one
+    #: pair; 0 = the two-launch path
+    ffn_chunk: int = 0
+    ffn_k: int = 128
+    ffn_n: int = 128
+    ffn_warps: int = 4
+    ffn_stages: int = 4
 
 #: (max tokens, config) in increasing order; the last entry serves any larger count.
 #: Measured on an H100 (Qwen3-30B-A3B shape, benchmarks/moe_layer.py --sweep): at 1-2 tokens
@@ -86,8 +107,8 @@ class MoeConfig:
 #: program per output tile walking the k experts in turn: too few bytes in flight, 89 us
 #: against 37 us). fp32 operands get smaller tiles (:func:`_fit_dtype`).
 CONFIGS: tuple[tuple[int, MoeConfig], ...] = (
-    (1, MoeConfig(naive=True, w13_n=32, w13_k=128, w2_n=64, w2_k=128)),
-    (2, MoeConfig(naive=True, w13_n=32, w13_k=128, w2_n=128, w2_k=128)),
+    (1, MoeConfig(naive=True, ffn_chunk=64, ffn_k=128, ffn_n=128)),
+    (2, MoeConfig(naive=True, ffn_chunk=64, ffn_k=128, ffn_n=128, ffn_stages=3)),
     (4, MoeConfig(w13_n=64, w13_k=256, w13_stages=3, w2_n=32, w2_k=128)),
     (8, MoeConfig(w13_n=64, w13_k=256, w13_stages=3, w2_n=64, w2_k=128)),
     (32, MoeConfig(w13_n=64, w13_k=256, w13_stages=3, w2_n=32, w2_k=256)),
@@ -105,6 +126,7 @@ def _fit_dtype(cfg: MoeConfig, dtype: torch.dtype) -> MoeConfig:
         cfg,
         w13_n=min(cfg.w13_n, 32), w13_k=min(cfg.w13_k, 64), w13_stages=min(cfg.w13_stages, 3),
         w2_n=min(cfg.w2_n, 64), w2_k=min(cfg.w2_k, 64), w2_stages=min(cfg.w2_stages, 3),
+        ffn_k=min(cfg.ffn_k, 64), ffn_n=min(cfg.ffn_n, 64), ffn_stages=min(cfg.ffn_stages, 3),
     )
 
 
@@ -342,11 +364,91 @@ def _w2_kernel(
 
 
 @triton.jit
+def _ffn_kernel(
+    x_ptr, w13_ptr, w2_ptr, y_ptr, tw_ptr, ids_ptr, mask_ptr,
+    P, E, I,
+    stride_xt, stride_xh, s13e, s13n, s13h, s2e, s2n, s2k, stride_yt, stride_tt, stride_tk, stride_it, stride_ik,
+    H: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+    HAS_MASK: tl.constexpr, ACT: tl.constexpr, EVEN_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """Program (pair p, chunk c): ``h = act(x W_gate[c]) * (x W_up[c])`` for the chunk's
+    ``BC`` intermediate units over the whole hidden size, then its share of the down
+    projection, ``W_down[:, c] h`` times the routing weight, added atomically into the
+    zeroed fp32 row ``y[token]``. No program waits for another: the activation of a unit
+    needs only that unit's gate and up rows."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # the routing and the zeroed y come from the previous kernels
+        tl.extra.cuda.gdc_launch_dependents()
+    e, pairs = _block_rows(y_ptr, y_ptr, ids_ptr, mask_ptr, pid, P, E, stride_it, stride_ik, TOPK, BM, True, HAS_MASK)
+    if e < 0:
+        return
+    rmask = pairs < P
+    tok = (pairs // TOPK).to(tl.int64)
+    i = c * BC + tl.arange(0, BC)
+    imask = i < I
+    kk = tl.arange(0, BK)
+    a_ptrs = x_ptr + tok[:, None] * stride_xt + kk[None, :] * stride_xh
+    wg_ptrs = w13_ptr + e.to(tl.int64) * s13e + i[None, :] * s13n + kk[:, None] * s13h
+    wu_ptrs = wg_ptrs + I * s13n
+    acc_g = tl.zeros([BM, BC], dtype=tl.float32)
+    acc_u = tl.zeros([BM, BC], dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        if EVEN_H:
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            wg = tl.load(wg_ptrs, mask=imask[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=imask[None, :], other=0.0)
+        else:
+            kin = k0 + kk < H
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kin[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=imask[None, :] & kin[:, None], other=0.0)
+            wu = tl.load(wu_ptrs, mask=imask[None, :] & kin[:, None], other=0.0)
+        acc_g = _mma(a, wg, acc_g, DOT_PRECISION, UPCAST)
+        acc_u = _mma(a, wu, acc_u, DOT_PRECISION, UPCAST)
+        a_ptrs += BK * stride_xh
+        wg_ptrs += BK * s13h
+        wu_ptrs += BK * s13h
+    # rounded to the operand dtype, as the two-launch path stores it between its launches
+    h = (_act(acc_g, ACT) * acc_u).to(w2_ptr.dtype.element_ty)
+    tw = tl.load(tw_ptr + tok * stride_tt + (pairs % TOPK) * stride_tk, mask=rmask, other=0.0).to(tl.float32)
+    n = tl.arange(0, BN)
+    w_ptrs = w2_ptr + e.to(tl.int64) * s2e + n[None, :] * s2n + i[:, None] * s2k
+    y_ptrs = y_ptr + tok[:, None] * stride_yt + n[None, :]
+    for n0 in range(0, H, BN):
+        if EVEN_H:
+            w = tl.load(w_ptrs, mask=imask[:, None], other=0.0)
+            ymask = rmask[:, None]
+        else:
+            nin = n0 + n < H
+            w = tl.load(w_ptrs, mask=imask[:, None] & nin[None, :], other=0.0)
+            ymask = rmask[:, None] & nin[None, :]
+        y = _mma(h, w, tl.zeros([BM, BN], dtype=tl.float32), DOT_PRECISION, UPCAST) * tw[:, None]
+        tl.atomic_add(y_ptrs, y, mask=ymask, sem="relaxed")
+        w_ptrs += BN * s2n
+        y_ptrs += BN
+
+
+@triton.jit
+def _zero_kernel(y_ptr, N, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    """Zeroes ``y`` as one launch of the op's PDL chain (a memset node would break it). It
+    writes only after its wait: ``y`` may reuse memory that the previous kernel still reads."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.zeros([BLOCK], dtype=y_ptr.dtype.element_ty), mask=offs < N)
+
+
+@triton.jit
 def _combine_kernel(
     y_ptr, out_ptr, ids_ptr, mask_ptr, E, H,
     stride_yp, stride_ot, stride_oh, stride_it, stride_ik,
-    TOPK: tl.constexpr, BH: tl.constexpr, HAS_MASK: tl.constexpr, USE_PDL: tl.constexpr,
+    TOPK: tl.constexpr, BH: tl.constexpr, SUMMED: tl.constexpr, HAS_MASK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    """``out[t] = sum`` of the fp32 rows ``y[t*k + j]`` of the token's valid slots; with
+    ``SUMMED``, ``y[t]`` is that sum already (the one-launch path) and is only cast."""
     t = tl.program_id(0)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
@@ -355,11 +457,14 @@ def _combine_kernel(
     active = True
     if HAS_MASK:
         active = tl.load(mask_ptr + t) != 0
-    acc = tl.zeros([BH], dtype=tl.float32)
-    for j in tl.static_range(TOPK):
-        e = tl.load(ids_ptr + t.to(tl.int64) * stride_it + j * stride_ik)
-        ok = active & (e >= 0) & (e < E)
-        acc += tl.load(y_ptr + (t.to(tl.int64) * TOPK + j) * stride_yp + h, mask=hmask & ok, other=0.0)
+    if SUMMED:
+        acc = tl.load(y_ptr + t.to(tl.int64) * stride_yp + h, mask=hmask & active, other=0.0)
+    else:
+        acc = tl.zeros([BH], dtype=tl.float32)
+        for j in tl.static_range(TOPK):
+            e = tl.load(ids_ptr + t.to(tl.int64) * stride_it + j * stride_ik)
+            ok = active & (e >= 0) & (e < E)
+            acc += tl.load(y_ptr + (t.to(tl.int64) * TOPK + j) * stride_yp + h, mask=hmask & ok, other=0.0)
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh, acc.to(out_ptr.dtype.element_ty), mask=hmask)
 
 
@@ -434,35 +539,53 @@ def fused_experts(
         n_blocks = block_expert.shape[0]
     act = _ACT_IDS[activation]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    split = cfg.split_k
-    if split == 1:
-        hidden = torch.empty(p, inter, dtype=x.dtype, device=x.device)
-    else:
-        hidden = torch.zeros(p, 2 * inter, dtype=torch.float32, device=x.device)
     pdl = _pdl(cfg.pdl, x.device)
-    common = dict(TOPK=k, BM=bm, NAIVE=cfg.naive, HAS_MASK=has_mask, ACT=act, DOT_PRECISION=precision, UPCAST=_interpreting(), USE_PDL=bool(pdl))
-    _w13_kernel[(n_blocks, triton.cdiv(inter, cfg.w13_n), split)](
-        x, w13, hidden, sorted_pairs, block_expert, topk_ids, mask,
-        p, e, inter, h,
-        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), hidden.stride(0), topk_ids.stride(0), topk_ids.stride(1),
-        BN=cfg.w13_n, BK=cfg.w13_k, SPLIT_K=split, K_PER=triton.cdiv(triton.cdiv(h, split), cfg.w13_k) * cfg.w13_k, EVEN_K=h % (cfg.w13_k * split) == 0,
-        num_warps=cfg.w13_warps, num_stages=cfg.w13_stages, **common, **pdl,
-    )
-    y = torch.empty(p, h, dtype=torch.float32, device=x.device)
-    line = max(1, 128 // w2.element_size())  # elements per 128-byte line
-    _w2_kernel[(n_blocks, triton.cdiv(h, cfg.w2_n))](
-        hidden, w2, y, topk_weights, sorted_pairs, block_expert, topk_ids, mask,
-        p, e, h,
-        hidden.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0), topk_weights.stride(0), topk_weights.stride(1),
-        topk_ids.stride(0), topk_ids.stride(1),
-        BN=cfg.w2_n, BK=cfg.w2_k, KD=inter, ACT_IN_PROLOGUE=split > 1, EVEN_K=inter % cfg.w2_k == 0,
-        PREFETCH=cfg.w2_prefetch, LINE=line, LINES_P2=triton.next_power_of_2(triton.cdiv(inter, line)),
-        num_warps=cfg.w2_warps, num_stages=cfg.w2_stages, **common, **pdl,
-    )
+    common = dict(TOPK=k, BM=bm, HAS_MASK=has_mask, ACT=act, DOT_PRECISION=precision, UPCAST=_interpreting(), USE_PDL=bool(pdl))
+    if cfg.naive and cfg.ffn_chunk:
+        chunks = triton.cdiv(inter, cfg.ffn_chunk)
+        if pdl:  # zeroed by a launch of the PDL chain (a memset node would break the chain)
+            y = torch.empty(t, h, dtype=torch.float32, device=x.device)
+            _zero_kernel[(triton.cdiv(t * h, 1024),)](y, t * h, BLOCK=1024, USE_PDL=True, num_warps=4, **pdl)
+        else:
+            y = torch.zeros(t, h, dtype=torch.float32, device=x.device)
+        _ffn_kernel[(p, chunks)](
+            x, w13, w2, y, topk_weights, topk_ids, mask,
+            p, e, inter,
+            x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), w2.stride(0), w2.stride(1), w2.stride(2),
+            y.stride(0), topk_weights.stride(0), topk_weights.stride(1), topk_ids.stride(0), topk_ids.stride(1),
+            H=h, BC=cfg.ffn_chunk, BK=cfg.ffn_k, BN=cfg.ffn_n, EVEN_H=h % cfg.ffn_k == 0 and h % cfg.ffn_n == 0,
+            num_warps=cfg.ffn_warps, num_stages=cfg.ffn_stages, **common, **pdl,
+        )
+        summed = True
+    else:
+        split = cfg.split_k
+        if split == 1:
+            hidden = torch.empty(p, inter, dtype=x.dtype, device=x.device)
+        else:
+            hidden = torch.zeros(p, 2 * inter, dtype=torch.float32, device=x.device)
+        _w13_kernel[(n_blocks, triton.cdiv(inter, cfg.w13_n), split)](
+            x, w13, hidden, sorted_pairs, block_expert, topk_ids, mask,
+            p, e, inter, h,
+            x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), hidden.stride(0), topk_ids.stride(0), topk_ids.stride(1),
+            BN=cfg.w13_n, BK=cfg.w13_k, SPLIT_K=split, K_PER=triton.cdiv(triton.cdiv(h, split), cfg.w13_k) * cfg.w13_k, EVEN_K=h % (cfg.w13_k * split) == 0,
+            NAIVE=cfg.naive, num_warps=cfg.w13_warps, num_stages=cfg.w13_stages, **common, **pdl,
+        )
+        y = torch.empty(p, h, dtype=torch.float32, device=x.device)
+        line = max(1, 128 // w2.element_size())  # elements per 128-byte line
+        _w2_kernel[(n_blocks, triton.cdiv(h, cfg.w2_n))](
+            hidden, w2, y, topk_weights, sorted_pairs, block_expert, topk_ids, mask,
+            p, e, h,
+            hidden.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0), topk_weights.stride(0), topk_weights.stride(1),
+            topk_ids.stride(0), topk_ids.stride(1),
+            BN=cfg.w2_n, BK=cfg.w2_k, KD=inter, ACT_IN_PROLOGUE=split > 1, EVEN_K=inter % cfg.w2_k == 0,
+            PREFETCH=cfg.w2_prefetch, LINE=line, LINES_P2=triton.next_power_of_2(triton.cdiv(inter, line)),
+            NAIVE=cfg.naive, num_warps=cfg.w2_warps, num_stages=cfg.w2_stages, **common, **pdl,
+        )
+        summed = False
     bh = min(1024, triton.next_power_of_2(h))
     _combine_kernel[(t, triton.cdiv(h, bh))](
         y, out, topk_ids, mask, e, h,
         y.stride(0), out.stride(0), out.stride(1), topk_ids.stride(0), topk_ids.stride(1),
-        TOPK=k, BH=bh, HAS_MASK=has_mask, USE_PDL=bool(pdl), num_warps=4, **pdl,
+        TOPK=k, BH=bh, SUMMED=summed, HAS_MASK=has_mask, USE_PDL=bool(pdl), num_warps=4, **pdl,
     )
     return out

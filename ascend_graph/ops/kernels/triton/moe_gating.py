@@ -1,5 +1,5 @@
 """Triton kernels of ``moe_gating_topk``: scoring, grouped top-k and renormalisation in one launch,
-with the router GEMM folded in for small token counts.
+after a Triton router GEMM for small token counts.
 
 Entry points: :func:`gating_topk` (router logits given) and :func:`router_gating_topk`
 (hidden states and the router weight given), with the contract of
@@ -7,28 +7,30 @@ Entry points: :func:`gating_topk` (router logits given) and :func:`router_gating
 run under ``TRITON_INTERPRET=1``.
 
 Why kernels: the plain-torch routing is about eight launches (softmax, topk, gather, sum,
-add, div, mul, casts), and at one decode token the router GEMM is a cuBLAS launch of its
-own; together they were ~8 us of a ~25 us MoE layer floor on an H100.
+add, div, mul, casts), and at one decode token cuBLAS runs the 1 x 2048 x 128 router GEMM
+in ~5 us on an H100 (two programs read the 0.5 MB weight); together they were ~8 us of a
+~25 us MoE layer floor.
 
 Selection (:func:`_select`, shared by both kernels) works on a ``[rows, E]`` tile: scores
 in float32 (softmax or sigmoid), the choice score adds the correction bias, groups are
 ranked by the sum of their two best choice scores and all but the best ``topk_group``
-are masked, then the ``top_k`` experts are taken one argmax at a time (descending, like
+are masked, then the ``top_k`` experts are taken one max at a time (descending, like
 ``torch.topk``). The weights are the unbiased scores, renormalised and scaled in float32.
 
-Router GEMM folded in (:func:`router_gating_topk`, up to 32 tokens; the op uses it up to
-:data:`ROUTER_MAX_TOKENS`, which measurement set to 0): the ``[E, H]`` router weight is split over ``E / block_e`` expert blocks and
-``split_k`` slices of ``H``, one program each (a 0.5 MB weight read by one program would
-take ~4 us on one SM; spread over 32 programs it is a fraction of that). Each program
-stores its fp32 partial logits; the program that takes the last ticket of an atomic
-counter (zeroed per call) sums the partials in a fixed order (deterministic), rounds them
-to ``x.dtype`` as ``F.linear`` would, and runs the selection for every token. With one
-program (``block_e >= E`` and ``split_k == 1``) there is no counter and no scratch.
+Router GEMM (:func:`router_gating_topk`; the op uses it up to :data:`ROUTER_MAX_TOKENS`
+tokens): the ``[E, H]`` router weight is split over ``E / block_e`` expert blocks and
+``split_k`` slices of ``H``, one program each (128 programs at the default split). Each
+program stores its fp32 partial logits; the gating kernel, launched next, sums them in a
+fixed order (deterministic), rounds them to ``x.dtype`` as ``F.linear`` would, and
+selects. With ``two_launch=False`` the program that takes the last ticket of an atomic
+counter (zeroed per call) sums and selects instead: one launch, but measured 3-4 us
+slower (the counter's memset node ends the PDL chain, and the last program waits on the
+others). With one program (``block_e >= E`` and ``split_k == 1``) there is no scratch.
 
-Programmatic dependent launch (``pdl``, SM90+, both kernels): a kernel waits for the
+Programmatic dependent launch (``pdl``, SM90+, all kernels): a kernel waits for the
 previous one before reading its input and lets the next kernel (the experts op's first
 launch) start as soon as every program has begun, so that launch's latency overlaps
-this kernel (measured: ~2 us of the 1-token layer, with the experts op's own PDL).
+this kernel.
 """
 
 from __future__ import annotations
@@ -43,33 +45,34 @@ import triton.language as tl
 
 __all__ = ["gating_topk", "gating_supported", "router_gating_topk", "router_gating_supported", "RouterConfig", "router_config_for", "ROUTER_MAX_TOKENS", "pdl_supported"]
 
-#: largest token count whose router GEMM the op folds into the gating kernel; above it
-#: cuBLAS does the GEMM, then :func:`gating_topk`. 0: never, as measured on an H100
-#: (Qwen3-30B-A3B layer, benchmarks/results/moe.md): the folded kernel was 1.5-3 us slower
-#: than cuBLAS + the PDL-launched gating kernel at 1-32 tokens, every split tried (its
-#: zeroed counter, and the selection of every token in the last program, cost more than
-#: the launch it saves). :func:`router_gating_topk` stays callable (tests, the sweep).
-ROUTER_MAX_TOKENS = 0
-#: the folded kernel's own limit (its [tokens, experts] selection tile)
-_FOLD_MAX_TOKENS = 32
+#: largest token count whose router GEMM the op runs in Triton (:func:`router_gating_topk`);
+#: above it cuBLAS does the GEMM, then :func:`gating_topk`. Measured on an H100
+#: (Qwen3-30B-A3B layer, benchmarks/results/moe.md): 2-3 us faster than cuBLAS + the
+#: gating kernel at 1-32 tokens (the router kernel takes at most 32 tokens).
+ROUTER_MAX_TOKENS = 32
+#: the router kernel's own limit (its [tokens, experts] accumulator tile)
+_TILE_MAX_TOKENS = 32
 
 
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
-    """Launch parameters of the folded router kernel."""
+    """Launch parameters of the router GEMM kernel."""
 
     #: experts per program (>= 16: the tensor-core tile)
     block_e: int = 16
     #: slices of the hidden size, one program each
-    split_k: int = 8
+    split_k: int = 16
     block_k: int = 128
     num_warps: int = 4
     #: programmatic dependent launch (honoured on SM90+ only)
     pdl: bool = True
+    #: with several programs: they only store their partial logits and the gating kernel,
+    #: launched next, sums them and selects (no zeroed counter, no last-program selection)
+    two_launch: bool = True
 
 
 def router_config_for(tokens: int) -> RouterConfig:
-    """Measured on an H100 (Qwen3-30B-A3B router, 128 x 2048 bf16; benchmarks/moe_layer.py --sweep)."""
+    """Measured on an H100 (Qwen3-30B-A3B router, 128 x 2048 bf16; benchmarks/moe_layer.py --variants 1,2,4,8,16,32 --router-splits)."""
     return RouterConfig()
 
 
@@ -88,11 +91,11 @@ def gating_supported(logits: torch.Tensor, n_group: int) -> bool:
     return logits.dtype in (torch.float32, torch.float16, torch.bfloat16) and e % n_group == 0 and e <= 4096
 
 
-def router_gating_supported(x: torch.Tensor, router_weight: torch.Tensor, n_group: int, max_tokens: int = _FOLD_MAX_TOKENS) -> bool:
+def router_gating_supported(x: torch.Tensor, router_weight: torch.Tensor, n_group: int, max_tokens: int = _TILE_MAX_TOKENS) -> bool:
     """Whether :func:`router_gating_topk` takes this problem (few tokens, float operands, E <= 512)."""
     floats = (torch.float32, torch.float16, torch.bfloat16)
     e = router_weight.shape[0]
-    return x.shape[0] <= min(max_tokens, _FOLD_MAX_TOKENS) and x.dtype in floats and router_weight.dtype in floats and e % n_group == 0 and e <= 512
+    return x.shape[0] <= min(max_tokens, _TILE_MAX_TOKENS) and x.dtype in floats and router_weight.dtype in floats and e % n_group == 0 and e <= 512
 
 
 @triton.jit
@@ -138,8 +141,11 @@ def _select(
     wv = tl.zeros_like(tl.sum(choice, axis=1))[:, None] + tl.zeros([1, TOPK_P2], dtype=tl.float32)
     iv = wv.to(tl.int64)
     for j in tl.static_range(TOPK):
-        idx = tl.argmax(choice, axis=1)[:, None]
-        wv = tl.where(kk == j, tl.sum(tl.where(exr == idx, scores, 0.0), axis=1)[:, None], wv)
+        best, idx = tl.max(choice, axis=1, return_indices=True)
+        idx = idx[:, None]
+        if HAS_BIAS:  # the weight is the unbiased score: one more reduction
+            best = tl.sum(tl.where(exr == idx, scores, 0.0), axis=1)
+        wv = tl.where(kk == j, best[:, None], wv)
         iv = tl.where(kk == j, idx.to(tl.int64), iv)
         choice = tl.where(exr == idx, neg, choice)
     if RENORM:
@@ -154,13 +160,16 @@ def _select(
 @triton.jit
 def _gating_kernel(
     logits_ptr, bias_ptr, w_ptr, ids_ptr,
-    E, stride_lt, stride_le, stride_wt, stride_it,
+    E, stride_lt, stride_le, stride_ls, stride_wt, stride_it,
     scaling, eps,
     TOPK: tl.constexpr, E_P2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, NG_P2: tl.constexpr, TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, TOPK_P2: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    PARTS: tl.constexpr, ROUND: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    # one program per token: a [1, E] tile
+    """One program per token: a ``[1, E]`` tile. ``PARTS == 0``: ``logits`` are the logits;
+    else ``PARTS`` fp32 partial sums of them (the router kernel's split-K slices,
+    ``stride_ls`` apart), added in a fixed order and, with ``ROUND``, rounded to the
+    weights' dtype (``x.dtype``) as ``F.linear`` would round the logits."""
     t = tl.program_id(0).to(tl.int64)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # the logits come from the previous kernel
@@ -168,7 +177,16 @@ def _gating_kernel(
     ex = tl.arange(0, E_P2)
     em = ex < E
     row = tl.zeros([1], dtype=tl.int64) + t
-    logit = tl.load(logits_ptr + row[:, None] * stride_lt + ex[None, :] * stride_le, mask=em[None, :], other=float("-inf")).to(tl.float32)
+    ptrs = logits_ptr + row[:, None] * stride_lt + ex[None, :] * stride_le
+    if PARTS == 0:
+        logit = tl.load(ptrs, mask=em[None, :], other=float("-inf")).to(tl.float32)
+    else:
+        logit = tl.zeros([1, E_P2], dtype=tl.float32)
+        for s in tl.static_range(PARTS):
+            logit += tl.load(ptrs + s * stride_ls, mask=em[None, :], other=0.0)
+        if ROUND:
+            logit = logit.to(w_ptr.dtype.element_ty).to(tl.float32)
+        logit = tl.where(em[None, :], logit, float("-inf"))
     _select(logit, row, ex, em, bias_ptr, w_ptr, ids_ptr, stride_wt, stride_it, scaling, eps,
             TOPK, E_P2, SIGMOID, HAS_BIAS, N_GROUP, NG_P2, TOPK_GROUP, RENORM, TOPK_P2, E)
 
@@ -183,6 +201,7 @@ def _router_gating_kernel(
     N_GROUP: tl.constexpr, NG_P2: tl.constexpr, TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, TOPK_P2: tl.constexpr,
     TM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, K_ITERS: tl.constexpr, NUM_E: tl.constexpr, SPLIT_K: tl.constexpr,
     ROUND: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
+    PARTIAL_ONLY: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -215,6 +234,9 @@ def _router_gating_kernel(
         logit = tl.where(em[None, :], logit, float("-inf"))
         _select(logit, out_rows, ex, em, bias_ptr, w_ptr, ids_ptr, stride_wt, stride_it, scaling, eps,
                 TOPK, E_P2, SIGMOID, HAS_BIAS, N_GROUP, NG_P2, TOPK_GROUP, RENORM, TOPK_P2, E)
+    elif PARTIAL_ONLY:
+        # partials [SPLIT_K, TM, E_P2] fp32 for the gating kernel, launched next, to sum
+        tl.store(part_ptr + (pid_k * TM + rows[:, None]) * E_P2 + ecol[None, :], acc, mask=ecm[None, :])
     else:
         # partials [SPLIT_K, TM, E_P2] fp32; the last program to arrive sums and selects
         tl.store(part_ptr + (pid_k * TM + rows[:, None]) * E_P2 + ecol[None, :], acc, mask=ecm[None, :])
@@ -257,10 +279,10 @@ def gating_topk(
     if t:
         _gating_kernel[(t,)](
             logits, bias if bias is not None else logits, w, ids,
-            e, logits.stride(0), logits.stride(1), w.stride(0), ids.stride(0),
+            e, logits.stride(0), logits.stride(1), 0, w.stride(0), ids.stride(0),
             float(routed_scaling_factor), float(eps),
             **_select_args(top_k, bias, scoring, n_group, topk_group, renormalize, triton.next_power_of_2(e)),
-            USE_PDL=bool(pdl_kw := ({"launch_pdl": True} if pdl and pdl_supported(logits.device) else {})),
+            PARTS=0, ROUND=False, USE_PDL=bool(pdl_kw := ({"launch_pdl": True} if pdl and pdl_supported(logits.device) else {})),
             num_warps=1 if e <= 512 else 4, **pdl_kw,  # one warp: shuffle-only reductions
         )
     return w, ids
@@ -296,22 +318,34 @@ def router_gating_topk(
     k_per = triton.cdiv(triton.cdiv(h, split), bk) * bk
     split = triton.cdiv(h, k_per)
     tm = max(16, triton.next_power_of_2(t))
-    if num_e * split > 1:
+    several = num_e * split > 1
+    two = several and cfg.two_launch
+    if several:
         part = torch.empty(split, tm, e_p2, dtype=torch.float32, device=x.device)
-        count = torch.zeros(1, dtype=torch.int32, device=x.device)
+        count = part if two else torch.zeros(1, dtype=torch.int32, device=x.device)
     else:
         part = count = w  # never read
     pdl = cfg.pdl and pdl_supported(x.device)
     extra = {"launch_pdl": True} if pdl else {}
+    select = _select_args(top_k, bias, scoring, n_group, topk_group, renormalize, e_p2)
+    bias_arg = bias if bias is not None else x
     _router_gating_kernel[(num_e, split)](
-        x, router_weight, bias if bias is not None else x, part, count, w, ids,
+        x, router_weight, bias_arg, part, count, w, ids,
         t, e, h, k_per,
         x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1), w.stride(0), ids.stride(0),
         float(routed_scaling_factor), float(eps),
-        **_select_args(top_k, bias, scoring, n_group, topk_group, renormalize, e_p2),
+        **select,
         TM=tm, BE=block_e, BK=bk, K_ITERS=k_per // bk, NUM_E=num_e, SPLIT_K=split,
         ROUND=x.dtype != torch.float32, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        UPCAST=x.dtype == torch.float32 or _interpreting(), USE_PDL=pdl,
+        UPCAST=x.dtype == torch.float32 or _interpreting(), USE_PDL=pdl, PARTIAL_ONLY=two,
         num_warps=cfg.num_warps if tm * e_p2 <= 4096 else max(cfg.num_warps, 8), num_stages=2, **extra,
     )
+    if two:
+        _gating_kernel[(t,)](
+            part, bias_arg, w, ids,
+            e, e_p2, 1, tm * e_p2, w.stride(0), ids.stride(0),
+            float(routed_scaling_factor), float(eps),
+            **select, PARTS=split, ROUND=x.dtype != torch.float32, USE_PDL=pdl,
+            num_warps=1 if e <= 512 else 4, **extra,
+        )
     return w, ids
