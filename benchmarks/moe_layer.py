@@ -188,7 +188,7 @@ def variants(block, tokens, expert_bytes, bw, splits=False) -> None:
 
         routers = [("cuBLAS + gating", None), ("Triton router (default)", moe_gating.RouterConfig())]
         if splits:
-            for be, sk, warps in ((16, 8, 4), (16, 32, 4), (32, 16, 4), (32, 32, 4), (16, 16, 2), (64, 32, 4)):
+            for be, sk, warps in ((16, 8, 4), (16, 32, 4), (32, 16, 4), (32, 32, 4), (16, 16, 2), (16, 32, 2), (64, 32, 4)):
                 routers.append((f"router be={be} sk={sk} w={warps}", moe_gating.RouterConfig(block_e=be, split_k=sk, num_warps=warps)))
             routers.append(("router one launch (last-program selection)", moe_gating.RouterConfig(two_launch=False)))
         experts = [("configured", base)]
