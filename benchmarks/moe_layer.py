@@ -34,6 +34,7 @@ import dataclasses
 import itertools
 
 import torch
+import triton
 import triton.testing
 
 import ascend_graph.ops  # noqa: F401  (registers the ops)
@@ -214,8 +215,9 @@ def variants(block, tokens, expert_bytes, bw, splits=False) -> None:
 
 def ffn_candidates(t):
     base = dataclasses.replace(moe_fused.config_for(t), naive=True)
-    for chunk, bk, warps in itertools.product((32, 64), (64, 128, 256), (4, 8)):
-        yield dataclasses.replace(base, ffn_chunk=chunk, ffn_k=bk, ffn_warps=warps, ffn_stages=3 if chunk * bk >= 64 * 256 else 4)
+    # 48 units: 16 chunks, 128 programs at one token (one per SM); 96: the same at two tokens
+    for chunk, bk, warps in itertools.product((32, 48, 64, 96), (64, 128), (4, 8)):
+        yield dataclasses.replace(base, ffn_chunk=chunk, ffn_k=bk, ffn_warps=warps, ffn_stages=3 if triton.next_power_of_2(chunk) * bk >= 64 * 256 else 4)
 
 
 def ffn_sweep(block, tokens, expert_bytes, bw) -> None:

@@ -217,8 +217,8 @@ _INTERPRET_SCRIPT = textwrap.dedent(
         (torch.float32, 1, mf.MoeConfig(naive=True, w13_n=16, w13_k=32, w2_n=16, w2_k=16), "gelu"),
         (torch.float32, 7, mf.MoeConfig(w13_n=16, w13_k=32, w2_n=32, w2_k=16), "silu"),
         (torch.bfloat16, 6, mf.MoeConfig(w13_n=16, w13_k=16, split_k=2, w2_n=16, w2_k=32), "gelu_tanh"),
-        # one launch per pair and chunk (chunk 32 of 40 units: a masked tail; H 48 over K/N tiles of 32)
-        (torch.float32, 3, mf.MoeConfig(naive=True, ffn_chunk=32, ffn_k=32, ffn_n=32), "silu"),
+        # one launch per pair and chunk (24 of 40 units in a tile of 32: a masked tail; H 48 over K/N tiles of 32)
+        (torch.float32, 3, mf.MoeConfig(naive=True, ffn_chunk=24, ffn_k=32, ffn_n=32), "silu"),
         (torch.bfloat16, 1, mf.MoeConfig(naive=True, ffn_chunk=16, ffn_k=16, ffn_n=16), "gelu"),
     ]
     for dtype, t, cfg, act in cases:

@@ -368,12 +368,12 @@ def _ffn_kernel(
     x_ptr, w13_ptr, w2_ptr, y_ptr, tw_ptr, ids_ptr, mask_ptr,
     P, E, I,
     stride_xt, stride_xh, s13e, s13n, s13h, s2e, s2n, s2k, stride_yt, stride_tt, stride_tk, stride_it, stride_ik,
-    H: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+    H: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
     HAS_MASK: tl.constexpr, ACT: tl.constexpr, EVEN_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Program (pair p, chunk c): ``h = act(x W_gate[c]) * (x W_up[c])`` for the chunk's
-    ``BC`` intermediate units over the whole hidden size, then its share of the down
+    ``CHUNK`` intermediate units (a tile of ``BC >= CHUNK``) over the whole hidden size, then its share of the down
     projection, ``W_down[:, c] h`` times the routing weight, added atomically into the
     zeroed fp32 row ``y[token]``. No program waits for another: the activation of a unit
     needs only that unit's gate and up rows."""
@@ -387,8 +387,9 @@ def _ffn_kernel(
         return
     rmask = pairs < P
     tok = (pairs // TOPK).to(tl.int64)
-    i = c * BC + tl.arange(0, BC)
-    imask = i < I
+    ci = tl.arange(0, BC)
+    i = c * CHUNK + ci
+    imask = (ci < CHUNK) & (i < I)
     kk = tl.arange(0, BK)
     a_ptrs = x_ptr + tok[:, None] * stride_xt + kk[None, :] * stride_xh
     wg_ptrs = w13_ptr + e.to(tl.int64) * s13e + i[None, :] * s13n + kk[:, None] * s13h
@@ -553,7 +554,7 @@ def fused_experts(
             p, e, inter,
             x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), w2.stride(0), w2.stride(1), w2.stride(2),
             y.stride(0), topk_weights.stride(0), topk_weights.stride(1), topk_ids.stride(0), topk_ids.stride(1),
-            H=h, BC=cfg.ffn_chunk, BK=cfg.ffn_k, BN=cfg.ffn_n, EVEN_H=h % cfg.ffn_k == 0 and h % cfg.ffn_n == 0,
+            H=h, CHUNK=cfg.ffn_chunk, BC=max(16, triton.next_power_of_2(cfg.ffn_chunk)), BK=cfg.ffn_k, BN=cfg.ffn_n, EVEN_H=h % cfg.ffn_k == 0 and h % cfg.ffn_n == 0,
             num_warps=cfg.ffn_warps, num_stages=cfg.ffn_stages, **common, **pdl,
         )
         summed = True
