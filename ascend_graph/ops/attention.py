@@ -162,6 +162,8 @@ def dense_attention_sdpa(q, k, v, attn_mask, sinks, scale, is_causal, window) ->
     if is_causal:
         if sq == skv and window <= 0 and mask is None:
             sdpa_causal = True
+        elif sq == 1 and (window <= 0 or window >= skv):
+            pass  # one query at the end (decode): bottom-right causal masks nothing
         else:
             qpos = torch.arange(sq, device=q.device)[:, None] + (skv - sq)
             kpos = torch.arange(skv, device=q.device)[None, :]
@@ -176,9 +178,15 @@ def dense_attention_sdpa(q, k, v, attn_mask, sinks, scale, is_causal, window) ->
                 mask = mask.to(q.dtype).masked_fill(~keep, float("-inf"))
     elif mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=sdpa_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and mask is not None and q.device.type == "cuda":
+        # CUDA SDPA broadcasts kv heads only in its flash backend, which takes no mask: with
+        # a mask, enable_gqa falls back to the math backend (measured on an H100: Qwen3
+        # decode at batch 32, 1.93 ms against 1.73 ms unfused). Expanded heads keep the
+        # memory-efficient backend, as HF's repeat_kv does.
+        rep = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=sdpa_causal, scale=scale, enable_gqa=gqa)
     return _sdpa_layout(out)
 
 

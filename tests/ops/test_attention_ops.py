@@ -55,6 +55,11 @@ def test_dense_causal_is_bottom_right_and_window_limits_keys():
     window = ops.attention(q, k, v, None, None, 0.25, True, 2)
     torch.testing.assert_close(window, F.scaled_dot_product_attention(q, k, v, attn_mask=(kpos <= qpos) & (kpos > qpos - 2), scale=0.25))
     assert not torch.allclose(causal, window)
+    # one query (decode): bottom-right causal sees every key, a window shorter than the keys does not
+    q1 = q[:, :, -1:]
+    torch.testing.assert_close(ops.attention(q1, k, v, None, None, 0.25, True, -1), F.scaled_dot_product_attention(q1, k, v, scale=0.25))
+    torch.testing.assert_close(ops.attention(q1, k, v, None, None, 0.25, True, 7), F.scaled_dot_product_attention(q1, k, v, scale=0.25))
+    torch.testing.assert_close(ops.attention(q1, k, v, None, None, 0.25, True, 2), F.scaled_dot_product_attention(q1, k[:, :, -2:], v[:, :, -2:], scale=0.25))
 
 
 def test_dense_sinks_enlarge_the_denominator_only():
@@ -174,10 +179,15 @@ def test_paged_cuda_long_context_splits():
 def test_dense_and_cache_cuda_match_reference():
     q, k, v = (_rand(2, 8, 5, 64, dtype=torch.bfloat16, device="cuda", seed=i) for i in range(3))
     k, v = k[:, :2].contiguous(), v[:, :2].contiguous()
-    for causal, window in ((True, -1), (True, 3), (False, -1)):
-        out = ops.attention(q, k, v, None, None, 0.125, causal, window)
-        ref = ops.attention_reference(q, k, v, None, None, 0.125, causal, window)
+    mask = torch.rand(2, 1, 5, 5, device="cuda") > 0.3
+    mask[..., 0] = True
+    # GQA with a mask: kv heads expanded (the memory-efficient backend, not math)
+    for causal, window, m in ((True, -1, None), (True, 3, None), (False, -1, None), (False, -1, mask), (True, -1, mask)):
+        out = ops.attention(q, k, v, m, None, 0.125, causal, window)
+        ref = ops.attention_reference(q, k, v, m, None, 0.125, causal, window)
         torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    q1 = q[:, :, -1:]
+    torch.testing.assert_close(ops.attention(q1, k, v, mask[:, :, -1:], None, 0.125, True, -1), ops.attention_reference(q1, k, v, mask[:, :, -1:], None, 0.125, True, -1), atol=2e-2, rtol=2e-2)
     kc, vc = torch.zeros(3, 4, 2, 8, device="cuda"), torch.zeros(3, 4, 2, 8, device="cuda")
     kk, vv = _rand(4, 2, 8, device="cuda"), _rand(4, 2, 8, device="cuda", seed=1)
     slots = torch.tensor([5, -1, 0, 11], device="cuda")
