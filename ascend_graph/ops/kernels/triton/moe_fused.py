@@ -250,6 +250,36 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _gate_up(x_ptr, w_ptr, e, tok, rmask, n, nmask, k_lo, H, N, stride_xt, stride_xh, stride_we, stride_wn, stride_wh,
+             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, K_PER: tl.constexpr, EVEN_K: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 ``(x W_gate[n]^T, x W_up[n]^T)`` of the rows ``tok`` over ``[k_lo, k_lo + K_PER)`` of
+    the hidden size, for expert ``e`` of a ``[E, 2N, H]`` gate/up weight (up rows ``N`` below gate)."""
+    kk = tl.arange(0, BK)
+    a_ptrs = x_ptr + tok[:, None] * stride_xt + (k_lo + kk)[None, :] * stride_xh
+    wg_ptrs = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn + (k_lo + kk)[:, None] * stride_wh
+    wu_ptrs = wg_ptrs + N * stride_wn
+    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K_PER, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            wg = tl.load(wg_ptrs, mask=nmask[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=nmask[None, :], other=0.0)
+        else:
+            kin = (k_lo + k0 + kk < H) & (k0 + kk < K_PER)
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kin[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=nmask[None, :] & kin[:, None], other=0.0)
+            wu = tl.load(wu_ptrs, mask=nmask[None, :] & kin[:, None], other=0.0)
+        acc_g = _mma(a, wg, acc_g, DOT_PRECISION, UPCAST)
+        acc_u = _mma(a, wu, acc_u, DOT_PRECISION, UPCAST)
+        a_ptrs += BK * stride_xh
+        wg_ptrs += BK * stride_wh
+        wu_ptrs += BK * stride_wh
+    return acc_g, acc_u
+
+
+@triton.jit
 def _w13_kernel(
     x_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_ptr, mask_ptr,
     P, E, N, H,
@@ -274,28 +304,8 @@ def _w13_kernel(
     tok = (pairs // TOPK).to(tl.int64)
     n = pid_n * BN + tl.arange(0, BN)
     nmask = n < N
-    k_lo = pid_k * K_PER
-    kk = tl.arange(0, BK)
-    a_ptrs = x_ptr + tok[:, None] * stride_xt + (k_lo + kk)[None, :] * stride_xh
-    wg_ptrs = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn + (k_lo + kk)[:, None] * stride_wh
-    wu_ptrs = wg_ptrs + N * stride_wn
-    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
-    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K_PER, BK):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-            wg = tl.load(wg_ptrs, mask=nmask[None, :], other=0.0)
-            wu = tl.load(wu_ptrs, mask=nmask[None, :], other=0.0)
-        else:
-            kin = (k_lo + k0 + kk < H) & (k0 + kk < K_PER)
-            a = tl.load(a_ptrs, mask=rmask[:, None] & kin[None, :], other=0.0)
-            wg = tl.load(wg_ptrs, mask=nmask[None, :] & kin[:, None], other=0.0)
-            wu = tl.load(wu_ptrs, mask=nmask[None, :] & kin[:, None], other=0.0)
-        acc_g = _mma(a, wg, acc_g, DOT_PRECISION, UPCAST)
-        acc_u = _mma(a, wu, acc_u, DOT_PRECISION, UPCAST)
-        a_ptrs += BK * stride_xh
-        wg_ptrs += BK * stride_wh
-        wu_ptrs += BK * stride_wh
+    acc_g, acc_u = _gate_up(x_ptr, w_ptr, e, tok, rmask, n, nmask, pid_k * K_PER, H, N, stride_xt, stride_xh, stride_we, stride_wn, stride_wh,
+                            BM, BN, BK, K_PER, EVEN_K, DOT_PRECISION, UPCAST)
     o_ptrs = out_ptr + pairs.to(tl.int64)[:, None] * stride_op + n[None, :]
     omask = rmask[:, None] & nmask[None, :]
     if SPLIT_K == 1:
@@ -369,7 +379,7 @@ def _ffn_kernel(
     P, E, I,
     stride_xt, stride_xh, s13e, s13n, s13h, s2e, s2n, s2k, stride_yt, stride_tt, stride_tk, stride_it, stride_ik,
     H: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-    HAS_MASK: tl.constexpr, ACT: tl.constexpr, EVEN_H: tl.constexpr,
+    HAS_MASK: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Program (pair p, chunk c): ``h = act(x W_gate[c]) * (x W_up[c])`` for the chunk's
@@ -390,27 +400,8 @@ def _ffn_kernel(
     ci = tl.arange(0, BC)
     i = c * CHUNK + ci
     imask = (ci < CHUNK) & (i < I)
-    kk = tl.arange(0, BK)
-    a_ptrs = x_ptr + tok[:, None] * stride_xt + kk[None, :] * stride_xh
-    wg_ptrs = w13_ptr + e.to(tl.int64) * s13e + i[None, :] * s13n + kk[:, None] * s13h
-    wu_ptrs = wg_ptrs + I * s13n
-    acc_g = tl.zeros([BM, BC], dtype=tl.float32)
-    acc_u = tl.zeros([BM, BC], dtype=tl.float32)
-    for k0 in range(0, H, BK):
-        if EVEN_H:
-            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-            wg = tl.load(wg_ptrs, mask=imask[None, :], other=0.0)
-            wu = tl.load(wu_ptrs, mask=imask[None, :], other=0.0)
-        else:
-            kin = k0 + kk < H
-            a = tl.load(a_ptrs, mask=rmask[:, None] & kin[None, :], other=0.0)
-            wg = tl.load(wg_ptrs, mask=imask[None, :] & kin[:, None], other=0.0)
-            wu = tl.load(wu_ptrs, mask=imask[None, :] & kin[:, None], other=0.0)
-        acc_g = _mma(a, wg, acc_g, DOT_PRECISION, UPCAST)
-        acc_u = _mma(a, wu, acc_u, DOT_PRECISION, UPCAST)
-        a_ptrs += BK * stride_xh
-        wg_ptrs += BK * s13h
-        wu_ptrs += BK * s13h
+    acc_g, acc_u = _gate_up(x_ptr, w13_ptr, e, tok, rmask, i, imask, 0, H, I, stride_xt, stride_xh, s13e, s13n, s13h,
+                            BM, BC, BK, H, EVEN_K, DOT_PRECISION, UPCAST)
     # rounded to the operand dtype, as the two-launch path stores it between its launches
     h = (_act(acc_g, ACT) * acc_u).to(w2_ptr.dtype.element_ty)
     tw = tl.load(tw_ptr + tok * stride_tt + (pairs % TOPK) * stride_tk, mask=rmask, other=0.0).to(tl.float32)
@@ -418,7 +409,7 @@ def _ffn_kernel(
     w_ptrs = w2_ptr + e.to(tl.int64) * s2e + n[None, :] * s2n + i[:, None] * s2k
     y_ptrs = y_ptr + tok[:, None] * stride_yt + n[None, :]
     for n0 in range(0, H, BN):
-        if EVEN_H:
+        if EVEN_N:
             w = tl.load(w_ptrs, mask=imask[:, None], other=0.0)
             ymask = rmask[:, None]
         else:
@@ -554,7 +545,7 @@ def fused_experts(
             p, e, inter,
             x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), w2.stride(0), w2.stride(1), w2.stride(2),
             y.stride(0), topk_weights.stride(0), topk_weights.stride(1), topk_ids.stride(0), topk_ids.stride(1),
-            H=h, CHUNK=cfg.ffn_chunk, BC=max(16, triton.next_power_of_2(cfg.ffn_chunk)), BK=cfg.ffn_k, BN=cfg.ffn_n, EVEN_H=h % cfg.ffn_k == 0 and h % cfg.ffn_n == 0,
+            H=h, CHUNK=cfg.ffn_chunk, BC=max(16, triton.next_power_of_2(cfg.ffn_chunk)), BK=cfg.ffn_k, BN=cfg.ffn_n, EVEN_K=h % cfg.ffn_k == 0, EVEN_N=h % cfg.ffn_n == 0,
             num_warps=cfg.ffn_warps, num_stages=cfg.ffn_stages, **common, **pdl,
         )
         summed = True
