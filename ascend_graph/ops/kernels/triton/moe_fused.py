@@ -61,6 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .moe_gating import pdl_launch
+
 __all__ = ["MoeConfig", "CONFIGS", "config_for", "align_blocks", "max_blocks", "fused_experts", "triton_supported"]
 
 _ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -476,13 +478,6 @@ def _mask_arg(active_mask: Optional[torch.Tensor], ids: torch.Tensor) -> tuple[t
     return active_mask.contiguous(), True
 
 
-def _pdl(on: bool, device: torch.device) -> dict:
-    """Launch keywords for programmatic dependent launch, where the device has it."""
-    from .moe_gating import pdl_supported
-
-    return {"launch_pdl": True} if on and pdl_supported(device) else {}
-
-
 def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int, active_mask: Optional[torch.Tensor] = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted_pairs [MAX_BLOCKS*BM] int32, block_expert [MAX_BLOCKS] int32); see the module docstring."""
     t, k = topk_ids.shape
@@ -496,7 +491,7 @@ def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int, active_
         p, num_experts, nb * block_m, nb,
         topk_ids.stride(0), topk_ids.stride(1),
         TOPK=k, E_P2=triton.next_power_of_2(num_experts), BM=block_m, CH=32, HAS_MASK=has_mask,
-        P_P2=triton.next_power_of_2(p), NB_P2=triton.next_power_of_2(nb), USE_PDL=bool(pdl_kw := _pdl(pdl, topk_ids.device)),
+        P_P2=triton.next_power_of_2(p), NB_P2=triton.next_power_of_2(nb), USE_PDL=bool(pdl_kw := pdl_launch(pdl, topk_ids.device)),
         num_warps=4, **pdl_kw,
     )
     return sorted_pairs, block_expert
@@ -531,7 +526,7 @@ def fused_experts(
         n_blocks = block_expert.shape[0]
     act = _ACT_IDS[activation]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    pdl = _pdl(cfg.pdl, x.device)
+    pdl = pdl_launch(cfg.pdl, x.device)
     common = dict(TOPK=k, BM=bm, HAS_MASK=has_mask, ACT=act, DOT_PRECISION=precision, UPCAST=_interpreting(), USE_PDL=bool(pdl))
     if cfg.naive and cfg.ffn_chunk:
         chunks = triton.cdiv(inter, cfg.ffn_chunk)

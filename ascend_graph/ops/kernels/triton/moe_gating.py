@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["gating_topk", "gating_supported", "router_gating_topk", "router_gating_supported", "RouterConfig", "router_config_for", "ROUTER_MAX_TOKENS", "pdl_supported"]
+__all__ = ["gating_topk", "gating_supported", "router_gating_topk", "router_gating_supported", "RouterConfig", "router_config_for", "ROUTER_MAX_TOKENS", "pdl_supported", "pdl_launch"]
 
 #: largest token count whose router GEMM the op runs in Triton (:func:`router_gating_topk`);
 #: above it cuBLAS does the GEMM, then :func:`gating_topk`. Measured on an H100
@@ -83,6 +83,11 @@ def _interpreting() -> bool:
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch: Hopper and later, compiled (not interpreted) Triton."""
     return device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def pdl_launch(on: bool, device: torch.device) -> dict:
+    """Launch keywords for programmatic dependent launch, where asked for and the device has it."""
+    return {"launch_pdl": True} if on and pdl_supported(device) else {}
 
 
 def gating_supported(logits: torch.Tensor, n_group: int) -> bool:
@@ -277,15 +282,21 @@ def gating_topk(
     w = torch.empty(t, top_k, dtype=logits.dtype, device=logits.device)
     ids = torch.empty(t, top_k, dtype=torch.int64, device=logits.device)
     if t:
-        _gating_kernel[(t,)](
-            logits, bias if bias is not None else logits, w, ids,
-            e, logits.stride(0), logits.stride(1), 0, w.stride(0), ids.stride(0),
-            float(routed_scaling_factor), float(eps),
-            **_select_args(top_k, bias, scoring, n_group, topk_group, renormalize, triton.next_power_of_2(e)),
-            PARTS=0, ROUND=False, USE_PDL=bool(pdl_kw := ({"launch_pdl": True} if pdl and pdl_supported(logits.device) else {})),
-            num_warps=1 if e <= 512 else 4, **pdl_kw,  # one warp: shuffle-only reductions
-        )
+        select = _select_args(top_k, bias, scoring, n_group, topk_group, renormalize, triton.next_power_of_2(e))
+        _launch_gating(logits, e, logits.stride(0), logits.stride(1), 0, 0, False, bias, w, ids, select, routed_scaling_factor, eps, pdl_launch(pdl, logits.device))
     return w, ids
+
+
+def _launch_gating(src, e, stride_t, stride_e, stride_s, parts, round_logits, bias, w, ids, select, scaling, eps, pdl_kw) -> None:
+    """:func:`_gating_kernel`, one program per token, on ``e`` logits (``parts == 0``) or on
+    the router kernel's ``parts`` fp32 partial sums, ``stride_s`` apart."""
+    _gating_kernel[(w.shape[0],)](
+        src, bias if bias is not None else src, w, ids,
+        e, stride_t, stride_e, stride_s, w.stride(0), ids.stride(0),
+        float(scaling), float(eps),
+        **select, PARTS=parts, ROUND=round_logits, USE_PDL=bool(pdl_kw),
+        num_warps=1 if e <= 512 else 4, **pdl_kw,  # one warp: shuffle-only reductions
+    )
 
 
 def router_gating_topk(
@@ -301,7 +312,8 @@ def router_gating_topk(
     eps: float,
     config: Optional[RouterConfig] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``moe_gating_topk(x, ..., router_weight=router_weight)`` in one launch (see the module docstring)."""
+    """``moe_gating_topk(x, ..., router_weight=router_weight)``: the router GEMM kernel, then
+    (``two_launch``, the default) the gating kernel on its partials (see the module docstring)."""
     t, h = x.shape
     e = router_weight.shape[0]
     cfg = config or router_config_for(t)
@@ -325,8 +337,7 @@ def router_gating_topk(
         count = part if two else torch.zeros(1, dtype=torch.int32, device=x.device)
     else:
         part = count = w  # never read
-    pdl = cfg.pdl and pdl_supported(x.device)
-    extra = {"launch_pdl": True} if pdl else {}
+    extra = pdl_launch(cfg.pdl, x.device)
     select = _select_args(top_k, bias, scoring, n_group, topk_group, renormalize, e_p2)
     bias_arg = bias if bias is not None else x
     _router_gating_kernel[(num_e, split)](
@@ -337,15 +348,9 @@ def router_gating_topk(
         **select,
         TM=tm, BE=block_e, BK=bk, K_ITERS=k_per // bk, NUM_E=num_e, SPLIT_K=split,
         ROUND=x.dtype != torch.float32, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        UPCAST=x.dtype == torch.float32 or _interpreting(), USE_PDL=pdl, PARTIAL_ONLY=two,
+        UPCAST=x.dtype == torch.float32 or _interpreting(), USE_PDL=bool(extra), PARTIAL_ONLY=two,
         num_warps=cfg.num_warps if tm * e_p2 <= 4096 else max(cfg.num_warps, 8), num_stages=2, **extra,
     )
-    if two:
-        _gating_kernel[(t,)](
-            part, bias_arg, w, ids,
-            e, e_p2, 1, tm * e_p2, w.stride(0), ids.stride(0),
-            float(routed_scaling_factor), float(eps),
-            **select, PARTS=split, ROUND=x.dtype != torch.float32, USE_PDL=pdl,
-            num_warps=1 if e <= 512 else 4, **extra,
-        )
+    if two:  # the partials [split, tm, e_p2]: token t's row at t * e_p2
+        _launch_gating(part, e, e_p2, 1, tm * e_p2, split, x.dtype != torch.float32, bias, w, ids, select, routed_scaling_factor, eps, extra)
     return w, ids
