@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
-from . import _stats
+from . import _stats, plugins, precompile
 from .capture.shapes import ShapeInfo, analyze_graph
 from .capture.trace import aot_trace, make_boxed_func
 from .config import AscendConfig
@@ -69,13 +69,13 @@ def ascend_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kw
             expected="no mode (device graphs are on by default; options={'graphs': False} turns them off)",
             got=repr(mode),
         )
-    # Inside a vLLM engine (CompilationConfig(mode=DYNAMO_TRACE_ONCE, backend="ascend")),
-    # vLLM's capture sizes become our buckets; explicit options win. Imports no vLLM.
-    from .integrations.vllm import options_from_vllm, vllm_pass_manager
-
-    from_vllm = options_from_vllm()
-    config = AscendConfig.from_options({**from_vllm, **(options or {})})
-    return compile_graph(gm, example_inputs, config, pass_manager=vllm_pass_manager(config) if from_vllm else None)
+    # A host program compiling right now (vLLM: CompilationConfig(backend="ascend")) gives
+    # option defaults and its own op fusions through its adapter's entry point
+    # (plugins.py); explicit options win. The core imports no adapter.
+    host = plugins.host_compile()
+    config = AscendConfig.from_options({**(host.options if host else {}), **(options or {})})
+    pass_manager = host.pass_manager(config) if host is not None and host.pass_manager is not None else None
+    return compile_graph(gm, example_inputs, config, pass_manager=pass_manager)
 
 
 class CompileContext:
@@ -95,6 +95,23 @@ class CompileContext:
         self.post_pass_code: str | None = None
         self.mutated_inputs: frozenset[int] = frozenset()
         self.codegen: str = resolve_codegen(config, device)
+        #: modules defining the ascend_graph custom ops of the post-pass graph (a load imports them)
+        self.op_modules: tuple[str, ...] = ()
+
+    _STATE = ("graph_id", "pass_counts", "pass_records", "mutated_inputs", "codegen", "op_modules")
+
+    def state(self) -> dict[str, Any]:
+        """What the runtime needs of this context, picklable (precompile.py saves it)."""
+        out = {name: getattr(self, name) for name in self._STATE}
+        out.update(config=self.config, device=str(self.device), shapes=self.shapes)
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "CompileContext":
+        ctx = cls(state["config"], torch.device(state["device"]), state["shapes"], state["graph_id"])
+        for name in cls._STATE:
+            setattr(ctx, name, state[name])
+        return ctx
 
 
 def resolve_codegen(config: AscendConfig, device: torch.device) -> str:
@@ -139,6 +156,20 @@ def mutated_inputs(aten_gm: torch.fx.GraphModule, offset: int = 0) -> frozenset[
     return frozenset(i for i in out if i >= 0)
 
 
+def custom_op_modules(gm: torch.fx.GraphModule) -> tuple[str, ...]:
+    """The modules that define the ``ascend_graph::*`` custom ops ``gm`` calls."""
+    from torch._library.custom_ops import OPDEFS
+
+    out = set()
+    for n in gm.graph.nodes:
+        op = getattr(n.target, "_schema", None)
+        if n.op == "call_function" and op is not None and op.name.startswith("ascend_graph::"):
+            opdef = OPDEFS.get(op.name)
+            if opdef is not None:
+                out.add(opdef._init_fn.__module__)
+    return tuple(sorted(out))
+
+
 def _codegen(ctx: CompileContext, gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
     if ctx.codegen == "inductor":
         from torch._inductor import config as inductor_config
@@ -148,11 +179,7 @@ def _codegen(ctx: CompileContext, gm: torch.fx.GraphModule, inputs: Sequence[Any
             return compile_fx_inner(gm, list(inputs), is_inference=True)
     if ctx.codegen == "fx":
         return make_boxed_func(gm.forward)
-    if ctx.codegen == "torchair":
-        from .integrations import torchair
-
-        return torchair.compile_with_torchair(gm, inputs, ctx.config)
-    raise ConfigError("unknown codegen", expected="auto, inductor, fx or torchair", got=ctx.codegen)
+    return plugins.codegen(ctx.codegen)(gm, inputs, ctx.config)
 
 
 def compile_graph(
@@ -177,6 +204,7 @@ def compile_graph(
         ctx.pass_counts = ctx.pass_manager(aten_gm, ctx.graph_id)
         ctx.pass_records = list(ctx.pass_manager.last_records)
         ctx.post_pass_code = aten_gm.code
+        ctx.op_modules = custom_op_modules(aten_gm)
         return _codegen(ctx, aten_gm, aten_inputs)
 
     def build(aot_cache_tag: str | None = None) -> Callable[..., Any]:
@@ -190,8 +218,18 @@ def compile_graph(
         with keyed(aot_cache_tag):
             return aot_trace(gm, example_inputs, serializable(fw_compiler))
 
+    aot_precompile = precompile.requested()
+    if aot_precompile:
+        # torch's aot_compile (vLLM's default on torch >= 2.10) saves what we return:
+        # build a bundled, serializable result (precompile.py). The artifact is the
+        # host's to keep, so our graph cache stays out of it.
+        precompile.check_codegen(ctx.codegen)
+        from .cache.aot import keyed, new_tag, serializable
+
+        with keyed(new_tag(_precompile_digest(ctx))):
+            compiled = aot_trace(gm, example_inputs, serializable(fw_compiler))
     # --- cache hook (owned by ascend_graph/cache) ---
-    if config.cache_dir:
+    elif config.cache_dir:
         from .cache import compile_with_cache
 
         compiled = compile_with_cache(gm, example_inputs, ctx, build)
@@ -205,4 +243,14 @@ def compile_graph(
         return compiled
     from .runtime.runner import make_runner
 
-    return make_runner(compiled, ctx)
+    runner = make_runner(compiled, ctx)
+    if aot_precompile:
+        _stats.record_precompiled("built")
+        return precompile.PrecompiledGraph(compiled, ctx.state(), runner)
+    return runner
+
+
+def _precompile_digest(ctx: CompileContext) -> str:
+    # in torch's cache keys (with a nonce): an AOTAutograd entry of another pass set or
+    # config is never loaded in place of this build
+    return f"{ctx.config.compute_hash()[:16]}-{ctx.pass_manager.uuid()}"

@@ -59,14 +59,17 @@ import torch.fx
 from .. import _stats
 from .._version import __version__
 from ..config import AscendConfig
-from ..errors import CaptureError
+from ..errors import CaptureError, ConfigError
 from ..passes.base import GraphPass
 from ..passes.manager import PassManager, build_pass_manager
 from ..passes.pattern import Fusion, PatternPass
+from ..plugins import HostCompile
 from ..runtime import graphs as device_graphs
 
 __all__ = [
     "options_from_vllm",
+    "host_compile",
+    "check_vllm_config",
     "ascend_vllm_backend",
     "vllm_ops_pass",
     "vllm_ops_passes",
@@ -95,12 +98,34 @@ def _require_vllm() -> None:
 
 
 def _current_vllm_config() -> Any:
-    """The vLLM config of the running compile, or None (never imports vLLM itself)."""
+    """The vLLM config of the running compile, or None (never imports vLLM itself).
+
+    vLLM sets its "current config" around model construction and, on GPU workers, around
+    the profiling run that compiles the model; vLLM 0.32's CPU worker compiles outside
+    it (``CPUWorker.determine_available_memory`` -> ``profile_run``). Every compile runs
+    inside a forward context, though, and the model being compiled holds its config:
+    with no current config, the nearest caller whose ``self`` carries a ``VllmConfig``
+    (vLLM's ``@support_torch_compile`` model) gives it. A test notices when vLLM sets
+    the current config there itself (``test_cpu_worker_compiles_outside_current_config``).
+    """
     if "vllm.config" not in sys.modules:
         return None
-    from vllm.config import get_current_vllm_config_or_none
+    from vllm.config import VllmConfig, get_current_vllm_config_or_none
 
-    return get_current_vllm_config_or_none()
+    config = get_current_vllm_config_or_none()
+    if config is not None:
+        return config
+    forward_context = sys.modules.get("vllm.forward_context")
+    if forward_context is None or not forward_context.is_forward_context_available():
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        config = owner.__dict__.get("vllm_config") if hasattr(owner, "__dict__") else None
+        if isinstance(config, VllmConfig):
+            return config
+        frame = frame.f_back
+    return None
 
 
 def options_from_vllm(vllm_config: Any = None) -> dict[str, Any]:
@@ -132,19 +157,31 @@ def options_from_vllm(vllm_config: Any = None) -> dict[str, Any]:
     return options
 
 
-def ascend_vllm_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
-    """The ``ascend`` Dynamo backend with vLLM's settings (for ``DYNAMO_TRACE_ONCE``).
+def host_compile() -> HostCompile | None:
+    """The core's host hook (entry point ``ascend_graph.hosts: vllm``, plugins.py).
 
-    Explicit ``options`` win over what :func:`options_from_vllm` reads. The vLLM op
-    fusions (:data:`VLLM_FUSIONS`) run after the fusion families.
+    While vLLM compiles a model (a current vLLM config is set), the ``ascend`` backend
+    takes its option defaults from :func:`options_from_vllm` and runs the vLLM op
+    fusions after the fusion families, whatever vLLM's capture sizes are (the CPU
+    platform sets none). Outside vLLM: None. Never imports vLLM.
     """
-    options = dict(options_from_vllm())
-    options.update(kwargs.pop("options", None) or {})
-    if kwargs:
-        from ..backend import ascend_backend
+    vllm_config = _current_vllm_config()
+    if vllm_config is None:
+        return None
+    check_vllm_config(vllm_config)
+    return HostCompile("vllm", options_from_vllm(vllm_config), vllm_pass_manager)
 
-        return ascend_backend(gm, example_inputs, options=options, **kwargs)  # raises the usual ConfigError
-    return _compile_with_vllm_passes(gm, example_inputs, AscendConfig.from_options(options))
+
+def check_vllm_config(vllm_config: Any) -> None:
+    """Refuse, with the setting to use instead, a vLLM setting this backend cannot serve."""
+    cc = vllm_config.compilation_config
+    mode = getattr(cc.mode, "name", str(cc.mode))
+    if mode not in ("DYNAMO_TRACE_ONCE", "STOCK_TORCH_COMPILE"):
+        raise ConfigError(
+            f"vLLM compilation mode {mode} does not hand its graph to backend='ascend'",
+            expected="compilation_config={'mode': 2, 'backend': 'ascend'} (DYNAMO_TRACE_ONCE), or mode 3 through a platform naming AscendGraphCompiler",
+            got=f"mode={mode}",
+        )
 
 
 def _compile_with_vllm_passes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: AscendConfig, wrap_runtime: bool = True) -> Callable[..., Any]:
@@ -152,6 +189,16 @@ def _compile_with_vllm_passes(gm: torch.fx.GraphModule, example_inputs: Sequence
     from .. import backend
 
     return backend.compile_graph(gm, example_inputs, config, wrap_runtime=wrap_runtime, pass_manager=vllm_pass_manager(config))
+
+
+def ascend_vllm_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
+    """The ``ascend`` Dynamo backend, named by its qualified name (kept for earlier configs).
+
+    ``backend="ascend"`` does the same through :func:`host_compile`.
+    """
+    from ..backend import ascend_backend
+
+    return ascend_backend(gm, example_inputs, **kwargs)
 
 
 # --------------------------------------------------------------------------------------
