@@ -75,7 +75,7 @@ def ascend_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kw
     host = plugins.host_compile()
     config = AscendConfig.from_options({**(host.options if host else {}), **(options or {})})
     pass_manager = host.pass_manager(config) if host is not None and host.pass_manager is not None else None
-    return compile_graph(gm, example_inputs, config, pass_manager=pass_manager)
+    return compile_graph(gm, example_inputs, config, pass_manager=pass_manager, wrap_runtime=host.runtime if host is not None else True)
 
 
 class CompileContext:
@@ -97,8 +97,10 @@ class CompileContext:
         self.codegen: str = resolve_codegen(config, device)
         #: modules defining the ascend_graph custom ops of the post-pass graph (a load imports them)
         self.op_modules: tuple[str, ...] = ()
+        #: whether the compiled graph is served by the bucketed runner
+        self.wrap_runtime = True
 
-    _STATE = ("graph_id", "pass_counts", "pass_records", "mutated_inputs", "codegen", "op_modules")
+    _STATE = ("graph_id", "pass_counts", "pass_records", "mutated_inputs", "codegen", "op_modules", "wrap_runtime")
 
     def state(self) -> dict[str, Any]:
         """What the runtime needs of this context, picklable (precompile.py saves it)."""
@@ -239,7 +241,11 @@ def compile_graph(
     seconds = time.perf_counter() - start
     _stats.record_compile(seconds)
     log.info("compiled %s (%s, batch symbol %s) in %.2f s; rewrites %s", ctx.graph_id, ctx.codegen, shapes.batch_symbol, seconds, {k: v for k, v in ctx.pass_counts.items() if v})
+    ctx.wrap_runtime = wrap_runtime
     if not wrap_runtime:
+        if aot_precompile:
+            _stats.record_precompiled("built")
+            return precompile.PrecompiledGraph(compiled, ctx.state(), compiled)
         return compiled
     from .runtime.runner import make_runner
 

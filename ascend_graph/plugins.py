@@ -44,6 +44,10 @@ class HostCompile:
     options: Mapping[str, Any] = field(default_factory=dict)
     #: builds the pass manager for the final config (the host's own op fusions appended)
     pass_manager: Callable[[Any], Any] | None = None
+    #: wrap the compiled graph in the bucketed runner; False where the host batches and
+    #: pads itself and wants no device graphs of ours (vLLM with no capture sizes: the
+    #: runner would only pad and copy)
+    runtime: bool = True
 
 
 _registered: list[Callable[[], HostCompile | None]] = []

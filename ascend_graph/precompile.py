@@ -117,7 +117,7 @@ class PrecompiledGraph(SerializableCallable):  # type: ignore[misc,valid-type]
             _stats.record_pass(record["name"], record.get("family"), int(record["rewrites"]), 0.0)
         _stats.record_precompiled("loaded")
         log.info("loaded precompiled graph %s (rewrites %s)", ctx.graph_id, {k: v for k, v in ctx.pass_counts.items() if v})
-        return cls(compiled, blob["state"], make_runner(compiled, ctx))
+        return cls(compiled, blob["state"], make_runner(compiled, ctx) if ctx.wrap_runtime else compiled)
 
     def finalize_loading(self, vllm_config: Any = None) -> None:
         """vLLM calls this on a loaded function; nothing is left to do (graphs are captured at first use)."""

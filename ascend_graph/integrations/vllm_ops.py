@@ -111,6 +111,12 @@ MOE_PLAIN_BACKENDS = ("TRITON", "BATCHED_TRITON")
 #: vLLM MoE activations -> ours
 MOE_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Devices where ``vllm_paged_attention`` runs vLLM's own attention kernels, not our paged
+#: TND op: "never slower than what it replaces". On the CPU ours is a plain-torch loop
+#: (about half of vLLM's CPU_ATTN throughput in the engine); on CUDA our Triton decode
+#: kernel has not been measured against vLLM's FlashAttention inside the engine (the GPU
+#: machine has no vLLM). On the NPU the op is FIA (the point of the rewrite).
+VLLM_KERNEL_DEVICES = ("cpu", "cuda")
 HEAD_DIM_ALIGN = 16  # FIA: head dims in multiples of 16 elements (as passes/fusion/attention.py)
 MAX_HEAD_DIM = 256
 
@@ -244,12 +250,22 @@ def vllm_paged_attention(
     """
     from ..runtime.padding import fia_pad_metadata
 
+    if query.device.type in VLLM_KERNEL_DEVICES:
+        return _vllm_kernels(query, key, value, layer_name)
     kv_cache, block_table, cu_q, seq_lens, slots = attention_context(query, layer_name, num_kv_heads, head_size)
     k_cache, v_cache = split_kv_cache(kv_cache, kv_layout, num_kv_heads, head_size)
     torch.ops.ascend_graph.reshape_and_cache(key, value, k_cache, v_cache, slots)
     if cu_q.shape[0] > 1:
         cu_q, seq_lens = fia_pad_metadata(cu_q, seq_lens, query.shape[0])
     return torch.ops.ascend_graph.paged_attention(query, k_cache, v_cache, block_table, cu_q, seq_lens, None, scale, window)
+
+
+def _vllm_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_name: LayerName) -> torch.Tensor:
+    # the two ops the rewrite replaced, called as vLLM's Attention.forward calls them
+    output = query.new_empty(query.shape)
+    dep = torch.ops.vllm.unified_kv_cache_update(key, value, layer_name)
+    torch.ops.vllm.unified_attention_with_output(query, key, value, output, layer_name, kv_cache_dummy_dep=dep)
+    return output
 
 
 @vllm_paged_attention.register_fake
