@@ -145,7 +145,7 @@ def run_table(cases, page: int, bw: float, gen) -> None:
     for batch, ctx in cases:
         case = Case(batch, ctx, page, gen)
         splits = planned(case)
-        err = (case.paged(0).float() - case.sdpa(0).view(batch, NQ, D).float()).abs().max().item()
+        err = (case.paged(0).float() - case.sdpa(0).reshape(batch, NQ, D).float()).abs().max().item()
         pg, sg = graph_us(case.paged), graph_us(case.sdpa)
         pe, se = eager_us(case.paged), eager_us(case.sdpa)
         share = case.kv_bytes / (pg * 1e-6) / bw
