@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -54,8 +54,8 @@ class KVCaches:
     """
 
     layout: str
-    k: object
-    v: object
+    k: Union[torch.Tensor, list[torch.Tensor]]
+    v: Union[torch.Tensor, list[torch.Tensor]]
     num_layers: int
     num_blocks: int
     block_size: int
@@ -94,7 +94,9 @@ class KVCaches:
         layers, K and V); returns the number of copies issued (one per block and tensor:
         ``2 x layers`` per block per layer, 2 or 1 across layers). ``dst`` must have the
         same layout and geometry (block count aside), e.g. a pinned host copy from
-        :func:`allocate` with ``device="cpu", pin_memory=True``."""
+        :func:`allocate` with ``device="cpu", pin_memory=True``. With ``non_blocking``
+        the copies are queued on the current stream: synchronize it before reading the
+        destination on the host."""
         if len(src_ids) != len(dst_ids):
             raise ConfigError("copy_blocks needs one destination per source block", expected=len(src_ids), got=len(dst_ids))
         mine, theirs = self._geometry(), dst._geometry()

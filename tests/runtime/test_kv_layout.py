@@ -374,3 +374,29 @@ def test_compiled_paged_step_over_cross_layer_views_equals_eager(layout):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     st = ascend_graph.stats()
     assert st["eager_fallbacks"] == 0 and st["padding"]["padded_rows"] > 0
+
+
+@pytest.mark.slow
+def test_inductor_writes_into_the_cross_layer_views_without_copying_the_cache():
+    """codegen="inductor": the cache write is re-inplaced onto the layer views of the
+    5-D buffers (no functional copy of the cache and no write-back), and the result
+    equals eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    model = TwoLayerPaged("cross_layer").eval()
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend=ascend_backend, options={"codegen": "inductor", "buckets": [2, 4, 8]}, dynamic=True)
+    batch = decode_batch(3, 0)
+    snap = model.snapshot()
+    with torch.no_grad():
+        out, codes = run_and_get_code(cm, *batch)
+        after = model.snapshot()
+        model.restore(snap)
+        ref = model(*batch)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(after, model.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    code = "\n".join(codes)
+    assert code.count("ascend_graph.reshape_and_cache.default(") == LAYERS
+    assert "copy_(" not in code  # neither a clone of the cache nor a copy back into it
