@@ -201,7 +201,8 @@ def test_cuda_ops_on_views_equal_per_layer(layout):
         for a, b in zip(views.layer(i), plain.layer(i)):
             a.normal_()
             b.copy_(a)
-    bt, cu, lens, slots, t = (x.cuda() for x in paged_meta()[:4]) + (paged_meta()[4],)
+    bt, cu, lens, slots, t = paged_meta()
+    bt, cu, lens, slots = (x.cuda() for x in (bt, cu, lens, slots))
     k, v, q = (torch.randn(t, n, 64, device="cuda", dtype=torch.bfloat16) for n in (2, 2, 6))
     ops.reshape_and_cache(k, v, *views.layer(1), slots)
     ops.reshape_and_cache(k, v, *plain.layer(1), slots)
