@@ -194,11 +194,12 @@ def _paged_call(torch_npu: Any, q, k_cache, v_cache, block_table, cu_seqlens_q, 
     step = _same_step(k_step, v_step)
     for name, alias in (("k_cache", k_alias), ("v_cache", v_alias)):
         if alias.numel() > _INT32_MAX:
+            spans = "this cross-layer alias spans every layer's blocks" if step > 1 else "this per-layer cache is that large itself"
             raise UnsupportedError(
-                f"{name}: FIA's paged key/value may hold at most int32-max elements; this cross-layer alias spans every layer's blocks",
+                f"{name}: FIA's paged key/value may hold at most int32-max elements; {spans}",
                 expected=f"<= {_INT32_MAX} elements",
                 got=alias.numel(),
-                hint="use kv_layout.allocate('per_layer', ...) for caches this large on the NPU",
+                hint="use kv_layout.allocate('per_layer', ...) for caches this large on the NPU" if step > 1 else "use fewer blocks per cache",
             )
     key = k_alias.view(k_alias.shape[0], block_size, nkv * d)
     value = v_alias.view(v_alias.shape[0], block_size, nkv * dv)
