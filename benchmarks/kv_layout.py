@@ -23,7 +23,6 @@ Qwen3-8B-shaped cache (``runtime/kv_layout.py``): 36 layers, 8 KV heads, head di
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,38 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from ascend_graph.ops import attention as ops  # noqa: E402
 from ascend_graph.runtime import kv_layout  # noqa: E402
+from attention_decode import graph_us  # noqa: E402  (one CUDA-graph timer for both scripts)
 
 LAYERS, NKV, D, BLOCK, NQ = 36, 8, 128, 128, 32
 DTYPE = torch.bfloat16
 LAYER = 17
 SCALE = D**-0.5
-
-
-def graph_us(fn, calls: int = 20, reps: int = 25) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(3):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del graph
-    return statistics.median(times) / calls * 1e3
 
 
 def attention_and_write(batch: int, ctx: int, gen: torch.Generator) -> None:
