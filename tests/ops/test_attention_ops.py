@@ -193,3 +193,21 @@ def test_dense_and_cache_cuda_match_reference():
     slots = torch.tensor([5, -1, 0, 11], device="cuda")
     ops.reshape_and_cache(kk, vv, kc, vc, slots)
     torch.testing.assert_close(kc.view(12, 2, 8)[[5, 0, 11]], kk[[0, 2, 3]])
+
+
+def test_split_plan_is_one_launch_when_the_grid_fills_the_gpu():
+    """plan_splits (pure, static shapes): batch 16 x 8 KV heads on 132 SMs -> one split
+    (the kernel finishes the softmax itself, no merge launch); batch 1 at 4k -> 16 splits
+    of 4 tiles; never a split below the 2-tile floor; never more splits than tiles."""
+    pytest.importorskip("triton")
+    from ascend_graph.ops.kernels.triton.attention import plan_splits
+
+    assert plan_splits(16, 8, 512, 64, 132) == (1, 512)
+    assert plan_splits(64, 8, 4096, 64, 132) == (1, 4096)
+    assert plan_splits(1, 8, 4096, 64, 132) == (16, 256)
+    assert plan_splits(1, 8, 128, 64, 132) == (1, 128)  # 2 tiles: one split
+    for t in range(1, 20):
+        for ctx in (64, 200, 1000, 4096, 32768):
+            splits, per = plan_splits(t, 8, ctx, 64, 132)
+            assert splits >= 1 and per % 64 == 0 and splits * per >= ctx and (splits - 1) * per < ctx
+            assert splits == 1 or per >= 2 * 64

@@ -30,6 +30,23 @@
   cache_mode="Norm")``. That ``slot < 0`` rows are skipped by the NPU op is NOT verified
   (vllm-ascend slices padded tokens off before the call instead).
 
+Cross-layer caches (``runtime/kv_layout.py``). Both torch_npu ops refuse non-contiguous
+tensors (torch-npu 2.13.0 ``_op_plugin_docs.py``: scatter "输入参数不支持非连续", FIA key /
+value "不支持非连续的Tensor"; FIA's page attention wants the blocks "在一片连续内存中排布"),
+and a per-layer view of a ``cross_layer`` cache is not contiguous: its blocks lie
+``num_layers`` blocks apart. Calling ``.contiguous()`` would hand the scatter a copy and
+lose the write, so the bindings never do. Instead (:func:`_block_alias`) they pass a
+contiguous alias of the same storage, ``[(num_blocks - 1) * L + 1, block_size, heads, D]``
+starting at the view's first block, in which block ``b`` of the view is block ``b * L``,
+and rescale the addresses: ``slot -> (slot // block_size) * L * block_size + slot %
+block_size`` for the scatter (negative slots kept), ``block_table * L`` for FIA (device
+ops, so a captured graph replays them). Layouts with no such alias are a typed error:
+the packed K|V layout (a block of one layer's K is not one contiguous run: head stride
+``D + Dv``), K and V caches of different block strides (one slot mapping / block table
+addresses both), and an FIA alias above int32 elements (FIA: "shape所有维度相乘不能超过
+int32的表示范围"; a cross-layer alias spans every layer's blocks, so a cache above 4 GiB
+of bf16 per K or V tensor does not fit: use per-layer caches on the NPU then).
+
 Each binding is a ``_*_call(torch_npu, ...)`` function taking the module as an argument,
 so :data:`META_CHECKS` can record the exact call the binding makes (no NPU needed) and
 ``tests/ops/test_npu_contract.py`` can run torch_npu's own meta function on it.
@@ -44,7 +61,9 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ....errors import UnsupportedError
 from ....runtime import npu_updates
+from ....runtime.kv_layout import cross_layer_block_stride
 
 __all__ = ["register", "META_CHECKS"]
 
@@ -65,6 +84,51 @@ _SCATTER = "npu_scatter_pa_kv_cache"
 @functools.lru_cache(maxsize=8)
 def _compressed_causal_mask(device: torch.device) -> torch.Tensor:
     return torch.triu(torch.ones(_COMPRESSED_MASK, _COMPRESSED_MASK, dtype=torch.bool, device=device), diagonal=1)
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _block_alias(cache: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
+    """``(alias, step)``: a contiguous tensor over the same storage in which block ``b``
+    of ``cache`` is block ``b * step`` (``step`` 1 and ``cache`` itself when contiguous).
+    Never a copy: the NPU ops write into it."""
+    step = cross_layer_block_stride(cache)
+    if step is None:
+        raise UnsupportedError(
+            f"{name}: the torch_npu KV ops take contiguous caches, and no contiguous alias of this view exists",
+            expected="each block's [block_size, heads, D] one contiguous run (layout 'per_layer' or 'cross_layer')",
+            got={"shape": tuple(cache.shape), "stride": tuple(cache.stride())},
+            hint="allocate K and V apart (kv_layout.allocate('cross_layer', ...)), not packed into one content dim",
+        )
+    if step == 1:
+        return cache, 1
+    nb, bs, h, d = cache.shape
+    alias = cache.as_strided(((nb - 1) * step + 1, bs, h, d), (bs * h * d, h * d, d, 1), cache.storage_offset())
+    return alias, step
+
+
+def _same_step(k_step: int, v_step: int) -> int:
+    if k_step != v_step:
+        raise UnsupportedError(
+            "K and V caches lie a different number of blocks apart; one slot mapping / block table cannot address both",
+            expected="equal block strides (same layout and layer count for K and V)",
+            got=(k_step, v_step),
+        )
+    return k_step
+
+
+def _remap_slots(slot_mapping: torch.Tensor, block_size: int, step: int, alias_blocks: int) -> torch.Tensor:
+    """Flat slots of the view -> flat slots of its alias (negative slots unchanged). The
+    scatter takes int32 or int64 slots; int32 ones stay int32 unless the alias holds more
+    slots than int32 can address (known from shapes, no device read)."""
+    if step == 1:
+        return slot_mapping
+    slots = slot_mapping.long()
+    mapped = torch.where(slots >= 0, (slots // block_size) * (step * block_size) + slots % block_size, slots)
+    if slot_mapping.dtype == torch.int32 and alias_blocks * block_size <= _INT32_MAX:
+        return mapped.to(torch.int32)
+    return mapped
 
 
 def _fia_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -119,16 +183,28 @@ def _dense_call(torch_npu: Any, q, k, v, attn_mask, sinks, scale, is_causal, win
 
 def _paged_call(torch_npu: Any, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens_kv, sinks, scale, window) -> torch.Tensor:
     out_dtype = q.dtype
-    num_blocks, block_size, nkv, d = k_cache.shape
+    _, block_size, nkv, d = k_cache.shape
     dv = v_cache.shape[3]
     sparse_mode, pre_tokens, next_tokens = 3, 2147483647, 2147483647
     if window > 0:
         sparse_mode, pre_tokens, next_tokens = 4, window - 1, 0
     query = _fia_dtype(q)
-    key = _fia_dtype(k_cache).view(num_blocks, block_size, nkv * d)
-    value = _fia_dtype(v_cache).view(num_blocks, block_size, nkv * dv)
+    k_alias, k_step = _block_alias(_fia_dtype(k_cache), "k_cache")
+    v_alias, v_step = _block_alias(_fia_dtype(v_cache), "v_cache")
+    step = _same_step(k_step, v_step)
+    for name, alias in (("k_cache", k_alias), ("v_cache", v_alias)):
+        if alias.numel() > _INT32_MAX:
+            spans = "this cross-layer alias spans every layer's blocks" if step > 1 else "this per-layer cache is that large itself"
+            raise UnsupportedError(
+                f"{name}: FIA's paged key/value may hold at most int32-max elements; {spans}",
+                expected=f"<= {_INT32_MAX} elements",
+                got=alias.numel(),
+                hint="use kv_layout.allocate('per_layer', ...) for caches this large on the NPU" if step > 1 else "use fewer blocks per cache",
+            )
+    key = k_alias.view(k_alias.shape[0], block_size, nkv * d)
+    value = v_alias.view(v_alias.shape[0], block_size, nkv * dv)
     mask = _compressed_causal_mask(q.device)
-    table = block_table.to(torch.int32)
+    table = block_table.to(torch.int32) if step == 1 else (block_table.to(torch.int32) * step)
     capture = npu_updates.active_capture()
     if capture is not None:
         out = _paged_captured(
@@ -229,7 +305,11 @@ def _paged_captured(capture: Any, torch_npu: Any, query, key, value, mask, table
 
 
 def _cache_call(torch_npu: Any, k, v, k_cache, v_cache, slot_mapping) -> None:
-    torch_npu.npu_scatter_pa_kv_cache(k, v, k_cache, v_cache, slot_mapping, cache_mode="Norm")
+    key_cache, k_step = _block_alias(k_cache, "k_cache")
+    value_cache, v_step = _block_alias(v_cache, "v_cache")
+    step = _same_step(k_step, v_step)
+    slots = _remap_slots(slot_mapping, k_cache.shape[1], step, key_cache.shape[0])
+    torch_npu.npu_scatter_pa_kv_cache(k, v, key_cache, value_cache, slots, cache_mode="Norm")
 
 
 def _with_torch_npu(call: Callable[..., Any]) -> Callable[..., Any]:
@@ -304,15 +384,24 @@ def _dense_case(nq: int, nkv: int, sq: int, skv: int, d: int, *, mask: bool, cau
     return build
 
 
-def _paged_case(nq: int, nkv: int, d: int, dv: int, q_lens: list[int], kv_lens: list[int], window: int):
+def _caches(layers: int, num_blocks: int, block_size: int, nkv: int, d: int, dv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer caches (``layers == 0``) or layer 1's views of a cross-layer cache."""
+    from ....runtime import kv_layout
+
+    if layers == 0:
+        return torch.randn(num_blocks, block_size, nkv, d, dtype=torch.bfloat16), torch.randn(num_blocks, block_size, nkv, dv, dtype=torch.bfloat16)
+    caches = kv_layout.allocate("cross_layer", num_layers=layers, num_blocks=num_blocks, block_size=block_size, kv_heads=nkv, head_size=d, head_size_v=dv)
+    return caches.layer(1)
+
+
+def _paged_case(nq: int, nkv: int, d: int, dv: int, q_lens: list[int], kv_lens: list[int], window: int, layers: int = 0):
     def build():
         from ... import attention as ops
 
         block_size, max_blocks = 128, 4
         t = sum(q_lens)
         q = torch.randn(t, nq, d, dtype=torch.bfloat16)
-        kc = torch.randn(16, block_size, nkv, d, dtype=torch.bfloat16)
-        vc = torch.randn(16, block_size, nkv, dv, dtype=torch.bfloat16)
+        kc, vc = _caches(layers, 16, block_size, nkv, d, dv)
         bt = torch.arange(len(q_lens) * max_blocks, dtype=torch.int32).view(len(q_lens), max_blocks)
         cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
         kl = torch.tensor(kv_lens, dtype=torch.int32)
@@ -324,17 +413,19 @@ def _paged_case(nq: int, nkv: int, d: int, dv: int, q_lens: list[int], kv_lens: 
     return build
 
 
-def _cache_case():
-    from ... import attention as ops
+def _cache_case(layers: int = 0, dv: int = 64):
+    def build():
+        from ... import attention as ops
 
-    k = torch.randn(5, 2, 64, dtype=torch.bfloat16)
-    v = torch.randn(5, 2, 64, dtype=torch.bfloat16)
-    kc = torch.zeros(4, 128, 2, 64, dtype=torch.bfloat16)
-    vc = torch.zeros(4, 128, 2, 64, dtype=torch.bfloat16)
-    slots = torch.tensor([0, 1, 130, 7, 300], dtype=torch.int32)
-    expected = _fake_shapes(ops.reshape_and_cache, k, v, kc, vc, slots)
-    _, call_args, call_kwargs = _recorded(_cache_call, k, v, kc, vc, slots)
-    return expected, call_args, call_kwargs
+        k = torch.randn(5, 2, 64, dtype=torch.bfloat16)
+        v = torch.randn(5, 2, dv, dtype=torch.bfloat16)
+        kc, vc = _caches(layers, 4, 128, 2, 64, dv)
+        slots = torch.tensor([0, 1, 130, 7, 300], dtype=torch.int32)
+        expected = _fake_shapes(ops.reshape_and_cache, k, v, kc, vc, slots)
+        _, call_args, call_kwargs = _recorded(_cache_call, k, v, kc, vc, slots)
+        return expected, call_args, call_kwargs
+
+    return build
 
 
 #: (torch_npu op, build) rows; build() -> (our fake impl's output shapes, args, kwargs of
@@ -345,5 +436,9 @@ META_CHECKS: list[tuple[str, Callable[[], tuple[list, tuple, dict]]]] = [
     (_FIA, _dense_case(8, 2, 5, 40, 128, mask=False, causal=True, window=16, sinks=True)),
     (_FIA, _paged_case(16, 8, 128, 128, [1, 1, 1], [300, 17, 512], -1)),
     (_FIA, _paged_case(8, 1, 192, 128, [3, 1], [60, 200], 32)),
-    (_SCATTER, _cache_case),
+    # layer 1 of a 3-layer cross-layer cache: contiguous aliases, block table x 3
+    (_FIA, _paged_case(16, 8, 128, 128, [1, 1, 1], [300, 17, 512], -1, layers=3)),
+    (_SCATTER, _cache_case()),
+    # cross-layer views, MLA-like K/V part sizes (64 vs 16): contiguous aliases, slots remapped
+    (_SCATTER, _cache_case(layers=3, dv=16)),
 ]

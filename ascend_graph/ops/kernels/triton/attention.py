@@ -8,10 +8,17 @@
   token, KV head, split); each program walks its slice of the request's KV through
   the block table, handles every query head of its GQA group at once (K/V read once
   per group), and writes a partial (max, sum, acc). A second kernel merges the splits
-  (and the sink logit). The number of splits is a function of static shapes only (token
+  (and the sink logit). When one split covers the context (:func:`plan_splits`: the
+  grid fills the GPU without splitting) the kernel finishes the softmax itself: one
+  launch, no partials. The number of splits is a function of static shapes only (token
   count, KV heads, block-table width, SM count), so the launch is CUDA-graph safe and
   never reads device data on the host.
 - reshape_and_cache: one Triton program per token, skipping ``slot < 0``.
+
+Both take the caches by strides (block, slot, head; the head dim contiguous), so the
+per-layer views of a cross-layer cache (``runtime/kv_layout.py``: block stride
+``num_layers x`` a block, or the packed K|V layout's head stride ``D + Dv``) are read
+and written in place, with no copy.
 
 Triton is imported lazily by the callers (``ops/attention.py``); this module imports it
 at the top because it is only loaded on CUDA (or under ``TRITON_INTERPRET=1`` for tests).
@@ -29,6 +36,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from ....errors import UnsupportedError
 
 __all__ = ["paged_attention_cuda", "reshape_and_cache_cuda", "plan_splits"]
 
@@ -67,7 +76,7 @@ def _paged_tile(q, KC, VC, BT, r, kvh, pos, lo, end, m_i, l_i, acc, scale,
 
 @triton.jit
 def _paged_split_kernel(
-    Q, KC, VC, BT, CU, KVLEN, ACC, ML,
+    Q, KC, VC, BT, CU, KVLEN, ACC, ML, SINKS, OUT,
     scale, window, num_reqs,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -75,7 +84,9 @@ def _paged_split_kernel(
     stride_bt,
     stride_at, stride_ah, stride_as,
     stride_mt, stride_mh, stride_ms,
+    stride_ot, stride_oh,
     tokens_per_split,
+    DIRECT: tl.constexpr, HAS_SINKS: tl.constexpr,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr,
     D: tl.constexpr, D_P: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, R_P: tl.constexpr, PRECISION: tl.constexpr,
@@ -129,11 +140,27 @@ def _paged_split_kernel(
                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
                                         d, dv, D, DV, PAGE, PRECISION)
 
-    acc_ptr = ACC + t * stride_at + heads[:, None] * stride_ah + split * stride_as + dv[None, :]
-    tl.store(acc_ptr, acc, mask=gmask[:, None] & (dv[None, :] < DV))
-    ml_ptr = ML + t * stride_mt + heads * stride_mh + split * stride_ms
-    tl.store(ml_ptr, m_i, mask=gmask)
-    tl.store(ml_ptr + 1, l_i, mask=gmask)
+    if DIRECT:
+        # One split covers the whole context: finish the softmax here (the sink logit
+        # joins the denominator), no partials, no merge launch.
+        m_max = m_i
+        if HAS_SINKS:
+            sink = tl.load(SINKS + heads, mask=gmask, other=float("-inf")).to(tl.float32)
+            m_max = tl.maximum(m_max, sink)
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp(m_i - m_max)
+        denom = l_i * w
+        if HAS_SINKS:
+            denom += tl.exp(sink - m_max)
+        o = acc * (w / tl.where(denom > 0, denom, 1.0))[:, None]
+        o_ptr = OUT + t * stride_ot + heads[:, None] * stride_oh + dv[None, :]
+        tl.store(o_ptr, o.to(OUT.dtype.element_ty), mask=gmask[:, None] & (dv[None, :] < DV))
+    else:
+        acc_ptr = ACC + t * stride_at + heads[:, None] * stride_ah + split * stride_as + dv[None, :]
+        tl.store(acc_ptr, acc, mask=gmask[:, None] & (dv[None, :] < DV))
+        ml_ptr = ML + t * stride_mt + heads * stride_mh + split * stride_ms
+        tl.store(ml_ptr, m_i, mask=gmask)
+        tl.store(ml_ptr + 1, l_i, mask=gmask)
 
 
 @triton.jit
@@ -175,13 +202,36 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def plan_splits(num_tokens: int, num_kv_heads: int, max_kv: int, block_n: int, sm_count: int) -> tuple[int, int]:
-    """(splits, tokens_per_split) from static shapes: about two programs per SM, never
-    a split shorter than one KV tile. (A 4-tile floor left batch-1 decode at 1k context
-    with 40 programs on 132 SMs; the merge of 17 splits costs less than that idling.)"""
+#: Split-plan constants, picked by ``benchmarks/attention_decode.py --sweep`` on an H100
+#: (see benchmarks/results/attention.md): the grid is grown by splitting the KV until it
+#: holds about ``PROGRAMS_PER_SM`` programs per SM, but no split walks fewer than
+#: ``MIN_SPLIT_TILES`` KV tiles (a shorter one costs more in its merge than it reads).
+PROGRAMS_PER_SM = 1
+MIN_SPLIT_TILES = 2
+
+
+def plan_splits(
+    num_tokens: int,
+    num_kv_heads: int,
+    max_kv: int,
+    block_n: int,
+    sm_count: int,
+    *,
+    programs_per_sm: float = PROGRAMS_PER_SM,
+    min_split_tiles: int = MIN_SPLIT_TILES,
+) -> tuple[int, int]:
+    """(splits, tokens_per_split) from static shapes only (CUDA-graph safe).
+
+    With ``T * Nkv`` programs already about filling the GPU (batch 16 x 8 KV heads on
+    132 SMs) there is one split, and the kernel finishes the softmax itself: one launch,
+    no partials, no merge. Below that (batch 1-8 decode) the KV is split so the grid
+    reaches ``programs_per_sm * sm_count`` programs (rounded down: a split that would
+    only part-fill a second wave is not worth its merge), each split at least
+    ``min_split_tiles`` tiles of ``block_n`` keys.
+    """
     base = max(1, num_tokens * num_kv_heads)
-    want = max(1, math.ceil(2 * sm_count / base))
-    max_splits = max(1, math.ceil(max_kv / block_n))
+    want = max(1, int(programs_per_sm * sm_count) // base)
+    max_splits = max(1, max_kv // (max(1, min_split_tiles) * block_n))
     splits = min(want, max_splits)
     per = math.ceil(math.ceil(max_kv / splits) / block_n) * block_n
     splits = max(1, math.ceil(max_kv / per))
@@ -214,10 +264,12 @@ def paged_attention_cuda(
     _, page, nkv, _ = k_cache.shape
     dv = v_cache.shape[3]
     group = nq // nkv
+    _require_unit_last_stride(k_cache=k_cache, v_cache=v_cache)
     out = torch.empty(t, nq, dv, dtype=q.dtype, device=q.device)
     if t == 0:
         return out
     q = q if q.stride(-1) == 1 else q.contiguous()
+    block_table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     block_n = 64 if max(d, dv) <= 128 else 32
     max_kv = block_table.shape[1] * page
     if num_splits is None:
@@ -225,12 +277,17 @@ def paged_attention_cuda(
     else:
         per = math.ceil(math.ceil(max_kv / num_splits) / block_n) * block_n
         splits = max(1, math.ceil(max_kv / per))
-    acc = torch.empty(t, nq, splits, dv, dtype=torch.float32, device=q.device)
-    ml = torch.empty(t, nq, splits, 2, dtype=torch.float32, device=q.device)
+    direct = splits == 1
+    if direct:  # the kernel writes `out` itself; the partial buffers are never touched
+        acc = ml = out.new_empty(0, 0, 0, dtype=torch.float32)
+    else:
+        acc = torch.empty(t, nq, splits, dv, dtype=torch.float32, device=q.device)
+        ml = torch.empty(t, nq, splits, 2, dtype=torch.float32, device=q.device)
     num_reqs = seq_lens_kv.shape[0]
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    sink_arg = sinks if sinks is not None else out
     _paged_split_kernel[(t, nkv, splits)](
-        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens_kv, acc, ml,
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens_kv, acc, ml, sink_arg, out,
         float(scale), int(window), num_reqs,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -238,13 +295,17 @@ def paged_attention_cuda(
         block_table.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2),
         ml.stride(0), ml.stride(1), ml.stride(2),
+        out.stride(0), out.stride(1),
         per,
+        DIRECT=direct, HAS_SINKS=sinks is not None,
         GROUP=group, GROUP_P=_p2(group, 16), D=d, D_P=_p2(d, 16), DV=dv, DV_P=_p2(dv, 16),
         PAGE=page, BLOCK_N=block_n, R_P=_p2(num_reqs, 2), PRECISION=precision, INTERPRET=_interpreting(),
         num_warps=4, num_stages=2,
     )
+    if direct:
+        return out
     _paged_reduce_kernel[(t, nq)](
-        acc, ml, sinks if sinks is not None else acc, out,
+        acc, ml, sink_arg, out,
         splits,
         acc.stride(0), acc.stride(1), acc.stride(2),
         ml.stride(0), ml.stride(1), ml.stride(2),
@@ -253,6 +314,16 @@ def paged_attention_cuda(
         num_warps=4,
     )
     return out
+
+
+def _require_unit_last_stride(**caches: torch.Tensor) -> None:
+    """The kernels address a cache as block/slot/head strides plus a contiguous head
+    dim: any per-layer or cross-layer view of :mod:`ascend_graph.runtime.kv_layout`
+    qualifies. A cache strided in its last dim is refused rather than copied (a write
+    into a copy would be lost)."""
+    bad = {name: tuple(c.stride()) for name, c in caches.items() if c.stride(-1) != 1 and c.shape[-1] > 1}
+    if bad:
+        raise UnsupportedError("paged KV caches need a contiguous last (head) dim", expected="stride(-1) == 1", got=bad)
 
 
 # --------------------------------------------------------------------------- cache write
@@ -290,8 +361,7 @@ def reshape_and_cache_cuda(k, v, k_cache, v_cache, slot_mapping) -> None:
         return
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("KV caches must have a contiguous last dim")
+    _require_unit_last_stride(k_cache=k_cache, v_cache=v_cache)
     _reshape_and_cache_kernel[(t,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
