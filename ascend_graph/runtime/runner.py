@@ -58,14 +58,46 @@ import torch
 from .. import _stats
 from ..errors import CaptureError
 from .buckets import BucketPlan, graph_stream_cost, plan_buckets
-from .graphs import DeviceGraph, capture_guard, graph_pool_handle, new_graph, pool_reserved_bytes, supports_graphs
+from .graphs import DeviceGraph, NoGraph, capture_guard, new_graph, pool_reserved_bytes, supports_graphs
+from .pool import DevicePool, device_pool, graph_api
 from .padding import FiaPlan, FiaSpec, PadPlan, fia_specs, pad_into, plan_padding, role_for, slice_output
 
-__all__ = ["make_runner", "BucketedRunner", "warmup_scope"]
+__all__ = ["make_runner", "BucketedRunner", "warmup_scope", "estimate_scope"]
 
 log = logging.getLogger("ascend_graph.runtime")
 
 _warmup_requested: contextvars.ContextVar[bool] = contextvars.ContextVar("ascend_graph_warmup", default=False)
+
+
+_estimate_requested: contextvars.ContextVar["list[RunnerEstimate] | None"] = contextvars.ContextVar("ascend_graph_estimate", default=None)
+
+
+@dataclass(frozen=True)
+class RunnerEstimate:
+    """Trial-capture measurements of one runner: the first (largest) bucket's pool growth,
+    the growth each further bucket adds (measured on the next samples), the bucket count."""
+
+    graph_id: str
+    first_bytes: int
+    per_graph_bytes: int
+    buckets: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.first_bytes + self.per_graph_bytes * max(self.buckets - 1, 0)
+
+
+@contextlib.contextmanager
+def estimate_scope():
+    """Within this scope, a runner's call is served eagerly and, instead of capturing,
+    trial-captures a few buckets into a throw-away pool; yields the list of
+    :class:`RunnerEstimate` the runners reached append to."""
+    found: list[RunnerEstimate] = []
+    token = _estimate_requested.set(found)
+    try:
+        yield found
+    finally:
+        _estimate_requested.reset(token)
 
 
 @contextlib.contextmanager
@@ -126,7 +158,8 @@ class BucketedRunner:
             self.fia = fia_specs(self.shapes, self.roles, tokens)
         self.entries: dict[tuple, GraphEntry] = {}
         self.failed: set[tuple] = set()
-        self.pool: Any = None
+        #: the device's shared graph pool (runtime/pool.py), None without device graphs
+        self.pool: DevicePool | None = device_pool(self.device) if self.use_graphs else None
         self._persistent: dict[tuple, torch.Tensor] = {}
         self._warmed: set[tuple] = set()
         self._pad_plans: dict[tuple, PadPlan] = {}
@@ -138,16 +171,37 @@ class BucketedRunner:
     def __call__(self, *args: Any) -> Any:
         values = self.shapes.bind(args)
         others = tuple(values[s] for s in self.shapes.other_symbols)
+        if self.pool is not None and self.pool.disabled:
+            return self._fallback("graphs_disabled", args)
+        estimates = _estimate_requested.get()
+        if estimates is not None:
+            return self._estimate(args, values, others, estimates)
         if self.plan is None:
             return self._run_entry(("static",) + others, None, args, values, None)
         if (self.config.warmup or _warmup_requested.get()) and others not in self._warmed:
             self._warmed.add(others)
-            # this call first (its bucket's eager run also initialises cuBLAS and
-            # autotuning), then every other bucket, largest first, by capture alone
-            result = self._serve(args, values, others)
+            # this call runs first, at its bucket but without a graph (its run also
+            # initialises cuBLAS and autotuning, which must not happen in a capture);
+            # then every bucket, largest first, by capture alone: in one shared pool the
+            # smaller buckets' graphs reuse the blocks the larger ones left free
+            result = self._eager_at_bucket(args, values, others)
             self._warmup_all(args, values, others)
             return result
         return self._serve(args, values, others)
+
+    def _eager_at_bucket(self, args: Sequence[Any], values: dict, others: tuple) -> Any:
+        """Serve this call at its bucket's padded shapes without capturing anything."""
+        n = values[self.shapes.batch_symbol]
+        bucket = self.plan.select(n) if self.plan is not None else None
+        if bucket is None:
+            return self._fallback("above_largest_bucket", args)
+        key = (bucket,) + others
+        pad = plan_padding(self.shapes, values, bucket, self.fia)
+        entry = GraphEntry(key=key, bucket=bucket, graph=NoGraph(), static_args=self._make_static_args(key, args, pad))
+        self._load_inputs(entry, args, pad)
+        outs = self.compiled(*entry.static_args)
+        _stats.record_padding(pad.real_batch, pad.bucket - pad.real_batch)
+        return self._finish(entry, outs, args, pad, clone=False)
 
     def _serve(self, args: Sequence[Any], values: dict, others: tuple) -> Any:
         n = values[self.shapes.batch_symbol]
@@ -176,11 +230,14 @@ class BucketedRunner:
                 return self._fallback("graph_limit", args)
             captured = self._capture(key, bucket, args, pad, real_call=True)
             if captured is None:
-                if bucket is None:
-                    return self._fallback("capture_failed", args)
-                return self._serve(args, values, key[1:])  # the failed bucket is gone from the plan
+                # the function failed at the padded shapes before any capture: run it as called
+                return self._fallback("capture_failed", args)
             # the run that preceded the capture was this call's execution: no replay now
             entry, outs = captured
+            if entry.state == "failed":
+                # the capture failed (and was contained); the eager run still served this call
+                _stats.record_fallback("capture_failed")
+                return self._finish(entry, outs, args, pad, clone=False)
         else:
             self._load_inputs(entry, args, pad)
             outs = entry.graph.replay()
@@ -304,6 +361,11 @@ class BucketedRunner:
     def _capture(self, key: tuple, bucket: int | None, args: Sequence[Any], pad: PadPlan | None, *, real_call: bool) -> tuple[GraphEntry, Any] | None:
         """Warm up and capture one entry; returns it with the warm-up run's outputs.
 
+        A failed capture drops the bucket (counted); for the call being served it still
+        returns the entry (state ``failed``) with the eager run's outputs, which serve
+        the call; None when there is nothing to serve from (a warm-up capture, or the
+        eager run itself raised).
+
         For the call being served (``real_call``) the function runs exactly once here:
         the eager run before a device capture (which records without executing) is its
         execution. A warm-up of another bucket on a device only records, so it never
@@ -318,18 +380,25 @@ class BucketedRunner:
         name = f"{self.ctx.graph_id}:{'x'.join(map(str, key))}"
         saved = {} if (real_call or self.use_graphs) else {i: args[i].clone() for i in self.in_place & self.mutated}
         start = time.perf_counter()
-        before = pool_reserved_bytes(self.device)
+        outs: Any = None
         try:
             if self.use_graphs:
-                if self.pool is None:
-                    self.pool = graph_pool_handle(self.device)
                 # the eager run first: lazy initialisation (cuBLAS handles, autotuning)
                 # must not happen inside the capture
                 outs = self.compiled(*static) if real_call else None
+        except Exception as e:
+            if self.config.debug:
+                raise
+            log.warning("%s failed at its padded shapes before capture (%s: %s)", name, type(e).__name__, e)
+            self._drop(key, bucket, name, e)
+            return None
+        before = pool_reserved_bytes(self.device)
+        try:
+            if self.use_graphs:
                 with capture_guard(self.device, collect=real_call):
                     # the copied inputs are reloaded before every replay: NPU graphs read
                     # host-side kernel lengths from them (runtime/npu_updates.py)
-                    graph.capture(lambda: self.compiled(*static), pool=self.pool, static_inputs=[static[i] for i in self.copied])
+                    graph.capture(lambda: self.compiled(*static), static_inputs=[static[i] for i in self.copied], **self._pool_args())
             else:
                 outs = graph.capture(lambda: self.compiled(*static))
         except Exception as e:  # out of memory, out of streams, an op that cannot be captured
@@ -337,12 +406,13 @@ class BucketedRunner:
                 args[i].copy_(t)
             if self.config.debug:
                 raise
+            # contained by the graph (runtime/graphs.py: contained_capture): stream, pool
+            # and RNG state are as before; the graph and what it recorded are dropped
             log.warning("capture of %s failed (%s: %s); serving continues without it", name, type(e).__name__, e)
-            _stats.record_capture_failure(name, f"{type(e).__name__}: {e}"[:200])
-            self.failed.add(key)
-            if bucket is not None and self.plan is not None:
-                self.plan = self.plan.without(bucket)
-            return None
+            self._drop(key, bucket, name, e)
+            entry.state = "failed"
+            entry.graph = NoGraph()
+            return (entry, outs) if real_call and self.use_graphs else None
         for i, t in saved.items():
             args[i].copy_(t)
         seconds = time.perf_counter() - start
@@ -355,6 +425,7 @@ class BucketedRunner:
             self.failed.add(key)
             if bucket is not None and self.plan is not None:
                 self.plan = self.plan.without(bucket)
+            # the graph is not kept; the eager run served the call at its bucket
             return (entry, outs) if real_call else None
         self._pool_bytes += max(growth, 0)
         entry.state = "captured"
@@ -366,9 +437,63 @@ class BucketedRunner:
             _stats.record_capture(name, seconds, 0)
         return entry, outs
 
+    def _pool_args(self) -> dict[str, Any]:
+        """``pool=`` and ``stream=`` of a capture into the device's shared pool."""
+        if self.pool is None:
+            return {}
+        return {"pool": self.pool.handle, "stream": self.pool.stream}
+
+    def _drop(self, key: tuple, bucket: int | None, name: str, error: BaseException) -> None:
+        _stats.record_capture_failure(name, f"{type(error).__name__}: {error}"[:200])
+        self.failed.add(key)
+        if bucket is not None and self.plan is not None:
+            self.plan = self.plan.without(bucket)
+
+    # -- graph memory, known before capture -----------------------------------------
+
+    def _estimate(self, args: Sequence[Any], values: dict, others: tuple, found: list) -> Any:
+        """Serve this call eagerly at its bucket, then trial-capture the largest bucket, the
+        next largest and the smallest into a throw-away pool and release them. The pool
+        growth of the whole list is the first capture's plus, for each further bucket,
+        the mean growth of the later samples (vLLM's profile_cudagraph_memory does the
+        same with the first two)."""
+        if self.plan is None or not self.use_graphs:
+            if self.plan is None:
+                return self.compiled(*args)
+            return self._eager_at_bucket(args, values, others)
+        result = self._eager_at_bucket(args, values, others)  # also the lazy initialisation
+        sizes = self.plan.sizes
+        samples = list(dict.fromkeys([sizes[-1], sizes[-2] if len(sizes) > 1 else sizes[-1], sizes[0]]))
+        api = graph_api(self.device)
+        trial_pool = api.graph_pool_handle()  # never reused: the trial graphs die with the estimate
+        growths: list[int] = []
+        graphs: list[DeviceGraph] = []
+        gc.collect()
+        for bucket in samples:
+            key = (bucket,) + others
+            b_args, b_values = self._truncate(args, values, bucket)
+            pad = plan_padding(self.shapes, b_values, bucket, self.fia)
+            static = self._make_static_args(key, b_args, pad)
+            entry = GraphEntry(key=key, bucket=bucket, graph=NoGraph(), static_args=static)
+            self._load_inputs(entry, b_args, pad)
+            graph = new_graph(self.device, True)
+            before = pool_reserved_bytes(self.device)
+            with capture_guard(self.device, collect=False):
+                graph.capture(lambda: self.compiled(*static), static_inputs=[static[i] for i in self.copied], **dict(self._pool_args(), pool=trial_pool))
+            growths.append(max(pool_reserved_bytes(self.device) - before, 0))
+            graphs.append(graph)
+        del graphs, graph
+        gc.collect()
+        api.empty_cache()  # the trial pool's segments go back to the device
+        later = growths[1:]
+        per_graph = sum(later) // len(later) if later else 0
+        found.append(RunnerEstimate(str(self.ctx.graph_id), growths[0], per_graph, len(sizes)))
+        log.info("graph memory of %s: %d bytes first capture + %d a further bucket (%d buckets)", self.ctx.graph_id, growths[0], per_graph, len(sizes))
+        return result
+
     # -- outputs ---------------------------------------------------------------------
 
-    def _finish(self, entry: GraphEntry, outs: Any, args: Sequence[Any], pad: PadPlan | None) -> Any:
+    def _finish(self, entry: GraphEntry, outs: Any, args: Sequence[Any], pad: PadPlan | None, clone: bool = True) -> Any:
         # mutated inputs that were copied in: write the real region back
         for i in self.copied:
             if i in self.mutated:
@@ -383,7 +508,7 @@ class BucketedRunner:
             cuts = pad.output_slices[k] if pad is not None and k < len(pad.output_slices) else None
             if isinstance(o, torch.Tensor):
                 o = slice_output(o, cuts)
-                if self.use_graphs and self.config.clone_outputs:
+                if clone and self.use_graphs and self.config.clone_outputs:
                     o = o.clone()
             elif pad is not None and k < len(self.shapes.outputs) and self.shapes.outputs[k].kind == "symint":
                 o = self.shapes.evaluate(self.shapes.outputs[k], pad.values)[0]
