@@ -62,7 +62,7 @@ from .graphs import DeviceGraph, NoGraph, capture_guard, new_graph, pool_reserve
 from .pool import DevicePool, device_pool, graph_api
 from .padding import FiaPlan, FiaSpec, PadPlan, fia_specs, pad_into, plan_padding, role_for, slice_output
 
-__all__ = ["make_runner", "BucketedRunner", "warmup_scope", "estimate_scope"]
+__all__ = ["make_runner", "BucketedRunner", "warmup_scope", "estimate_scope", "combine_estimates", "RunnerEstimate"]
 
 log = logging.getLogger("ascend_graph.runtime")
 
@@ -85,6 +85,16 @@ class RunnerEstimate:
     @property
     def total_bytes(self) -> int:
         return self.first_bytes + self.per_graph_bytes * max(self.buckets - 1, 0)
+
+
+def combine_estimates(found: Sequence[RunnerEstimate]) -> int:
+    """Pool bytes of several runners' bucket lists in the one shared pool: the largest
+    first capture (the graphs of different runners never run at once, so they overlay)
+    plus every further graph's own growth (vLLM's profile_cudagraph_memory combines its
+    FULL and PIECEWISE estimates the same way)."""
+    if not found:
+        return 0
+    return max(e.first_bytes for e in found) + sum(e.per_graph_bytes * max(e.buckets - 1, 0) for e in found)
 
 
 @contextlib.contextmanager
