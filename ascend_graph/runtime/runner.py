@@ -475,7 +475,9 @@ class BucketedRunner:
         sizes = self.plan.sizes
         samples = list(dict.fromkeys([sizes[-1], sizes[-2] if len(sizes) > 1 else sizes[-1], sizes[0]]))
         api = graph_api(self.device)
-        trial_pool = api.graph_pool_handle()  # never reused: the trial graphs die with the estimate
+        # a pool of its own (with its keeper graph: a failed trial capture must not leave
+        # the id unusable for the next sample), dropped with the trial graphs
+        trial = DevicePool(self.device, api)
         growths: list[int] = []
         graphs: list[DeviceGraph] = []
         gc.collect()
@@ -487,14 +489,22 @@ class BucketedRunner:
             entry = GraphEntry(key=key, bucket=bucket, graph=NoGraph(), static_args=static)
             self._load_inputs(entry, b_args, pad)
             graph = new_graph(self.device, True)
+            handle = trial.handle
             before = pool_reserved_bytes(self.device)
-            with capture_guard(self.device, collect=False):
-                graph.capture(lambda: self.compiled(*static), static_inputs=[static[i] for i in self.copied], **dict(self._pool_args(), pool=trial_pool))
+            try:
+                with capture_guard(self.device, collect=False):
+                    graph.capture(lambda: self.compiled(*static), static_inputs=[static[i] for i in self.copied], pool=handle, stream=trial.stream)
+            except Exception as e:  # contained; the real capture of this bucket would fail too and drop it
+                log.warning("trial capture of %s:%d failed (%s: %s); left out of the estimate", self.ctx.graph_id, bucket, type(e).__name__, e)
+                continue
             growths.append(max(pool_reserved_bytes(self.device) - before, 0))
             graphs.append(graph)
-        del graphs, graph
+        graph = None  # noqa: F841  (the last trial graph goes with the others)
+        del graphs, trial
         gc.collect()
         api.empty_cache()  # the trial pool's segments go back to the device
+        if not growths:
+            return result
         later = growths[1:]
         per_graph = sum(later) // len(later) if later else 0
         found.append(RunnerEstimate(str(self.ctx.graph_id), growths[0], per_graph, len(sizes)))

@@ -236,3 +236,74 @@ def test_weak_refs_keep_structure_and_leave_cpu_tensors_alone():
     t = torch.ones(2)
     out = pools.weak_refs((t, [t, 3], None))
     assert out[0] is t and out[1][0] is t and out[1][1] == 3 and out[2] is None
+
+
+# --------------------------------------------------------------------------- the estimate's arithmetic
+
+
+class TrialApi(FakeApi):
+    """The graph API the estimate uses: pool handles and a cache to empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handles = 0
+        self.emptied = 0
+
+    def graph_pool_handle(self):
+        self.handles += 1
+        return (0, self.handles)
+
+    def empty_cache(self):
+        self.emptied += 1
+
+
+class Recording(graphs.NoGraph):
+    """A device graph that records; its capture grows the fake pool: 1000 bytes a row the
+    first time into a pool, 10 bytes every later time (smaller graphs reuse the blocks)."""
+
+    reserved = {"n": 0}
+    seen_pools: set = set()
+
+    def capture(self, fn, pool=None, static_inputs=(), stream=None):
+        self._fn = fn
+        rows = static_inputs[0].shape[0]
+        Recording.reserved["n"] += 1000 * rows if pool not in Recording.seen_pools else 10
+        Recording.seen_pools.add(pool)
+        return None
+
+
+def test_estimate_is_the_first_capture_plus_the_later_samples_per_further_bucket(monkeypatch):
+    from ascend_graph.runtime import runner as R
+
+    api = TrialApi()
+    Recording.reserved["n"], Recording.seen_pools = 0, set()
+    monkeypatch.setattr(R, "supports_graphs", lambda device: True)
+    monkeypatch.setattr(R, "new_graph", lambda device, enabled=True: Recording())
+    monkeypatch.setattr(R, "graph_api", lambda device: api)
+    monkeypatch.setattr(R, "pool_reserved_bytes", lambda device: Recording.reserved["n"])
+    torch._dynamo.reset()
+    model = Recurrent()
+    cm = torch.compile(model, backend=ascend_backend, options={"codegen": "fx", "buckets": [2, 4, 8, 16]}, dynamic=True)
+    s_ref, s_out = torch.ones(3), torch.ones(3)
+    x = torch.randn(3, 3)
+    with torch.no_grad():
+        estimate = ascend_graph.estimate_graph_memory(cm, x, s_out)
+        model(x, s_ref)
+    torch.testing.assert_close(s_out, s_ref)  # the call ran exactly once; trial captures only record
+    # samples 16 (first into the trial pool), 8 and 2: 16 rows * 1000, then 10 a further bucket
+    assert estimate == 16 * 1000 + 10 * 3
+    assert api.emptied == 1 and api.handles == 1
+    st = ascend_graph.stats()
+    assert st["buckets_captured"] == 0 and st["capture_failures"] == 0
+
+
+def test_estimate_without_device_graphs_is_zero_and_serves_the_call():
+    torch._dynamo.reset()
+    model = Recurrent()
+    cm = torch.compile(model, backend=ascend_backend, options={"codegen": "fx", "buckets": [2, 4]}, dynamic=True)
+    s_ref, s_out = torch.ones(3), torch.ones(3)
+    x = torch.randn(3, 3)
+    with torch.no_grad():
+        assert ascend_graph.estimate_graph_memory(cm, x, s_out) == 0
+        model(x, s_ref)
+    torch.testing.assert_close(s_out, s_ref)
