@@ -154,7 +154,7 @@ class NpuGraph(DeviceGraph):
         outputs = contained_capture(api, self.device, self.graph, recorded, pool=pool, stream=stream)
         self.tasks, self._length_views = recorder.finish()
         if self.tasks:
-            self._done = api.Event()
+            self._done = self.torch_npu.npu.Event()
         weak = self.torch_npu._C._weak_ref_tensor
         self.outputs = _map_tensors(outputs, lambda t: weak(t) if t.numel() else t)
         return outputs

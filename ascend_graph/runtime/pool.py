@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from .buckets import StreamLedger
+
 __all__ = ["DevicePool", "device_pool", "capture_stream", "weak_ref", "weak_refs", "reset_pools", "graph_api"]
 
 log = logging.getLogger("ascend_graph.runtime")
@@ -95,6 +97,16 @@ class DevicePool:
         self.captures = 0
         #: why graphs are off on this device (a capture that could not be ended), or None
         self.disabled: str | None = None
+        #: NPU: the streams every graph of the device holds, against one budget
+        self.streams: StreamLedger | None = None
+
+    def stream_ledger(self, budget: int) -> StreamLedger:
+        """The device's stream ledger; the smallest budget any compile asked for holds."""
+        if self.streams is None:
+            self.streams = StreamLedger(budget)
+        else:
+            self.streams.budget = min(self.streams.budget, budget)
+        return self.streams
 
     @property
     def stream(self) -> Any:

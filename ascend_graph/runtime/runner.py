@@ -57,7 +57,7 @@ import torch
 
 from .. import _stats
 from ..errors import CaptureError
-from .buckets import BucketPlan, graph_stream_cost, plan_buckets
+from .buckets import DEFAULT_STREAM_BUDGET, STREAM_ADVICE, BucketPlan, GraphStreams, StreamLedger, count_graph_streams, is_stream_exhaustion, plan_buckets
 from .graphs import DeviceGraph, NoGraph, capture_guard, new_graph, pool_reserved_bytes, supports_graphs
 from .pool import DevicePool, device_pool, graph_api
 from .padding import FiaPlan, FiaSpec, PadPlan, fia_specs, pad_into, plan_padding, role_for, slice_output
@@ -153,13 +153,24 @@ class BucketedRunner:
         self.roles = {i: role_for(self.shapes.inputs[i].name, declared) for i in self.copied}
         self.plan: BucketPlan | None = None
         self.fia: tuple[FiaSpec, ...] = ()
+        #: NPU: the streams one capture of this graph takes, counted from the graph, and
+        #: the device's ledger they are drawn from (None where streams are not budgeted)
+        self.stream_use = GraphStreams()
+        self.streams: StreamLedger | None = None
+        budget: int | None = None
+        if self.use_graphs and stream_budget_applies(self.device):
+            budget = self.config.stream_budget or DEFAULT_STREAM_BUDGET
+            self.stream_use = count_graph_streams(getattr(ctx, "post_pass_code", None) or "")
+            pool = device_pool(self.device)
+            self.streams = pool.stream_ledger(budget) if pool is not None else StreamLedger(budget)
+            log.info("%s: one capture takes %d streams (%s)", ctx.graph_id, self.stream_use.cost(), self.stream_use)
         if batch is not None:
             self.plan = plan_buckets(
                 self.config.buckets,
                 max_size=self.config.max_batch,
                 num_speculative_tokens=self.config.num_speculative_tokens,
-                stream_budget=self.config.stream_budget if self.device.type == "npu" else None,
-                stream_cost=graph_stream_cost(0, piecewise=False),
+                stream_budget=budget,
+                stream_cost=self.stream_use.cost(),
             )
             tokens = _token_dim(self.shapes, self.roles)
             q = 1 + self.config.num_speculative_tokens
@@ -234,6 +245,8 @@ class BucketedRunner:
         if entry is not None and self._in_place_moved(entry, args):
             log.warning("an in-place input (KV cache) moved since graph %s was captured; recapturing", key)
             del self.entries[key]
+            if self.streams is not None:
+                self.streams.release(self.stream_use.cost())
             entry = None
         if entry is None:
             if len(self.entries) >= self.config.max_graphs:
@@ -388,6 +401,13 @@ class BucketedRunner:
         entry.pinned_ptrs = {i: args[i].data_ptr() for i in self.in_place if isinstance(args[i], torch.Tensor)}
         self._load_inputs(entry, args, pad)
         name = f"{self.ctx.graph_id}:{'x'.join(map(str, key))}"
+        cost = self.stream_use.cost()
+        if self.streams is not None and not self.streams.fits(cost):
+            ledger = self.streams
+            why = ledger.closed or f"stream budget: {ledger.used} streams held + {cost} > {ledger.budget}"
+            log.warning("capture of %s skipped: %s; %s", name, why, STREAM_ADVICE)
+            self._drop(key, bucket, name, CaptureError(f"{why}; {STREAM_ADVICE}"))
+            return None
         saved = {} if (real_call or self.use_graphs) else {i: args[i].clone() for i in self.in_place & self.mutated}
         start = time.perf_counter()
         outs: Any = None
@@ -418,7 +438,13 @@ class BucketedRunner:
                 raise
             # contained by the graph (runtime/graphs.py: contained_capture): stream, pool
             # and RNG state are as before; the graph and what it recorded are dropped
-            log.warning("capture of %s failed (%s: %s); serving continues without it", name, type(e).__name__, e)
+            if self.streams is not None and is_stream_exhaustion(e):
+                # the device has fewer streams than the budget said: no later capture fits
+                self.streams.close(f"the device ran out of streams at {self.streams.used} ({type(e).__name__})")
+                log.warning("capture of %s failed for want of streams (%s: %s); %s", name, type(e).__name__, e, STREAM_ADVICE)
+                e = CaptureError(f"out of streams ({type(e).__name__}: {e})"[:160] + f"; {STREAM_ADVICE}")
+            else:
+                log.warning("capture of %s failed (%s: %s); serving continues without it", name, type(e).__name__, e)
             self._drop(key, bucket, name, e)
             entry.state = "failed"
             entry.graph = NoGraph()
@@ -438,6 +464,8 @@ class BucketedRunner:
             # the graph is not kept; the eager run served the call at its bucket
             return (entry, outs) if real_call else None
         self._pool_bytes += max(growth, 0)
+        if self.streams is not None:
+            self.streams.take(cost)
         entry.state = "captured"
         self.entries[key] = entry
         if self.use_graphs:
@@ -454,7 +482,7 @@ class BucketedRunner:
         return {"pool": self.pool.handle, "stream": self.pool.stream}
 
     def _drop(self, key: tuple, bucket: int | None, name: str, error: BaseException) -> None:
-        _stats.record_capture_failure(name, f"{type(error).__name__}: {error}"[:200])
+        _stats.record_capture_failure(name, f"{type(error).__name__}: {error}"[:400])
         self.failed.add(key)
         if bucket is not None and self.plan is not None:
             self.plan = self.plan.without(bucket)
@@ -536,6 +564,11 @@ class BucketedRunner:
         if not seq:
             return result[0]
         return type(outs)(result) if isinstance(outs, tuple) else result
+
+
+def stream_budget_applies(device: torch.device) -> bool:
+    """Streams are a budgeted resource of NPU graphs (ACL); CUDA graphs hold none."""
+    return device.type == "npu"
 
 
 def _token_dim(shapes: Any, roles: dict[int, str]) -> sympy.Expr:
