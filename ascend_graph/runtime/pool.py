@@ -130,6 +130,8 @@ class DevicePool:
         prev = self.api.current_stream(self.device)
         self.api.synchronize(self.device)
         self.stream.wait_stream(prev)
+        if self.api is torch.cuda:
+            self._prime_stream()
         with self.api.stream(self.stream):
             graph.capture_begin(pool=handle, capture_error_mode="thread_local")
             try:
@@ -138,6 +140,18 @@ class DevicePool:
                 graph.capture_end()
         prev.wait_stream(self.stream)
         return graph, scratch
+
+    def _prime_stream(self) -> None:
+        """cuBLAS keeps one workspace per (handle, stream), allocated at its first GEMM on
+        that stream. Made here, eagerly, it is ordinary memory; made by the first capture
+        on the capture stream, it would land in (and never leave) a graph pool, counted
+        as that capture's growth, or kept alive in a trial pool the estimate meant to drop."""
+        with self.api.stream(self.stream):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                a = torch.ones(16, 16, device=self.device, dtype=dtype)
+                torch.mm(a, a)
+                torch.addmm(a[0], a, a)  # the cuBLASLt path (bias epilogue)
+        self.api.synchronize(self.device)
 
     def reserved_bytes(self) -> int:
         """Bytes the device's caching allocator holds (graph pools included)."""

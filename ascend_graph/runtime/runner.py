@@ -8,7 +8,16 @@ dims vary gets one graph per value, capped by ``max_graphs``.
 
 Each entry is a small state machine: ``new -> captured`` (a warm-up run, then the
 capture, on first use or at warm-up), or ``failed`` (capture raised: the bucket is
-dropped with a warning, serving continues with the next bucket up or without graphs).
+dropped with a warning and counted; the capture was contained, runtime/graphs.py, so
+the call is served by the eager run that preceded it and later calls go to the next
+bucket up or run without graphs).
+
+Every runner captures into its device's one pool (runtime/pool.py), and a warm-up
+captures largest first (the call itself is served at its bucket without a graph first,
+which also initialises the device), so a bucket list costs about its largest bucket.
+:func:`estimate_scope` measures that in advance by trial captures into a throw-away
+pool (``ascend_graph.estimate_graph_memory``). On an NPU each capture draws the streams
+its graph uses (counted from the graph) from the device's ledger (runtime/buckets.py).
 
 Inputs, by kind:
 
@@ -34,8 +43,9 @@ token dim is ``(1+k)*s`` (``num_speculative_tokens=k``), the token buckets (mult
 of 1+k) become request buckets, so the padded batch is ``bucket`` tokens, still uniform.
 
 Outputs are sliced back to the real batch. With real device graphs they are cloned out
-of the graph's static buffers (the next replay overwrites them) unless the config says
-the caller consumes them first.
+of the graph's static buffers unless the config says the caller consumes them first:
+a graph holds its outputs weakly, so the next replay of any graph of the pool (another
+bucket, another compiled function) may overwrite them.
 
 On the CPU there is no device graph (``NoGraph``): the compiled function runs at the
 padded shape, so padding, bucketing and the counters (a bucket run counts as a replay)
