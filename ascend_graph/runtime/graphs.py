@@ -200,18 +200,18 @@ def contained_capture(api: Any, device: torch.device, graph: Any, fn: Callable[[
         try:
             outputs = fn()
         except BaseException:
-            _end_failed_capture(api, device, graph, stream)
+            _end_failed_capture(api, device, graph, stream, pool)
             raise
         try:
             graph.capture_end()
         except BaseException as e:
-            _restore_after_unended_capture(api, device, graph, e)
+            _restore_after_unended_capture(api, device, graph, pool, e)
             raise
     prev.wait_stream(stream)
     return outputs
 
 
-def _end_failed_capture(api: Any, device: torch.device, graph: Any, stream: Any) -> None:
+def _end_failed_capture(api: Any, device: torch.device, graph: Any, stream: Any, pool: Any) -> None:
     """End a capture whose function raised, as ``torch.cuda.graph.__exit__`` would, but
     without letting a second error hide the first or leave state behind."""
     try:
@@ -219,20 +219,24 @@ def _end_failed_capture(api: Any, device: torch.device, graph: Any, stream: Any)
             api.set_stream(stream)  # capture_end checks it runs on the capture stream
         graph.capture_end()
     except BaseException as e:  # the driver invalidated the capture: it has ended without bookkeeping
-        _restore_after_unended_capture(api, device, graph, e)
+        _restore_after_unended_capture(api, device, graph, pool, e)
 
 
-def _restore_after_unended_capture(api: Any, device: torch.device, graph: Any, error: BaseException) -> None:
+def _restore_after_unended_capture(api: Any, device: torch.device, graph: Any, pool: Any, error: BaseException) -> None:
     log.warning("a failed capture could not be ended cleanly (%s: %s); restoring the allocator and RNG state", type(error).__name__, error)
     capturing = getattr(api, "is_current_stream_capturing", None)
     if capturing is not None and capturing():
         # the driver still records this stream: nothing on it can run until the process ends
         _disable_device(device, f"a capture could not be ended ({type(error).__name__}: {error})")
         return
+    # The allocator still routes allocations to the pool for a capture that is gone, through
+    # a filter that points at this graph object: removed, or a later capture could consult
+    # it after the graph is freed. (graph.pool() refuses after a failed capture: the id
+    # passed in is the one; a private pool's id is only known to a successful capture.)
     end_allocate = _end_allocate_to_pool(api)
     if end_allocate is not None:
         try:
-            end_allocate(_index(api, device), graph.pool())
+            end_allocate(_index(api, device), tuple(pool) if pool is not None else graph.pool())
         except Exception:  # capture_end got as far as its own endAllocateToPool
             pass
     try:

@@ -43,7 +43,8 @@ class Graph:
         self.stream = self.api.current
         self.api.capturing = True
         self.api.rng_capture_mode = True  # CUDAGeneratorState::capture_prologue
-        self.api.routing.append(self.pool())  # allocator: beginAllocateToPool
+        self.begun_pool = self.routing_id(pool)
+        self.api.routing.append(self.begun_pool)  # allocator: beginAllocateToPool
 
     def capture_end(self):
         if self.api.current is not self.stream:
@@ -53,12 +54,17 @@ class Graph:
             self.api.log.append(("end_failed", self.name))
             raise RuntimeError("operation not permitted when stream is capturing (invalidated)")
         self.api.capturing = False
-        self.api.routing.remove(self.pool())  # endAllocateToPool
+        self.api.routing.remove(self.begun_pool)  # endAllocateToPool
         self.api.rng_capture_mode = False  # capture_epilogue
         self.api.log.append(("end", self.name))
 
     def pool(self):
+        if self.end_fails:
+            raise RuntimeError("Called CUDAGraph::pool() without a preceding successful capture.")
         return (0, id(self))
+
+    def routing_id(self, pool):
+        return tuple(pool) if pool is not None else (0, id(self))
 
 
 class FakeApi:
@@ -107,7 +113,7 @@ class FakeApi:
 
     def _npu_endAllocateToPool(self, device, pool):
         self.log.append(("end_allocate", pool))
-        self.routing.remove(pool)
+        self.routing.remove(tuple(pool))
 
 
 def side(api: FakeApi) -> Stream:
