@@ -43,13 +43,16 @@ def estimate_graph_memory(compiled_model, *args, **kwargs) -> int:
     ``compiled_model`` runs for these inputs is captured, known before any capture.
 
     Calls ``compiled_model(*args, **kwargs)`` once (served without graphs) and, in each
-    bucketed graph it reaches, trial-captures the largest bucket, the next largest and
-    the smallest into a throw-away pool, which is released again. The estimate is the
-    largest first capture plus, per further bucket, the growth the later samples showed
-    (all graphs share one pool and never run at once: the largest dominates). 0 where
-    there are no device graphs (CPU, ``graphs=False``). A graph compiled for static
-    shapes has no buckets: call the model with a second batch size first (or compile
-    with ``dynamic=True``).
+    bucketed graph it reaches, trial-captures a few buckets largest first (the largest,
+    the next, then about one a halving down to the smallest) into a throw-away pool,
+    released again. The estimate is that pool's growth: all graphs share one pool and
+    never run at once, so the largest bucket dominates and smaller ones add only what
+    their allocation sizes need beyond it. Graphs of several compiled functions: the
+    largest first capture plus what each function's later captures added. 0 where there
+    are no device graphs (CPU, ``graphs=False``). A graph compiled for static shapes has
+    no buckets: call the model with a second batch size first (or compile with
+    ``dynamic=True``). The figure is the allocator's (``memory_reserved``), as the
+    runtime's per-bucket ``pool_bytes`` are; the driver's per-graph executables are not in it.
     """
     from .runtime.runner import combine_estimates, estimate_scope
 

@@ -72,7 +72,7 @@ from .graphs import DeviceGraph, NoGraph, capture_guard, new_graph, pool_reserve
 from .pool import DevicePool, device_pool, graph_api
 from .padding import FiaPlan, FiaSpec, PadPlan, fia_specs, pad_into, plan_padding, role_for, slice_output
 
-__all__ = ["make_runner", "BucketedRunner", "warmup_scope", "estimate_scope", "combine_estimates", "RunnerEstimate"]
+__all__ = ["make_runner", "BucketedRunner", "warmup_scope", "estimate_scope", "combine_estimates", "RunnerEstimate", "estimate_samples"]
 
 log = logging.getLogger("ascend_graph.runtime")
 
@@ -85,26 +85,48 @@ _estimate_requested: contextvars.ContextVar["list[RunnerEstimate] | None"] = con
 @dataclass(frozen=True)
 class RunnerEstimate:
     """Trial-capture measurements of one runner: the first (largest) bucket's pool growth,
-    the growth each further bucket adds (measured on the next samples), the bucket count."""
+    and what the later samples, captured after it into the same pool, added together."""
 
     graph_id: str
     first_bytes: int
-    per_graph_bytes: int
-    buckets: int
+    later_bytes: int
+    samples: tuple[int, ...]
 
     @property
     def total_bytes(self) -> int:
-        return self.first_bytes + self.per_graph_bytes * max(self.buckets - 1, 0)
+        return self.first_bytes + self.later_bytes
+
+
+def estimate_samples(sizes: Sequence[int], most: int = 10) -> list[int]:
+    """The buckets trial-captured for an estimate, largest first: the largest, the next,
+    then about one a halving down to the smallest. A smaller bucket adds to the pool only
+    where its allocations fall into size classes the larger ones did not provision (the
+    caching allocator's small, large and exact classes), which changes with the bucket's
+    scale, not with every step of the list."""
+    sizes = sorted(set(sizes), reverse=True)
+    picks = sizes[:2]
+    target = sizes[0] / 2
+    for s in sizes[2:]:
+        if s <= target:
+            picks.append(s)
+            target = s / 2
+    if sizes[-1] not in picks:
+        picks.append(sizes[-1])
+    if len(picks) > most:  # keep the ends, thin the middle
+        middle = picks[1:-1]
+        step = len(middle) / (most - 2)
+        picks = [picks[0]] + [middle[int(i * step)] for i in range(most - 2)] + [picks[-1]]
+    return picks
 
 
 def combine_estimates(found: Sequence[RunnerEstimate]) -> int:
     """Pool bytes of several runners' bucket lists in the one shared pool: the largest
     first capture (the graphs of different runners never run at once, so they overlay)
-    plus every further graph's own growth (vLLM's profile_cudagraph_memory combines its
-    FULL and PIECEWISE estimates the same way)."""
+    plus what each runner's later captures added (vLLM's profile_cudagraph_memory
+    combines its FULL and PIECEWISE estimates the same way)."""
     if not found:
         return 0
-    return max(e.first_bytes for e in found) + sum(e.per_graph_bytes * max(e.buckets - 1, 0) for e in found)
+    return max(e.first_bytes for e in found) + sum(e.later_bytes for e in found)
 
 
 @contextlib.contextmanager
@@ -500,18 +522,20 @@ class BucketedRunner:
     # -- graph memory, known before capture -----------------------------------------
 
     def _estimate(self, args: Sequence[Any], values: dict, others: tuple, found: list) -> Any:
-        """Serve this call eagerly at its bucket, then trial-capture the largest bucket, the
-        next largest and the smallest into a throw-away pool and release them. The pool
-        growth of the whole list is the first capture's plus, for each further bucket,
-        the mean growth of the later samples (vLLM's profile_cudagraph_memory does the
-        same with the first two)."""
+        """Serve this call eagerly at its bucket, then trial-capture a few buckets
+        (:func:`estimate_samples`), largest first as the warm-up does, into a throw-away
+        pool and release them. The estimate is the pool's growth over those captures.
+
+        Why not vLLM's ``first + (n - 1) * second``: with weak outputs a smaller graph
+        reuses the blocks the larger ones freed, so the growth does not add up per graph;
+        vLLM measures free device memory (which also counts each graph's driver-side
+        executable), the runtime's figure is the allocator's pool, which does not."""
         if self.plan is None or not self.use_graphs:
             if self.plan is None:
                 return self.compiled(*args)
             return self._eager_at_bucket(args, values, others)
         result = self._eager_at_bucket(args, values, others)  # also the lazy initialisation
-        sizes = self.plan.sizes
-        samples = list(dict.fromkeys([sizes[-1], sizes[-2] if len(sizes) > 1 else sizes[-1], sizes[0]]))
+        samples = estimate_samples(self.plan.sizes)
         api = graph_api(self.device)
         # a pool of its own (with its keeper graph: a failed trial capture must not leave
         # the id unusable for the next sample), dropped with the trial graphs
@@ -543,10 +567,8 @@ class BucketedRunner:
         api.empty_cache()  # the trial pool's segments go back to the device
         if not growths:
             return result
-        later = growths[1:]
-        per_graph = sum(later) // len(later) if later else 0
-        found.append(RunnerEstimate(str(self.ctx.graph_id), growths[0], per_graph, len(sizes)))
-        log.info("graph memory of %s: %d bytes first capture + %d a further bucket (%d buckets)", self.ctx.graph_id, growths[0], per_graph, len(sizes))
+        found.append(RunnerEstimate(str(self.ctx.graph_id), growths[0], sum(growths[1:]), tuple(samples)))
+        log.info("graph memory of %s: %d bytes first capture + %d over %d later samples %s", self.ctx.graph_id, growths[0], sum(growths[1:]), len(growths) - 1, samples)
         return result
 
     # -- outputs ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ import ascend_graph
 from ascend_graph.backend import ascend_backend
 from ascend_graph.runtime import graphs
 from ascend_graph.runtime import pool as pools
+from ascend_graph.runtime.buckets import default_sizes
 from ascend_graph.runtime.graphs import contained_capture
 
 CPU = torch.device("cpu")
@@ -289,15 +290,18 @@ def test_estimate_is_the_first_capture_plus_the_later_samples_per_further_bucket
     monkeypatch.setattr(R, "pool_reserved_bytes", lambda device: Recording.reserved["n"])
     torch._dynamo.reset()
     model = Recurrent()
-    cm = torch.compile(model, backend=ascend_backend, options={"codegen": "fx", "buckets": [2, 4, 8, 16]}, dynamic=True)
+    cm = torch.compile(model, backend=ascend_backend, options={"codegen": "fx", "max_batch": 256}, dynamic=True)
     s_ref, s_out = torch.ones(3), torch.ones(3)
     x = torch.randn(3, 3)
     with torch.no_grad():
         estimate = ascend_graph.estimate_graph_memory(cm, x, s_out)
         model(x, s_ref)
     torch.testing.assert_close(s_out, s_ref)  # the call ran exactly once; trial captures only record
-    # samples 16 (first into the trial pool), 8 and 2: 16 rows * 1000, then 10 a further bucket
-    assert estimate == 16 * 1000 + 10 * 3
+    # vLLM's 35 buckets: samples 256 (first into the trial pool: 256 rows * 1000), then 248
+    # and one a halving, 10 bytes each as they reuse its blocks
+    samples = [256, 248, 128, 64, 32, 16, 8, 4, 2, 1]
+    assert R.estimate_samples(default_sizes(256)) == samples
+    assert estimate == 256 * 1000 + 10 * (len(samples) - 1)
     assert api.emptied == 1 and api.handles == 1
     st = ascend_graph.stats()
     assert st["buckets_captured"] == 0 and st["capture_failures"] == 0
@@ -313,3 +317,13 @@ def test_estimate_without_device_graphs_is_zero_and_serves_the_call():
         assert ascend_graph.estimate_graph_memory(cm, x, s_out) == 0
         model(x, s_ref)
     torch.testing.assert_close(s_out, s_ref)
+
+
+def test_estimate_samples_keep_both_ends_and_about_one_a_halving():
+    from ascend_graph.runtime.runner import estimate_samples
+
+    assert estimate_samples([1]) == [1]
+    assert estimate_samples([4, 1, 2]) == [4, 2, 1]
+    many = estimate_samples(default_sizes(4096))
+    assert many[0] == 4096 and many[1] == 4080 and many[-1] == 1 and len(many) == 10
+    assert many == sorted(many, reverse=True)
