@@ -11,9 +11,10 @@ of KV): eager, ``torch.compile`` (inductor), ``torch.compile(mode="reduce-overhe
 and ``backend="ascend"`` (bucketed CUDA graphs over vLLM's default list); the HBM floor
 is (weight bytes + KV bytes read) / bandwidth measured by a device-to-device copy.
 Then the capture of the whole default bucket list: time and pool bytes vs the largest
-bucket alone.
+bucket alone (captured first), next to ``ascend_graph.estimate_graph_memory``'s figure
+made before any capture.
 
-    python benchmarks/decode.py [--context 1024] [--batches 1,8,32,128]
+    python benchmarks/decode.py [--context 1024] [--batches 1,8,32,128] [--pool-only]
 """
 
 from __future__ import annotations
@@ -141,11 +142,43 @@ def time_step(fn, args, reps: int = 30) -> float:
     return statistics.median(samples)
 
 
+def graph_memory_estimate(compiled, inputs) -> tuple[int, float, float]:
+    """``ascend_graph.estimate_graph_memory`` on the compiled model before any bucket is
+    captured: (bytes, seconds it took, compile seconds spent in it: the call compiles the
+    dynamic graph)."""
+    before = ascend_graph.stats()["compile_seconds"]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    estimate = ascend_graph.estimate_graph_memory(compiled, *inputs)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return estimate, seconds, ascend_graph.stats()["compile_seconds"] - before
+
+
+def print_pool_report(capture: dict, max_batch: int) -> None:
+    """Issue #19's targets, from this run: the whole list's pool growth within 1.25x of the
+    largest bucket's (captured first, so its growth is what it costs alone), capture of the
+    list under 10 s, and the estimate within 10% of the real growth."""
+    ratio = capture["pool_all_bytes"] / max(capture["pool_largest_bytes"], 1)
+    err = (capture["estimate_bytes"] - capture["pool_all_bytes"]) / max(capture["pool_all_bytes"], 1)
+    print(f"\nGraph pool ({capture['buckets']} buckets, 1..{max_batch}, one shared pool, largest first, weak outputs):")
+    print("| measure | value | target |")
+    print("|---|---:|---|")
+    print(f"| pool growth, all buckets | {capture['pool_all_bytes'] / 2**20:.1f} MiB | |")
+    print(f"| pool growth, largest bucket alone (first capture) | {capture['pool_largest_bytes'] / 2**20:.1f} MiB | |")
+    print(f"| all / largest | {ratio:.2f}x | <= 1.25x {'ok' if ratio <= 1.25 else 'MISSED'} |")
+    print(f"| allocator reserved growth over the warm-up | {capture['reserved_growth_bytes'] / 2**20:.1f} MiB | |")
+    print(f"| capture time of the list | {capture['capture_seconds']:.2f} s | < 10 s {'ok' if capture['capture_seconds'] < 10 else 'MISSED'} |")
+    print(f"| estimate_graph_memory (before capture) | {capture['estimate_bytes'] / 2**20:.1f} MiB, {err * 100:+.1f}% | within 10% {'ok' if abs(err) <= 0.10 else 'MISSED'} |")
+    print(f"| estimate time | {capture['estimate_seconds']:.2f} s | |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--batches", default="1,8,32,128")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--pool-only", action="store_true", help="only backend='ascend': the graph-pool report and its replay times")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     torch.manual_seed(0)
@@ -167,6 +200,8 @@ def main() -> None:
             "inductor": lambda: torch.compile(model),
             "reduce-overhead": lambda: torch.compile(model, mode="reduce-overhead"),
         }
+        if args.pool_only:
+            backends = {}
         for name, make in backends.items():
             torch._dynamo.reset()
             fn = make()
@@ -185,8 +220,9 @@ def main() -> None:
         # runtime pads. Then the whole default bucket list is captured, largest first,
         # into one pool.
         asc(*decode_inputs(3, args.context, blocks_per_seq, "cuda"))
-        ascend_graph.reset_stats()
         warm = decode_inputs(2, args.context, blocks_per_seq, "cuda")
+        estimate, estimate_s, estimate_compile_s = graph_memory_estimate(asc, warm)
+        ascend_graph.reset_stats()
         torch.cuda.synchronize()
         before = torch.cuda.memory_reserved()
         t0 = time.perf_counter()
@@ -198,7 +234,9 @@ def main() -> None:
         capture = {
             "buckets": st["buckets_captured"],
             "capture_seconds": st["capture_seconds"],
-            "compile_seconds": st["compile_seconds"],
+            "compile_seconds": st["compile_seconds"] + estimate_compile_s,
+            "estimate_bytes": estimate,
+            "estimate_seconds": estimate_s - estimate_compile_s,
             "first_call_seconds": first_call_s,
             "pool_all_bytes": sum(pools),  # growth of the allocator over every capture
             "pool_largest_bytes": st["buckets"][max(st["buckets"], key=lambda k: int(k.split(":")[1]))]["pool_bytes"],
@@ -212,6 +250,15 @@ def main() -> None:
             results[("ascend", b)] = (time_step(asc, inp), err)
         st = ascend_graph.stats()
 
+    if args.pool_only:
+        print_pool_report(capture, max_batch)
+        print("\n| batch | HBM floor ms | ascend ms (replay) | max err |")
+        print("|---:|---:|---:|---:|")
+        for b in batches:
+            floor = (weight_bytes + b * (args.context + 1) * kv_token_bytes) / bw * 1e3
+            print(f"| {b} | {floor:.3f} | {results[('ascend', b)][0]:.3f} | {results[('ascend', b)][1]:.3g} |")
+        print(f"ascend replays {st['replays']}, fallbacks {st['eager_fallbacks']} {st['fallback_reasons']}, capture failures {st['capture_failures']}")
+        return
     print("\n| batch | HBM floor ms | eager ms | inductor ms | reduce-overhead ms | ascend ms | ascend / floor | ascend vs reduce-overhead | max err (ascend) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
@@ -224,6 +271,7 @@ def main() -> None:
           f"{capture['capture_seconds']:.2f} s capturing (+{capture['compile_seconds']:.1f} s compile; first call {capture['first_call_seconds']:.1f} s); "
           f"pool {capture['pool_all_bytes'] / 2**20:.0f} MiB for all vs {capture['pool_largest_bytes'] / 2**20:.0f} MiB for the largest alone "
           f"({capture['pool_all_bytes'] / max(capture['pool_largest_bytes'], 1):.2f}x)")
+    print_pool_report(capture, max_batch)
     print(f"ascend replays {st['replays']}, fallbacks {st['eager_fallbacks']} {st['fallback_reasons']}, capture failures {st['capture_failures']}")
     print("max err vs eager:", {f"{n}@{b}": f"{v[1]:.3g}" for (n, b), v in results.items()})
     if args.json:

@@ -7,6 +7,13 @@ graph writes into on every replay; with :class:`NoGraph` (CPU, or graphs turned 
 replay simply runs the function again, so the bucketing and padding semantics around
 it are identical everywhere and are tested on the CPU.
 
+A capture that fails is contained (:func:`contained_capture`): the capture is ended,
+the allocator's routing to the pool and the RNG generators' capture mode are undone
+even where the driver invalidated the capture, and the current stream is restored, so
+the process keeps serving and capturing (``torch.cuda.graph`` alone does not: see the
+function's docstring). Captured graphs hold their outputs weakly and share one pool per
+device (``runtime/pool.py``).
+
 Capture is done with gc frozen and the allocator's cache-emptying held off
 (:func:`capture_guard`): a collection or an ``empty_cache`` in the middle of a capture
 can free memory a graph still points at (vLLM and SGLang do the same).
@@ -24,11 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from . import npu_updates
+from .pool import capture_stream, weak_refs
 
 __all__ = [
     "DeviceGraph",
@@ -41,7 +50,11 @@ __all__ = [
     "pool_reserved_bytes",
     "capture_guard",
     "synchronize",
+    "contained_capture",
+    "capture_stream",
 ]
+
+log = logging.getLogger("ascend_graph.runtime")
 
 
 class DeviceGraph:
@@ -53,7 +66,7 @@ class DeviceGraph:
 
     kind = "none"
 
-    def capture(self, fn: Callable[[], Any], pool: Any = None, static_inputs: Sequence[Any] = ()) -> Any:  # pragma: no cover - abstract
+    def capture(self, fn: Callable[[], Any], pool: Any = None, static_inputs: Sequence[Any] = (), stream: Any = None) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def replay(self) -> Any:  # pragma: no cover - abstract
@@ -68,7 +81,7 @@ class NoGraph(DeviceGraph):
     def __init__(self) -> None:
         self._fn: Callable[[], Any] | None = None
 
-    def capture(self, fn: Callable[[], Any], pool: Any = None, static_inputs: Sequence[Any] = ()) -> Any:
+    def capture(self, fn: Callable[[], Any], pool: Any = None, static_inputs: Sequence[Any] = (), stream: Any = None) -> Any:
         self._fn = fn
         return fn()
 
@@ -78,6 +91,10 @@ class NoGraph(DeviceGraph):
 
 
 class CudaGraph(DeviceGraph):
+    """A CUDA graph captured with containment (:func:`contained_capture`); its outputs
+    are held weakly (``runtime/pool.py``): valid until the next replay of a graph of the
+    same pool."""
+
     kind = "cuda"
 
     def __init__(self, device: torch.device) -> None:
@@ -85,13 +102,12 @@ class CudaGraph(DeviceGraph):
         self.graph = torch.cuda.CUDAGraph()
         self.outputs: Any = None
 
-    def capture(self, fn: Callable[[], Any], pool: Any = None, static_inputs: Sequence[Any] = ()) -> Any:
-        # A side stream, as torch.cuda.graph does by default; "thread_local" so a
-        # helper thread's CUDA calls elsewhere do not invalidate this capture.
-        with torch.cuda.device(self.device):
-            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-                self.outputs = fn()
-        return self.outputs
+    def capture(self, fn: Callable[[], Any], pool: Any = None, static_inputs: Sequence[Any] = (), stream: Any = None) -> Any:
+        if stream is None:
+            stream = capture_stream(torch.cuda, self.device)
+        outputs = contained_capture(torch.cuda, self.device, self.graph, fn, pool=pool, stream=stream)
+        self.outputs = weak_refs(outputs)
+        return outputs
 
     def replay(self) -> Any:
         self.graph.replay()
@@ -125,21 +141,167 @@ class NpuGraph(DeviceGraph):
         self._length_views: tuple[torch.Tensor, ...] = ()
         self._done: Any = None  # the event the replay stream waits on after patching
 
-    def capture(self, fn: Callable[[], Any], pool: Any = None, static_inputs: Sequence[Any] = ()) -> Any:
+    def capture(self, fn: Callable[[], Any], pool: Any = None, static_inputs: Sequence[Any] = (), stream: Any = None) -> Any:
+        api = self.torch_npu.npu
+        if stream is None:
+            stream = capture_stream(api, self.device)
         recorder = npu_updates.TaskCapture(self.torch_npu, self.device, static_inputs)  # host snapshot: before capture
-        with self.torch_npu.npu.graph(self.graph, pool=pool):
+
+        def recorded() -> Any:
             with recorder.active():
-                self.outputs = fn()
+                return fn()
+
+        outputs = contained_capture(api, self.device, self.graph, recorded, pool=pool, stream=stream)
         self.tasks, self._length_views = recorder.finish()
         if self.tasks:
             self._done = self.torch_npu.npu.Event()
-        return self.outputs
+        weak = self.torch_npu._C._weak_ref_tensor
+        self.outputs = _map_tensors(outputs, lambda t: weak(t) if t.numel() else t)
+        return outputs
 
     def replay(self) -> Any:
         if self.tasks:
             npu_updates.patch_tasks(self.torch_npu, self.device, self.tasks, self._length_views, self._done)
         self.graph.replay()
         return self.outputs
+
+
+# --------------------------------------------------------------------------- containment
+
+def contained_capture(api: Any, device: torch.device, graph: Any, fn: Callable[[], Any], *, pool: Any = None, stream: Any, error_mode: str = "thread_local") -> Any:
+    """Capture ``fn`` into ``graph`` on ``stream``; returns ``fn``'s outputs.
+
+    ``torch.cuda.graph`` leaves the process broken when a capture fails: its
+    ``__exit__`` calls ``capture_end`` and, when that raises (a capture the driver
+    invalidated: a synchronising call, an unjoined side stream), never restores the
+    current stream; and ``capture_end`` raising before its bookkeeping leaves the
+    allocator routing allocations to the dead capture's pool and the RNG generators in
+    capture mode, so every later random op fails with "Offset increment outside graph
+    capture encountered unexpectedly". Here, whatever fails:
+
+    - the current stream is restored (the stream context's exit, which always runs);
+    - a capture still open is ended (``capture_end``, so its pool and RNG bookkeeping run);
+    - a capture that cannot be ended has its allocator routing removed
+      (``endAllocateToPool``) and the RNG state put back by one trivial capture, whose
+      ``capture_end`` takes the generators out of capture mode;
+    - the original error is raised; the caller discards the graph. The pool stays usable:
+      its keeper graph (``runtime/pool.py``) holds it.
+
+    ``api`` is ``torch.cuda`` or ``torch_npu.npu`` (whose NPUGraph mirrors CUDAGraph).
+    """
+    prev = api.current_stream(device)
+    _synchronize(api, device)  # work queued before the capture must not be recorded into it
+    stream.wait_stream(prev)
+    begin: dict[str, Any] = {"capture_error_mode": error_mode}
+    if pool is not None:
+        begin["pool"] = pool
+    with api.stream(stream):
+        graph.capture_begin(**begin)
+        try:
+            outputs = fn()
+        except BaseException:
+            _end_failed_capture(api, device, graph, stream, pool)
+            raise
+        try:
+            graph.capture_end()
+        except BaseException as e:
+            _restore_after_unended_capture(api, device, graph, pool, e)
+            raise
+    prev.wait_stream(stream)
+    return outputs
+
+
+def _end_failed_capture(api: Any, device: torch.device, graph: Any, stream: Any, pool: Any) -> None:
+    """End a capture whose function raised, as ``torch.cuda.graph.__exit__`` would, but
+    without letting a second error hide the first or leave state behind."""
+    try:
+        if hasattr(api, "set_stream") and api.current_stream(device) != stream:
+            api.set_stream(stream)  # capture_end checks it runs on the capture stream
+        graph.capture_end()
+    except BaseException as e:  # the driver invalidated the capture: it has ended without bookkeeping
+        _restore_after_unended_capture(api, device, graph, pool, e)
+
+
+def _restore_after_unended_capture(api: Any, device: torch.device, graph: Any, pool: Any, error: BaseException) -> None:
+    log.warning("a failed capture could not be ended cleanly (%s: %s); restoring the allocator and RNG state", type(error).__name__, error)
+    capturing = getattr(api, "is_current_stream_capturing", None)
+    if capturing is not None and capturing():
+        # the driver still records this stream: nothing on it can run until the process ends
+        _disable_device(device, f"a capture could not be ended ({type(error).__name__}: {error})")
+        return
+    # The allocator still routes allocations to the pool for a capture that is gone, through
+    # a filter that points at this graph object: removed, or a later capture could consult
+    # it after the graph is freed. (graph.pool() refuses after a failed capture: the id
+    # passed in is the one; a private pool's id is only known to a successful capture.)
+    end_allocate = _end_allocate_to_pool(api)
+    if end_allocate is not None:
+        try:
+            end_allocate(_index(api, device), tuple(pool) if pool is not None else graph.pool())
+        except Exception:  # capture_end got as far as its own endAllocateToPool
+            pass
+    try:
+        _reset_rng_capture_state(api, device)
+    except Exception as e:
+        _disable_device(device, f"RNG state could not be restored after a failed capture ({type(e).__name__}: {e})")
+
+
+def _reset_rng_capture_state(api: Any, device: torch.device) -> None:
+    """One trivial capture: ``capture_begin`` registers the default generator with it and
+    ``capture_end`` takes the generator out of capture mode, which a capture whose end
+    failed left it in. No allocation happens inside (a private pool, released with it)."""
+    new = getattr(api, "CUDAGraph", None) or api.NPUGraph
+    graph = new()
+    scratch = torch.zeros(1, device=device)
+    stream = api.Stream(device)
+    _synchronize(api, device)
+    stream.wait_stream(api.current_stream(device))
+    with api.stream(stream):
+        graph.capture_begin(capture_error_mode="thread_local")
+        scratch.add_(1)
+        graph.capture_end()
+    _synchronize(api, device)
+    del graph
+
+
+def _end_allocate_to_pool(api: Any) -> Callable[[int, Any], None] | None:
+    if api is torch.cuda:
+        return getattr(torch._C, "_cuda_endAllocateToPool", None)
+    c = getattr(getattr(api, "_C", None), "_npu_endAllocateToPool", None)
+    if c is not None:
+        return c
+    try:
+        import torch_npu
+
+        return getattr(torch_npu._C, "_npu_endAllocateToPool", None)
+    except ImportError:
+        return None
+
+
+def _index(api: Any, device: torch.device) -> int:
+    return device.index if device.index is not None else int(api.current_device())
+
+
+def _synchronize(api: Any, device: torch.device) -> None:
+    sync = getattr(api, "synchronize", None)
+    if sync is not None:
+        sync(device)
+
+
+def _disable_device(device: torch.device, reason: str) -> None:
+    from .pool import device_pool
+
+    pool = device_pool(device)
+    if pool is not None:
+        pool.disable(reason)
+
+
+def _map_tensors(outputs: Any, f: Callable[[torch.Tensor], Any]) -> Any:
+    if isinstance(outputs, list):
+        return [_map_tensors(o, f) for o in outputs]
+    if isinstance(outputs, tuple):
+        items = [_map_tensors(o, f) for o in outputs]
+        return type(outputs)(*items) if hasattr(outputs, "_fields") else type(outputs)(items)
+    return f(outputs) if isinstance(outputs, torch.Tensor) else outputs
 
 
 def supports_graphs(device: torch.device) -> bool:
@@ -157,12 +319,11 @@ def new_graph(device: torch.device, enabled: bool = True) -> DeviceGraph:
 
 
 def graph_pool_handle(device: torch.device) -> Any:
-    """A new memory pool shared by every graph of one runner (None where there are no graphs)."""
-    if device.type == "cuda":
-        return torch.cuda.graph_pool_handle()
-    if device.type == "npu":
-        return torch.npu.graph_pool_handle()
-    return None
+    """The device's shared graph pool (``runtime/pool.py``; None where there are no graphs)."""
+    from .pool import device_pool
+
+    pool = device_pool(device)
+    return None if pool is None else pool.handle
 
 
 def pool_reserved_bytes(device: torch.device) -> int:

@@ -94,7 +94,7 @@ GRAPH_API = (
 NPU_METHODS = {
     "Stream": ("wait_stream", "wait_event"),
     "Event": ("record",),
-    "NPUGraph": ("replay",),
+    "NPUGraph": ("replay", "capture_begin", "capture_end", "pool"),
 }
 
 _INT_DTYPES = (torch.int32, torch.int64)

@@ -8,7 +8,16 @@ dims vary gets one graph per value, capped by ``max_graphs``.
 
 Each entry is a small state machine: ``new -> captured`` (a warm-up run, then the
 capture, on first use or at warm-up), or ``failed`` (capture raised: the bucket is
-dropped with a warning, serving continues with the next bucket up or without graphs).
+dropped with a warning and counted; the capture was contained, runtime/graphs.py, so
+the call is served by the eager run that preceded it and later calls go to the next
+bucket up or run without graphs).
+
+Every runner captures into its device's one pool (runtime/pool.py), and a warm-up
+captures largest first (the call itself is served at its bucket without a graph first,
+which also initialises the device), so a bucket list costs about its largest bucket.
+:func:`estimate_scope` measures that in advance by trial captures into a throw-away
+pool (``ascend_graph.estimate_graph_memory``). On an NPU each capture draws the streams
+its graph uses (counted from the graph) from the device's ledger (runtime/buckets.py).
 
 Inputs, by kind:
 
@@ -34,8 +43,9 @@ token dim is ``(1+k)*s`` (``num_speculative_tokens=k``), the token buckets (mult
 of 1+k) become request buckets, so the padded batch is ``bucket`` tokens, still uniform.
 
 Outputs are sliced back to the real batch. With real device graphs they are cloned out
-of the graph's static buffers (the next replay overwrites them) unless the config says
-the caller consumes them first.
+of the graph's static buffers unless the config says the caller consumes them first:
+a graph holds its outputs weakly, so the next replay of any graph of the pool (another
+bucket, another compiled function) may overwrite them.
 
 On the CPU there is no device graph (``NoGraph``): the compiled function runs at the
 padded shape, so padding, bucketing and the counters (a bucket run counts as a replay)
@@ -57,15 +67,79 @@ import torch
 
 from .. import _stats
 from ..errors import CaptureError
-from .buckets import BucketPlan, graph_stream_cost, plan_buckets
-from .graphs import DeviceGraph, capture_guard, graph_pool_handle, new_graph, pool_reserved_bytes, supports_graphs
+from .buckets import DEFAULT_STREAM_BUDGET, STREAM_ADVICE, BucketPlan, GraphStreams, StreamLedger, count_graph_streams, is_stream_exhaustion, plan_buckets
+from .graphs import DeviceGraph, NoGraph, capture_guard, new_graph, pool_reserved_bytes, supports_graphs
+from .pool import DevicePool, device_pool, graph_api
 from .padding import FiaPlan, FiaSpec, PadPlan, fia_specs, pad_into, plan_padding, role_for, slice_output
 
-__all__ = ["make_runner", "BucketedRunner", "warmup_scope"]
+__all__ = ["make_runner", "BucketedRunner", "warmup_scope", "estimate_scope", "combine_estimates", "RunnerEstimate", "estimate_samples"]
 
 log = logging.getLogger("ascend_graph.runtime")
 
 _warmup_requested: contextvars.ContextVar[bool] = contextvars.ContextVar("ascend_graph_warmup", default=False)
+
+
+_estimate_requested: contextvars.ContextVar["list[RunnerEstimate] | None"] = contextvars.ContextVar("ascend_graph_estimate", default=None)
+
+
+@dataclass(frozen=True)
+class RunnerEstimate:
+    """Trial-capture measurements of one runner: the first (largest) bucket's pool growth,
+    and what the later samples, captured after it into the same pool, added together."""
+
+    graph_id: str
+    first_bytes: int
+    later_bytes: int
+    samples: tuple[int, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.first_bytes + self.later_bytes
+
+
+def estimate_samples(sizes: Sequence[int], most: int = 10) -> list[int]:
+    """The buckets trial-captured for an estimate, largest first: the largest, the next,
+    then about one a halving down to the smallest. A smaller bucket adds to the pool only
+    where its allocations fall into size classes the larger ones did not provision (the
+    caching allocator's small, large and exact classes), which changes with the bucket's
+    scale, not with every step of the list."""
+    sizes = sorted(set(sizes), reverse=True)
+    picks = sizes[:2]
+    target = sizes[0] / 2
+    for s in sizes[2:]:
+        if s <= target:
+            picks.append(s)
+            target = s / 2
+    if sizes[-1] not in picks:
+        picks.append(sizes[-1])
+    if len(picks) > most:  # keep the ends, thin the middle
+        middle = picks[1:-1]
+        step = len(middle) / (most - 2)
+        picks = [picks[0]] + [middle[int(i * step)] for i in range(most - 2)] + [picks[-1]]
+    return picks
+
+
+def combine_estimates(found: Sequence[RunnerEstimate]) -> int:
+    """Pool bytes of several runners' bucket lists in the one shared pool: the largest
+    first capture (the graphs of different runners never run at once, so they overlay)
+    plus what each runner's later captures added (vLLM's profile_cudagraph_memory
+    combines its FULL and PIECEWISE estimates the same way)."""
+    if not found:
+        return 0
+    return max(e.first_bytes for e in found) + sum(e.later_bytes for e in found)
+
+
+@contextlib.contextmanager
+def estimate_scope():
+    """Within this scope, a runner's call is served eagerly and, instead of capturing,
+    trial-captures a few buckets into a throw-away pool; yields the list of
+    :class:`RunnerEstimate` the runners reached append to."""
+    found: list[RunnerEstimate] = []
+    token = _estimate_requested.set(found)
+    try:
+        yield found
+    finally:
+        _estimate_requested.reset(token)
 
 
 @contextlib.contextmanager
@@ -111,13 +185,24 @@ class BucketedRunner:
         self.roles = {i: role_for(self.shapes.inputs[i].name, declared) for i in self.copied}
         self.plan: BucketPlan | None = None
         self.fia: tuple[FiaSpec, ...] = ()
+        #: NPU: the streams one capture of this graph takes, counted from the graph, and
+        #: the device's ledger they are drawn from (None where streams are not budgeted)
+        self.stream_use = GraphStreams()
+        self.streams: StreamLedger | None = None
+        budget: int | None = None
+        if self.use_graphs and stream_budget_applies(self.device):
+            budget = self.config.stream_budget or DEFAULT_STREAM_BUDGET
+            self.stream_use = count_graph_streams(getattr(ctx, "post_pass_code", None) or "")
+            pool = device_pool(self.device)
+            self.streams = pool.stream_ledger(budget) if pool is not None else StreamLedger(budget)
+            log.info("%s: one capture takes %d streams (%s)", ctx.graph_id, self.stream_use.cost(), self.stream_use)
         if batch is not None:
             self.plan = plan_buckets(
                 self.config.buckets,
                 max_size=self.config.max_batch,
                 num_speculative_tokens=self.config.num_speculative_tokens,
-                stream_budget=self.config.stream_budget if self.device.type == "npu" else None,
-                stream_cost=graph_stream_cost(0, piecewise=False),
+                stream_budget=budget,
+                stream_cost=self.stream_use.cost(),
             )
             tokens = _token_dim(self.shapes, self.roles)
             q = 1 + self.config.num_speculative_tokens
@@ -126,7 +211,8 @@ class BucketedRunner:
             self.fia = fia_specs(self.shapes, self.roles, tokens)
         self.entries: dict[tuple, GraphEntry] = {}
         self.failed: set[tuple] = set()
-        self.pool: Any = None
+        #: the device's shared graph pool (runtime/pool.py), None without device graphs
+        self.pool: DevicePool | None = device_pool(self.device) if self.use_graphs else None
         self._persistent: dict[tuple, torch.Tensor] = {}
         self._warmed: set[tuple] = set()
         self._pad_plans: dict[tuple, PadPlan] = {}
@@ -138,16 +224,37 @@ class BucketedRunner:
     def __call__(self, *args: Any) -> Any:
         values = self.shapes.bind(args)
         others = tuple(values[s] for s in self.shapes.other_symbols)
+        if self.pool is not None and self.pool.disabled:
+            return self._fallback("graphs_disabled", args)
+        estimates = _estimate_requested.get()
+        if estimates is not None:
+            return self._estimate(args, values, others, estimates)
         if self.plan is None:
             return self._run_entry(("static",) + others, None, args, values, None)
         if (self.config.warmup or _warmup_requested.get()) and others not in self._warmed:
             self._warmed.add(others)
-            # this call first (its bucket's eager run also initialises cuBLAS and
-            # autotuning), then every other bucket, largest first, by capture alone
-            result = self._serve(args, values, others)
+            # this call runs first, at its bucket but without a graph (its run also
+            # initialises cuBLAS and autotuning, which must not happen in a capture);
+            # then every bucket, largest first, by capture alone: in one shared pool the
+            # smaller buckets' graphs reuse the blocks the larger ones left free
+            result = self._eager_at_bucket(args, values, others)
             self._warmup_all(args, values, others)
             return result
         return self._serve(args, values, others)
+
+    def _eager_at_bucket(self, args: Sequence[Any], values: dict, others: tuple) -> Any:
+        """Serve this call at its bucket's padded shapes without capturing anything."""
+        n = values[self.shapes.batch_symbol]
+        bucket = self.plan.select(n) if self.plan is not None else None
+        if bucket is None:
+            return self._fallback("above_largest_bucket", args)
+        key = (bucket,) + others
+        pad = plan_padding(self.shapes, values, bucket, self.fia)
+        entry = GraphEntry(key=key, bucket=bucket, graph=NoGraph(), static_args=self._make_static_args(key, args, pad))
+        self._load_inputs(entry, args, pad)
+        outs = self.compiled(*entry.static_args)
+        _stats.record_padding(pad.real_batch, pad.bucket - pad.real_batch)
+        return self._finish(entry, outs, args, pad, clone=False)
 
     def _serve(self, args: Sequence[Any], values: dict, others: tuple) -> Any:
         n = values[self.shapes.batch_symbol]
@@ -170,17 +277,22 @@ class BucketedRunner:
         if entry is not None and self._in_place_moved(entry, args):
             log.warning("an in-place input (KV cache) moved since graph %s was captured; recapturing", key)
             del self.entries[key]
+            if self.streams is not None:
+                self.streams.release(self.stream_use.cost())
             entry = None
         if entry is None:
             if len(self.entries) >= self.config.max_graphs:
                 return self._fallback("graph_limit", args)
             captured = self._capture(key, bucket, args, pad, real_call=True)
             if captured is None:
-                if bucket is None:
-                    return self._fallback("capture_failed", args)
-                return self._serve(args, values, key[1:])  # the failed bucket is gone from the plan
+                # the function failed at the padded shapes before any capture: run it as called
+                return self._fallback("capture_failed", args)
             # the run that preceded the capture was this call's execution: no replay now
             entry, outs = captured
+            if entry.state == "failed":
+                # the capture failed (and was contained); the eager run still served this call
+                _stats.record_fallback("capture_failed")
+                return self._finish(entry, outs, args, pad, clone=False)
         else:
             self._load_inputs(entry, args, pad)
             outs = entry.graph.replay()
@@ -304,6 +416,11 @@ class BucketedRunner:
     def _capture(self, key: tuple, bucket: int | None, args: Sequence[Any], pad: PadPlan | None, *, real_call: bool) -> tuple[GraphEntry, Any] | None:
         """Warm up and capture one entry; returns it with the warm-up run's outputs.
 
+        A failed capture drops the bucket (counted); for the call being served it still
+        returns the entry (state ``failed``) with the eager run's outputs, which serve
+        the call; None when there is nothing to serve from (a warm-up capture, or the
+        eager run itself raised).
+
         For the call being served (``real_call``) the function runs exactly once here:
         the eager run before a device capture (which records without executing) is its
         execution. A warm-up of another bucket on a device only records, so it never
@@ -316,20 +433,34 @@ class BucketedRunner:
         entry.pinned_ptrs = {i: args[i].data_ptr() for i in self.in_place if isinstance(args[i], torch.Tensor)}
         self._load_inputs(entry, args, pad)
         name = f"{self.ctx.graph_id}:{'x'.join(map(str, key))}"
+        cost = self.stream_use.cost()
+        if self.streams is not None and not self.streams.fits(cost):
+            ledger = self.streams
+            why = ledger.closed or f"stream budget: {ledger.used} streams held + {cost} > {ledger.budget}"
+            log.warning("capture of %s skipped: %s; %s", name, why, STREAM_ADVICE)
+            self._drop(key, bucket, name, CaptureError(f"{why}; {STREAM_ADVICE}"))
+            return None
         saved = {} if (real_call or self.use_graphs) else {i: args[i].clone() for i in self.in_place & self.mutated}
         start = time.perf_counter()
-        before = pool_reserved_bytes(self.device)
+        outs: Any = None
         try:
             if self.use_graphs:
-                if self.pool is None:
-                    self.pool = graph_pool_handle(self.device)
                 # the eager run first: lazy initialisation (cuBLAS handles, autotuning)
                 # must not happen inside the capture
                 outs = self.compiled(*static) if real_call else None
+        except Exception as e:
+            if self.config.debug:
+                raise
+            log.warning("%s failed at its padded shapes before capture (%s: %s)", name, type(e).__name__, e)
+            self._drop(key, bucket, name, e)
+            return None
+        before = pool_reserved_bytes(self.device)
+        try:
+            if self.use_graphs:
                 with capture_guard(self.device, collect=real_call):
                     # the copied inputs are reloaded before every replay: NPU graphs read
                     # host-side kernel lengths from them (runtime/npu_updates.py)
-                    graph.capture(lambda: self.compiled(*static), pool=self.pool, static_inputs=[static[i] for i in self.copied])
+                    graph.capture(lambda: self.compiled(*static), static_inputs=[static[i] for i in self.copied], **self._pool_args())
             else:
                 outs = graph.capture(lambda: self.compiled(*static))
         except Exception as e:  # out of memory, out of streams, an op that cannot be captured
@@ -337,12 +468,19 @@ class BucketedRunner:
                 args[i].copy_(t)
             if self.config.debug:
                 raise
-            log.warning("capture of %s failed (%s: %s); serving continues without it", name, type(e).__name__, e)
-            _stats.record_capture_failure(name, f"{type(e).__name__}: {e}"[:200])
-            self.failed.add(key)
-            if bucket is not None and self.plan is not None:
-                self.plan = self.plan.without(bucket)
-            return None
+            # contained by the graph (runtime/graphs.py: contained_capture): stream, pool
+            # and RNG state are as before; the graph and what it recorded are dropped
+            if self.streams is not None and is_stream_exhaustion(e):
+                # the device has fewer streams than the budget said: no later capture fits
+                self.streams.close(f"the device ran out of streams at {self.streams.used} ({type(e).__name__})")
+                log.warning("capture of %s failed for want of streams (%s: %s); %s", name, type(e).__name__, e, STREAM_ADVICE)
+                e = CaptureError(f"out of streams ({type(e).__name__}: {e})"[:160] + f"; {STREAM_ADVICE}")
+            else:
+                log.warning("capture of %s failed (%s: %s); serving continues without it", name, type(e).__name__, e)
+            self._drop(key, bucket, name, e)
+            entry.state = "failed"
+            entry.graph = NoGraph()
+            return (entry, outs) if real_call and self.use_graphs else None
         for i, t in saved.items():
             args[i].copy_(t)
         seconds = time.perf_counter() - start
@@ -355,8 +493,11 @@ class BucketedRunner:
             self.failed.add(key)
             if bucket is not None and self.plan is not None:
                 self.plan = self.plan.without(bucket)
+            # the graph is not kept; the eager run served the call at its bucket
             return (entry, outs) if real_call else None
         self._pool_bytes += max(growth, 0)
+        if self.streams is not None:
+            self.streams.take(cost)
         entry.state = "captured"
         self.entries[key] = entry
         if self.use_graphs:
@@ -366,9 +507,73 @@ class BucketedRunner:
             _stats.record_capture(name, seconds, 0)
         return entry, outs
 
+    def _pool_args(self) -> dict[str, Any]:
+        """``pool=`` and ``stream=`` of a capture into the device's shared pool."""
+        if self.pool is None:
+            return {}
+        return {"pool": self.pool.handle, "stream": self.pool.stream}
+
+    def _drop(self, key: tuple, bucket: int | None, name: str, error: BaseException) -> None:
+        _stats.record_capture_failure(name, f"{type(error).__name__}: {error}"[:400])
+        self.failed.add(key)
+        if bucket is not None and self.plan is not None:
+            self.plan = self.plan.without(bucket)
+
+    # -- graph memory, known before capture -----------------------------------------
+
+    def _estimate(self, args: Sequence[Any], values: dict, others: tuple, found: list) -> Any:
+        """Serve this call eagerly at its bucket, then trial-capture a few buckets
+        (:func:`estimate_samples`), largest first as the warm-up does, into a throw-away
+        pool and release them. The estimate is the pool's growth over those captures.
+
+        Why not vLLM's ``first + (n - 1) * second``: with weak outputs a smaller graph
+        reuses the blocks the larger ones freed, so the growth does not add up per graph;
+        vLLM measures free device memory (which also counts each graph's driver-side
+        executable), the runtime's figure is the allocator's pool, which does not."""
+        if self.plan is None or not self.use_graphs:
+            if self.plan is None:
+                return self.compiled(*args)
+            return self._eager_at_bucket(args, values, others)
+        result = self._eager_at_bucket(args, values, others)  # also the lazy initialisation
+        samples = estimate_samples(self.plan.sizes)
+        api = graph_api(self.device)
+        # a pool of its own (with its keeper graph: a failed trial capture must not leave
+        # the id unusable for the next sample), dropped with the trial graphs
+        trial = DevicePool(self.device, api)
+        growths: list[int] = []
+        graphs: list[DeviceGraph] = []
+        gc.collect()
+        for bucket in samples:
+            key = (bucket,) + others
+            b_args, b_values = self._truncate(args, values, bucket)
+            pad = plan_padding(self.shapes, b_values, bucket, self.fia)
+            static = self._make_static_args(key, b_args, pad)
+            entry = GraphEntry(key=key, bucket=bucket, graph=NoGraph(), static_args=static)
+            self._load_inputs(entry, b_args, pad)
+            graph = new_graph(self.device, True)
+            handle = trial.handle
+            before = pool_reserved_bytes(self.device)
+            try:
+                with capture_guard(self.device, collect=False):
+                    graph.capture(lambda: self.compiled(*static), static_inputs=[static[i] for i in self.copied], pool=handle, stream=trial.stream)
+            except Exception as e:  # contained; the real capture of this bucket would fail too and drop it
+                log.warning("trial capture of %s:%d failed (%s: %s); left out of the estimate", self.ctx.graph_id, bucket, type(e).__name__, e)
+                continue
+            growths.append(max(pool_reserved_bytes(self.device) - before, 0))
+            graphs.append(graph)
+        graph = None  # noqa: F841  (the last trial graph goes with the others)
+        del graphs, trial
+        gc.collect()
+        api.empty_cache()  # the trial pool's segments go back to the device
+        if not growths:
+            return result
+        found.append(RunnerEstimate(str(self.ctx.graph_id), growths[0], sum(growths[1:]), tuple(samples)))
+        log.info("graph memory of %s: %d bytes first capture + %d over %d later samples %s", self.ctx.graph_id, growths[0], sum(growths[1:]), len(growths) - 1, samples)
+        return result
+
     # -- outputs ---------------------------------------------------------------------
 
-    def _finish(self, entry: GraphEntry, outs: Any, args: Sequence[Any], pad: PadPlan | None) -> Any:
+    def _finish(self, entry: GraphEntry, outs: Any, args: Sequence[Any], pad: PadPlan | None, clone: bool = True) -> Any:
         # mutated inputs that were copied in: write the real region back
         for i in self.copied:
             if i in self.mutated:
@@ -383,7 +588,7 @@ class BucketedRunner:
             cuts = pad.output_slices[k] if pad is not None and k < len(pad.output_slices) else None
             if isinstance(o, torch.Tensor):
                 o = slice_output(o, cuts)
-                if self.use_graphs and self.config.clone_outputs:
+                if clone and self.use_graphs and self.config.clone_outputs:
                     o = o.clone()
             elif pad is not None and k < len(self.shapes.outputs) and self.shapes.outputs[k].kind == "symint":
                 o = self.shapes.evaluate(self.shapes.outputs[k], pad.values)[0]
@@ -391,6 +596,11 @@ class BucketedRunner:
         if not seq:
             return result[0]
         return type(outs)(result) if isinstance(outs, tuple) else result
+
+
+def stream_budget_applies(device: torch.device) -> bool:
+    """Streams are a budgeted resource of NPU graphs (ACL); CUDA graphs hold none."""
+    return device.type == "npu"
 
 
 def _token_dim(shapes: Any, roles: dict[int, str]) -> sympy.Expr:

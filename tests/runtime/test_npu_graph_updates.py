@@ -25,6 +25,7 @@ from ascend_graph.ops import attention as ops
 from ascend_graph.ops.kernels.npu import attention as npu_attention
 from ascend_graph.runtime import npu_updates
 from ascend_graph.runtime.graphs import NpuGraph
+from ascend_graph.runtime.pool import capture_stream
 from ascend_graph.backend import ascend_backend
 
 BLOCK, NQ, NKV, HD = 4, 6, 2, 16  # no size equal to a batch size or its +1 (Dynamo duck-sizes equal sizes)
@@ -56,6 +57,23 @@ class FakeEvent(_Named):
 
 
 class FakeNPUGraph(_Named):
+    """``torch_npu.npu.NPUGraph``: capture_begin/capture_end on the current stream."""
+
+    def __init__(self, log: list, name: str, npu: "FakeNpu") -> None:
+        super().__init__(log, name)
+        self.npu = npu
+
+    def capture_begin(self, pool=None, capture_error_mode="global"):
+        self.log.append(("capture_begin", self.name))
+        self.npu.capturing = True
+
+    def capture_end(self):
+        self.npu.capturing = False
+        self.log.append(("capture_end", self.name))
+
+    def pool(self):
+        return (id(self), 0)
+
     def replay(self):
         self.log.append(("replay", self.name))
 
@@ -121,14 +139,17 @@ class FakeNpu:
             self._streams.pop()
 
     def Stream(self, device=None, priority=0):
-        return FakeStream(self.log, self._name("update_stream"))
+        return FakeStream(self.log, self._name("stream"))
 
     def Event(self, enable_timing=False, blocking=False, interprocess=False):
         return FakeEvent(self.log, self._name("event"))
 
     # graphs
     def NPUGraph(self):
-        return FakeNPUGraph(self.log, self._name("graph"))
+        return FakeNPUGraph(self.log, self._name("graph"), self)
+
+    def synchronize(self, device=None):
+        self.log.append(("synchronize",))
 
     @contextlib.contextmanager
     def graph(self, npu_graph, pool=None, stream=None, auto_dispatch_capture=False, capture_error_mode="global"):
@@ -244,13 +265,14 @@ def test_capture_registers_one_task_per_call_and_replay_patches_new_lengths(cach
     assert [t.name for t in g.tasks] == ["paged_attention"] * 2
     groups = fake.events("group_begin", "fia.out", "group_end")
     assert [e[0] for e in groups] == ["group_begin", "fia.out", "group_end"] * 2
-    assert all(e[1] == "capture" for e in groups)
+    assert all(e[1] == capture_stream(fake.npu, torch.device("cpu")).name for e in groups)
     assert groups[1][2:4] == ([1, 2, 3], [9, 3, 14])
     assert [t.handle for t in g.tasks] == [groups[2][2], groups[5][2]]
     assert not fake.events("fia")  # no eager (host-synchronising) call inside the capture
     # one workspace for the graph (the largest), written into by both tasks
     assert groups[1][4] == groups[4][4] == fake.workspaces[0].data_ptr()
-    assert len(fake.events("weak_ref")) == 2 * 8  # every task tensor (sinks is None) held weakly after capture
+    # every task tensor (sinks is None) held weakly after capture, and the graph's two outputs
+    assert len(fake.events("weak_ref")) == 2 * 8 + 2
     torch.testing.assert_close(out_a, reference(q, caches, bt, cu, seq_lens, window))
 
     # the runner loads the next batch into the same static buffers (same bucket shapes)
