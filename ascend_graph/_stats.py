@@ -31,6 +31,7 @@ def _fresh() -> dict[str, Any]:
         "fallback_reasons": {},
         "capture_failures": 0,
         "cache": {"hits": 0, "misses": 0, "corrupt": 0, "mismatches": 0, "errors": 0, "rebuilds": {}, "load_seconds": 0.0},
+        "groups": {"created": 0, "reused": 0, "destroyed": 0},
     }
 
 
@@ -114,6 +115,12 @@ def record_cache(status: str, changed: tuple[str, ...] = (), load_seconds: float
         c["load_seconds"] += load_seconds
         for name in changed:
             c["rebuilds"][name] = c["rebuilds"].get(name, 0) + 1
+
+
+def record_group(event: str) -> None:
+    """One communication-group registry event: created, reused or destroyed."""
+    with _lock:
+        _state["groups"][event] += 1
 
 
 __all__ = ["stats", "reset_stats"]
