@@ -1,4 +1,4 @@
-"""Run a function on N real processes (torch.multiprocessing spawn, gloo) with a deadline.
+"""Run a function on N real processes (torch.multiprocessing, gloo) with a deadline.
 
 ``run_ranks(fn, world, tmp_path, timeout)`` starts ``world`` processes, each calling
 ``fn(rank, world)`` after ``init_process_group("gloo")`` on a free loopback port, and
@@ -42,9 +42,18 @@ def _entry(fn, rank: int, world: int, port: int, out_dir: str, pg_timeout_s: flo
         pass
 
 
+def _context():
+    # forkserver: torch (seconds to import on a loaded machine) is imported once by the
+    # server, and each rank is a fork of it: a fresh process per rank as with spawn, with
+    # no thread pool or CUDA state inherited from the test process
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "ascend_graph.ops", "ascend_graph.backend", "tests.distributed.workers", "transformers.models.deepseek_v3.modeling_deepseek_v3"])
+    return ctx
+
+
 def run_ranks(fn, world: int, out_dir, timeout: float = 60.0, pg_timeout_s: float = 30.0) -> list:
     out_dir = str(out_dir)
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world, port, out_dir, pg_timeout_s), daemon=True) for r in range(world)]
     for p in procs:
