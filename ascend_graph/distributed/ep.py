@@ -39,14 +39,20 @@ rank a fixed ``T`` rows (capacity = all of its tokens, the most one rank can rec
 it under the one-row-per-(token, rank) rule), with ``-1`` ids on the slots a rank does not
 own; equal splits need no split sizes, no header (the eager warm-up run before capture
 already checked the sizes) and no host read, and the local experts skip ``-1`` rows. The
-static path moves as many bytes as gathering every token to every rank; its saving is the
-expert work only. Whether a c10d ``ProcessGroupNCCL`` collective replays safely inside a
-CUDA graph depends on torch and NCCL (NCCL >= 2.9.6 captures collectives; sglang and vLLM
-capture raw NCCL instead of c10d); this has not run on two GPUs here (no multi-GPU machine
-was lent). Where a runtime does not trust it, the graph is split at the op: the
-``moe_dispatch_ffn_combine`` node with ``ep_world_size > 1`` becomes a splitting op (as
-attention is for piecewise graphs) and runs eagerly on the exact path between captured
-pieces.
+static path moves as many bytes as gathering every token to every rank, and needs one
+token count on every rank (the runtime pads each rank to its bucket; the header checks it
+whenever a host read is allowed); its saving over the gather is the expert work only.
+
+Whether a c10d ``ProcessGroupNCCL`` collective replays safely inside a CUDA graph depends
+on torch and NCCL (NCCL >= 2.9.6 captures collectives; vLLM and sglang capture raw NCCL
+through their own communicators; sglang PR 33775 reports that c10d's per-call host
+bookkeeping advances at capture and not on replay, so ranks can disagree on later calls). ``tests/distributed/test_ep_cuda.py`` captures and replays the
+static path over a one-rank NCCL group; two or more GPUs have not been lent to this
+project, so a multi-rank capture has not run. Where a runtime does not trust it, the graph
+is to be split at the op: the ``moe_dispatch_ffn_combine`` node with ``ep_world_size > 1``
+joins the splitting ops of ``capture/split.py`` (as attention does for piecewise graphs)
+and runs eagerly, on the exact path, between captured pieces; that split is not written
+yet.
 
 Errors: bad sizes on any rank raise :class:`DistributedError` on every rank (step 2); a
 collective that fails (a dead peer, the group's timeout) is re-raised as
