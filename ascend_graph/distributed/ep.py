@@ -77,7 +77,9 @@ __all__ = ["ep_dispatch_ffn_combine", "route", "shard_experts", "shard_experts_g
 
 log = logging.getLogger("ascend_graph.distributed.ep")
 
-_HDR = 8  # rows to you, local experts, hidden, top-k, ep_world_size given, ep_rank given, dtype, tokens
+#: header fields (int64, one row per destination rank): rows to you, local experts, hidden,
+#: top-k, ep_world_size given, ep_rank given, dtype (index in _DTYPES), tokens
+_HEADER_FIELDS = ("rows", "local_experts", "hidden", "top_k", "ep_world_size", "ep_rank", "dtype", "tokens")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -178,7 +180,7 @@ def ep_dispatch_ffn_combine(
     shared_up: Optional[torch.Tensor] = None,
     shared_down: Optional[torch.Tensor] = None,
     ep_group: str = "",
-    ep_world_size: int = 2,
+    ep_world_size: int = 1,
     ep_rank: int = 0,
     shared_expert_gate: Optional[torch.Tensor] = None,
     static_shapes: Optional[bool] = None,
@@ -205,7 +207,7 @@ def ep_dispatch_ffn_combine(
         # need the same token count on every rank (gloo aborts the process otherwise)
         send_counts = hit.sum(0)
         dtype_code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else 99
-        hdr = torch.tensor([0, el, h, k, ep_world_size, ep_rank, dtype_code, t], dtype=torch.int64, device=x.device).repeat(ep, 1)
+        hdr = torch.tensor([0, el, h, k, ep_world_size, ep_rank, dtype_code, t], dtype=torch.int64, device=x.device).repeat(ep, 1)  # _HEADER_FIELDS
         hdr[:, 0] = send_counts
         recv_hdr = torch.empty_like(hdr)
         _collective("header exchange", pg, dist.all_to_all_single, recv_hdr, hdr)

@@ -53,7 +53,10 @@ def test_fusions_survive_functional_all_reduce(world_of_one, tmp_path, family):
         cfg = Qwen3MoeConfig(hidden_size=40, moe_intermediate_size=24, num_experts=7, num_experts_per_tok=3, norm_topk_prob=True)
         cfg._experts_implementation = "grouped_mm"
         torch.manual_seed(0)
-        block = Qwen3MoeSparseMoeBlock(cfg).to(torch.bfloat16).eval()
+        block = Qwen3MoeSparseMoeBlock(cfg)
+        for p in block.parameters():  # transformers leaves them uninitialised until from_pretrained
+            torch.nn.init.normal_(p, std=0.2)
+        block = block.to(torch.bfloat16).eval()
         make = lambda reduce: _MoeThenAllReduce(block, pg.group_name, reduce)  # noqa: E731
         inputs = (torch.randn(1, 13, 40, dtype=torch.bfloat16),)
         fused_ops = ("ascend_graph.moe_gating_topk", "ascend_graph.moe_dispatch_ffn_combine")

@@ -40,8 +40,6 @@ def _tokens(rank: int, t: int, dtype=torch.float32, e=E):
 def ops_equal_single_device(rank: int, world: int):
     """Each rank's EP output (exact and static paths, with/without shared experts, fp32 and
     bf16) against the single-device op over all experts for its tokens; plus the registry."""
-    import torch.distributed as dist
-
     import ascend_graph
     from ascend_graph.distributed import groups
     from ascend_graph.distributed.ep import ep_dispatch_ffn_combine, shard_experts
