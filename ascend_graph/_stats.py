@@ -32,6 +32,7 @@ def _fresh() -> dict[str, Any]:
         "capture_failures": 0,
         "cache": {"hits": 0, "misses": 0, "corrupt": 0, "mismatches": 0, "errors": 0, "rebuilds": {}, "load_seconds": 0.0},
         "precompiled": {"built": 0, "loaded": 0},
+        "groups": {"created": 0, "reused": 0, "destroyed": 0},
     }
 
 
@@ -121,6 +122,12 @@ def record_precompiled(event: str) -> None:
     """A graph built under torch's AOT precompile (``built``) or loaded from its artifact (``loaded``)."""
     with _lock:
         _state["precompiled"][event] += 1
+
+
+def record_group(event: str) -> None:
+    """One communication-group registry event: created, reused or destroyed."""
+    with _lock:
+        _state["groups"][event] += 1
 
 
 __all__ = ["stats", "reset_stats"]

@@ -88,11 +88,8 @@ class PrecompiledGraph(SerializableCallable):  # type: ignore[misc,valid-type]
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.runner(*args, **kwargs)
 
-    def __getattr__(self, name: str) -> Any:
-        # torch's runtime may read attributes of the compiled function (boxed_call, ...)
-        if name in ("compiled", "state", "runner"):
-            raise AttributeError(name)
-        return getattr(self.runner, name)
+    # No attribute forwarding: torch wraps any result with a ``serialize`` attribute in
+    # its own bundled callable, which would drop this class (and finalize_loading) at load.
 
     @classmethod
     def serialize_compile_artifacts(cls, fn: "PrecompiledGraph") -> bytes:

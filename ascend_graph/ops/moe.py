@@ -39,8 +39,8 @@ shared_down[H, Is]?, ep_group, ep_world_size, ep_rank, shared_expert_gate[1, H]?
     scaled per token by ``sigmoid(x @ shared_expert_gate.T)`` when that is given
     (Qwen2-MoE / Qwen3-Next's gated shared expert; DeepSeek-V3's are not gated).
     With ``ep_world_size > 1`` ``w13``/``w2`` hold this rank's ``E / ep_world_size``
-    experts and ``ids`` are global: only the NPU binding (MC2 dispatch/combine over
-    ``ep_group``) implements that.
+    experts and ``ids`` are global: the NPU binding runs MC2 dispatch/combine over
+    ``ep_group``, elsewhere ``distributed/ep.py`` runs all-to-alls over torch.distributed.
 
 The output shapes depend on input shapes only, so one captured graph serves any routing.
 Implementations: the CPU reference here (ground truth, any device), CUDA in
@@ -286,13 +286,10 @@ def moe_dispatch_ffn_combine(
 ) -> torch.Tensor:
     """Routed experts (and optional shared experts) of one MoE layer. See the module docstring."""
     _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, (shared_gate, shared_up, shared_down), ep_world_size, shared_expert_gate)
-    if ep_world_size > 1:
-        raise UnsupportedError(
-            "expert parallelism needs the NPU MC2 dispatch/combine",
-            expected="ep_world_size == 1 off the NPU",
-            got=ep_world_size,
-            hint="run on Ascend with torch_npu, or gather all experts on one device",
-        )
+    if ep_world_size > 1:  # off the NPU: all-to-all over torch.distributed (gloo, NCCL)
+        from ..distributed.ep import ep_dispatch_ffn_combine
+
+        return ep_dispatch_ffn_combine(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared_gate, shared_up, shared_down, ep_group, ep_world_size, ep_rank, shared_expert_gate)
     return experts_reference(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared_gate, shared_up, shared_down, shared_expert_gate)
 
 
@@ -305,8 +302,10 @@ def _experts_fake(x, topk_weights, topk_ids, w13, w2, activation="silu", active_
 @moe_dispatch_ffn_combine.register_kernel("cuda")
 def _experts_cuda(x, topk_weights, topk_ids, w13, w2, activation="silu", active_mask=None, shared_gate=None, shared_up=None, shared_down=None, ep_group="", ep_world_size=1, ep_rank=0, shared_expert_gate=None):
     _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, (shared_gate, shared_up, shared_down), ep_world_size)
-    if ep_world_size > 1:
-        raise UnsupportedError("expert parallelism needs the NPU MC2 dispatch/combine", expected="ep_world_size == 1 on CUDA", got=ep_world_size)
+    if ep_world_size > 1:  # NCCL all-to-all; the local experts come back here with ep_world_size 1
+        from ..distributed.ep import ep_dispatch_ffn_combine
+
+        return ep_dispatch_ffn_combine(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared_gate, shared_up, shared_down, ep_group, ep_world_size, ep_rank, shared_expert_gate)
     out = _cuda.dispatch_ffn_combine(x, topk_weights, topk_ids, w13, w2, activation, active_mask)
     if shared_gate is not None:
         out = (out.float() + shared_experts_reference(x, shared_gate, shared_up, shared_down, activation, shared_expert_gate).float()).to(x.dtype)
