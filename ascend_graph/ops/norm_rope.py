@@ -20,7 +20,8 @@ Entry points (``torch.ops.ascend_graph.<name>`` and the Python functions of the 
   ``q [..., Hq, D]``, ``k [..., Hk, D]`` (the same leading dims, e.g. ``[B, S]`` or
   ``[T]``), per-head RMSNorm over ``D`` when the weight is given (``[D]``; None skips the
   norm: Llama), then RoPE on the first ``R`` dims (``cos``/``sin`` ``[..., R]``, the
-  leading dims of q; ``R < D`` is partial rotary, the rest passes through). Neox
+  leading dims of q, each either equal or 1: HF shares one position row across the batch;
+  ``R < D`` is partial rotary, the rest passes through). Neox
   (``interleaved=False``): ``x*cos + rotate_half(x)*sin`` over the R dims, cos/sin in
   HF's duplicated-halves layout. Interleaved (GPT-J, ``npu_interleave_rope``): pairs
   ``(2i, 2i+1)`` rotate by ``cos[..., i]``, ``sin[..., i]`` (``i < R/2``; the second half of
@@ -77,10 +78,12 @@ def _check_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     if q.dim() < 2 or k.dim() != q.dim() or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise UnsupportedError("qk_norm_rope: q [..., Hq, D] and k [..., Hk, D] must share leading dims and D", expected="matching q, k", got=[tuple(q.shape), tuple(k.shape)])
     R = cos.shape[-1]
-    if cos.shape != sin.shape or tuple(cos.shape[:-1]) != tuple(q.shape[:-2]) or R % 2 or R > q.shape[-1]:
+    lead = tuple(q.shape[:-2])
+    ok = cos.shape == sin.shape and cos.dim() - 1 == len(lead) and all(c in (1, n) for c, n in zip(cos.shape[:-1], lead))
+    if not ok or R % 2 or R > q.shape[-1]:
         raise UnsupportedError(
-            "qk_norm_rope: cos/sin must be [..., R] over q's leading dims, R even and <= D",
-            expected=f"{tuple(q.shape[:-2]) + ('R',)} with R <= {q.shape[-1]}",
+            "qk_norm_rope: cos/sin must be [..., R] over q's leading dims (or 1 where broadcast), R even and <= D",
+            expected=f"{lead + ('R',)} with R <= {q.shape[-1]}",
             got=[tuple(cos.shape), tuple(sin.shape)],
         )
 

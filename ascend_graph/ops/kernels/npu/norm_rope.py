@@ -77,7 +77,8 @@ def _qk_call(torch_npu: Any, q, k, q_weight, k_weight, cos, sin, eps, gemma=Fals
         k = _norm_call(torch_npu, k, k_weight, eps, gemma)
     R = cos.shape[-1]
     q3, k3 = q.reshape(-1, q.shape[-2], q.shape[-1]), k.reshape(-1, k.shape[-2], k.shape[-1])
-    c2, s2 = cos.reshape(-1, R).to(q.dtype), sin.reshape(-1, R).to(q.dtype)
+    lead = tuple(q.shape[:-2])
+    c2, s2 = cos.expand(*lead, R).reshape(-1, R).to(q.dtype), sin.expand(*lead, R).reshape(-1, R).to(q.dtype)
     return _rope_one(torch_npu, q3, c2, s2, interleaved).view(q.shape), _rope_one(torch_npu, k3, c2, s2, interleaved).view(k.shape)
 
 

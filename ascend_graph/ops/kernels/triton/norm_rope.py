@@ -188,8 +188,9 @@ def _heads(x: torch.Tensor) -> torch.Tensor:
     return x3 if x3.stride(-1) == 1 else x3.contiguous()
 
 
-def _table(c: torch.Tensor) -> torch.Tensor:
-    c2 = c.reshape(-1, c.shape[-1])
+def _table(c: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+    """cos/sin ``[..., R]`` (dims of 1 broadcast over ``lead``) -> ``[T, R]`` (a view where the strides allow)."""
+    c2 = c.expand(*lead, c.shape[-1]).reshape(-1, c.shape[-1])
     return c2 if c2.stride(-1) == 1 else c2.contiguous()
 
 
@@ -222,7 +223,8 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, gemma=False, interleav
     q3, k3 = _heads(q), _heads(k)
     qo = torch.empty(q3.shape, dtype=q.dtype, device=q.device)
     ko = torch.empty(k3.shape, dtype=k.dtype, device=k.device)
-    _launch_qk(q3, k3, None, q_weight, k_weight, _table(cos), _table(sin), qo, ko, None, None, eps, gemma, interleaved)
+    lead = tuple(q.shape[:-2])
+    _launch_qk(q3, k3, None, q_weight, k_weight, _table(cos, lead), _table(sin, lead), qo, ko, None, None, eps, gemma, interleaved)
     return qo.view(q.shape), ko.view(k.shape)
 
 
@@ -233,5 +235,5 @@ def qk_norm_rope_cache(qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot
     k3 = qkv[:, num_q_heads * D : (num_q_heads + num_kv_heads) * D].view(T, num_kv_heads, D)
     v3 = qkv[:, (num_q_heads + num_kv_heads) * D :].view(T, num_kv_heads, D)
     qo = torch.empty((T, num_q_heads, D), dtype=qkv.dtype, device=qkv.device)
-    _launch_qk(q3, k3, v3, q_weight, k_weight, _table(cos), _table(sin), qo, k_cache, v_cache, slot_mapping, eps, gemma, interleaved)
+    _launch_qk(q3, k3, v3, q_weight, k_weight, _table(cos, (T,)), _table(sin, (T,)), qo, k_cache, v_cache, slot_mapping, eps, gemma, interleaved)
     return qo
