@@ -264,10 +264,11 @@ def _rows() -> tuple[pat.Fusion, ...]:
         # w * norm(x) -> rms_norm(x, w)
         rows.append(pat.Fusion(f"rms_norm_{tag}", _p_rms, _r_rms, _ex(dt, x, w), _check_norm, eps))
         rows.append(pat.Fusion(f"gemma_rms_norm_{tag}", _p_gemma_rms, _r_gemma_rms, _ex(dt, x, w), _check_norm, eps))
-        # silu(g) * u -> silu_mul(g, u); silu(x[:d]) * x[d:] -> silu_and_mul(x)
-        rows.append(pat.Fusion(f"silu_mul_{tag}", _p_silu_mul, _r_silu_mul, _ex(dt, x, x), _check_silu))
+        # silu(x[:d]) * x[d:] -> silu_and_mul(x) (before the two-tensor row, which would
+        # otherwise take the halves as two tensors); silu(g) * u -> silu_mul(g, u)
         rows.append(pat.Fusion(f"silu_and_mul_chunk_{tag}", _p_silu_and_mul_chunk, _r_silu_and_mul_chunk, _ex(dt, (_B, 2 * _N)), _check_silu))
         rows.append(pat.Fusion(f"silu_and_mul_slice_{tag}", _p_silu_and_mul_slice, _r_silu_and_mul_slice, _ex(dt, (_B, 2 * _N)), _check_silu, {"half": _N}))
+        rows.append(pat.Fusion(f"silu_mul_{tag}", _p_silu_mul, _r_silu_mul, _ex(dt, x, x), _check_silu))
     # rope(q.T, k.T) -> qk_norm_rope(q, k).T: no upcast in the RoPE, one row for all dtypes
     rows.append(pat.Fusion("qk_rope", _p_qk_rope, _r_qk_rope, _ex(torch.float32, (_B, _S, _H, _D), (_B, _S, _HK, _D), (_B, _S, _D), (_B, _S, _D)), _check_rope, {}, _QK))
     return tuple(rows)
