@@ -16,7 +16,8 @@ Entry points (``torch.ops.ascend_graph.<name>`` and the Python functions of the 
 - ``silu_and_mul(x) -> silu(x[..., :d]) * x[..., d:]`` (``d = x.shape[-1] // 2``; vLLM's
   ``silu_and_mul``, ``npu_swiglu``) and ``silu_mul(gate, up) -> silu(gate) * up`` (HF's
   two-linear MLP). ``silu`` rounds to the input dtype before the multiply, as eager does.
-- ``qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, gemma, interleaved) -> (q', k')``:
+- ``qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, gemma, interleaved, rotary_dim)
+  -> (q', k')``:
   ``q [..., Hq, D]``, ``k [..., Hk, D]`` (the same leading dims, e.g. ``[B, S]`` or
   ``[T]``), per-head RMSNorm over ``D`` when the weight is given (``[D]``; None skips the
   norm: Llama), then RoPE on the first ``R`` dims (``cos``/``sin`` ``[..., R]``, the
@@ -25,9 +26,12 @@ Entry points (``torch.ops.ascend_graph.<name>`` and the Python functions of the 
   (``interleaved=False``): ``x*cos + rotate_half(x)*sin`` over the R dims, cos/sin in
   HF's duplicated-halves layout. Interleaved (GPT-J, ``npu_interleave_rope``): pairs
   ``(2i, 2i+1)`` rotate by ``cos[..., i]``, ``sin[..., i]`` (``i < R/2``; the second half of
-  cos/sin is not read). Outputs have q's and k's shapes, contiguous, in q's dtype.
+  cos/sin is not read). ``rotary_dim=0``: ``R = cos.shape[-1]`` (HF's table, both halves
+  equal); ``rotary_dim=R``: the table has ``R/2`` columns, one per frequency (vLLM's
+  ``cos_sin_cache`` halves, what its ``forward_native`` multiplies by). Outputs have q's
+  and k's shapes, contiguous, in q's dtype.
 - ``qk_norm_rope_cache(qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping,
-  num_q_heads, num_kv_heads, eps, gemma, interleaved) -> q'``: ``qkv [T, (Hq + 2 Hk) * D]``
+  num_q_heads, num_kv_heads, eps, gemma, interleaved, rotary_dim) -> q'``: ``qkv [T, (Hq + 2 Hk) * D]``
   (the fused qkv projection's output); q and k as ``qk_norm_rope`` (cos/sin ``[T, R]``),
   then k' and v written to ``k_cache``/``v_cache`` ``[blocks, block_size, Hk, D]`` at flat
   slot ``slot_mapping[t]`` (``slot < 0``: padded token, not written), as
@@ -74,12 +78,17 @@ def _check_norm(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise UnsupportedError("rms_norm: x must be floating point", expected="float16/bfloat16/float32", got=str(x.dtype))
 
 
-def _check_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+def _rotary_dim(cos: torch.Tensor, rotary_dim: int) -> int:
+    return rotary_dim if rotary_dim > 0 else cos.shape[-1]
+
+
+def _check_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int = 0) -> None:
     if q.dim() < 2 or k.dim() != q.dim() or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise UnsupportedError("qk_norm_rope: q [..., Hq, D] and k [..., Hk, D] must share leading dims and D", expected="matching q, k", got=[tuple(q.shape), tuple(k.shape)])
-    R = cos.shape[-1]
+    R = _rotary_dim(cos, rotary_dim)
     lead = tuple(q.shape[:-2])
-    ok = cos.shape == sin.shape and cos.dim() - 1 == len(lead) and all(c in (1, n) for c, n in zip(cos.shape[:-1], lead))
+    cols_ok = cos.shape[-1] == (R // 2 if rotary_dim > 0 else R)
+    ok = cols_ok and cos.shape == sin.shape and cos.dim() - 1 == len(lead) and all(c in (1, n) for c, n in zip(cos.shape[:-1], lead))
     if not ok or R % 2 or R > q.shape[-1]:
         raise UnsupportedError(
             "qk_norm_rope: cos/sin must be [..., R] over q's leading dims (or 1 where broadcast), R even and <= D",
@@ -104,9 +113,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """RoPE of ``x [..., H, D]`` with ``cos``/``sin`` ``[..., R]`` (broadcast over heads)."""
-    R = cos.shape[-1]
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False, rotary_dim: int = 0) -> torch.Tensor:
+    """RoPE of ``x [..., H, D]`` with ``cos``/``sin`` ``[..., R]`` or ``[..., R/2]`` (broadcast over heads)."""
+    R = _rotary_dim(cos, rotary_dim)
+    if rotary_dim > 0 and not interleaved:  # one column per frequency: both halves use it
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     rot, rest = x[..., :R], x[..., R:]
     if interleaved:
@@ -118,12 +129,12 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interl
     return torch.cat((out, rest), dim=-1) if R < x.shape[-1] else out
 
 
-def qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps, gemma=False, interleaved=False):
+def qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps, gemma=False, interleaved=False, rotary_dim=0):
     if q_weight is not None:
         q = rms_norm_reference(q, q_weight, eps, gemma)
     if k_weight is not None:
         k = rms_norm_reference(k, k_weight, eps, gemma)
-    return rope_reference(q, cos, sin, interleaved).contiguous(), rope_reference(k, cos, sin, interleaved).contiguous()
+    return rope_reference(q, cos, sin, interleaved, rotary_dim).contiguous(), rope_reference(k, cos, sin, interleaved, rotary_dim).contiguous()
 
 
 def _split_qkv(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int):
@@ -143,9 +154,9 @@ def _write_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     v_cache[slots // block_size, slots % block_size] = v[keep].to(v_cache.dtype)
 
 
-def qk_norm_rope_cache_reference(qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, eps, gemma=False, interleaved=False):
+def qk_norm_rope_cache_reference(qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, eps, gemma=False, interleaved=False, rotary_dim=0):
     q, k, v = _split_qkv(qkv, num_q_heads, num_kv_heads)
-    q, k = qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps, gemma, interleaved)
+    q, k = qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps, gemma, interleaved, rotary_dim)
     _write_cache(k, v, k_cache, v_cache, slot_mapping)
     return q
 
@@ -215,15 +226,16 @@ def qk_norm_rope(
     eps: float,
     gemma: bool = False,
     interleaved: bool = False,
+    rotary_dim: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head RMSNorm (optional) + RoPE of q and k; mirrors ``npu_rms_norm`` + ``npu_apply_rotary_pos_emb``."""
-    _check_rope(q, k, cos, sin)
-    return qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps, gemma, interleaved)
+    """Per-head RMSNorm (optional) + RoPE of q and k; mirrors ``npu_rms_norm`` + ``npu_rotary_mul``."""
+    _check_rope(q, k, cos, sin, rotary_dim)
+    return qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps, gemma, interleaved, rotary_dim)
 
 
 @qk_norm_rope.register_fake
-def _(q, k, q_weight, k_weight, cos, sin, eps, gemma=False, interleaved=False):
-    _check_rope(q, k, cos, sin)
+def _(q, k, q_weight, k_weight, cos, sin, eps, gemma=False, interleaved=False, rotary_dim=0):
+    _check_rope(q, k, cos, sin, rotary_dim)
     return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
 
 
@@ -242,13 +254,14 @@ def qk_norm_rope_cache(
     eps: float,
     gemma: bool = False,
     interleaved: bool = False,
+    rotary_dim: int = 0,
 ) -> torch.Tensor:
     """Split qkv, q/k RMSNorm + RoPE, k/v into the paged cache; mirrors ``npu_qkv_rms_norm_rope_cache``."""
-    return qk_norm_rope_cache_reference(qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, eps, gemma, interleaved)
+    return qk_norm_rope_cache_reference(qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, eps, gemma, interleaved, rotary_dim)
 
 
 @qk_norm_rope_cache.register_fake
-def _(qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, eps, gemma=False, interleaved=False):
+def _(qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, eps, gemma=False, interleaved=False, rotary_dim=0):
     D = qkv.shape[-1] // (num_q_heads + 2 * num_kv_heads)
     return qkv.new_empty((qkv.shape[0], num_q_heads, D))
 
@@ -293,15 +306,15 @@ def _(gate, up):
 
 
 @qk_norm_rope.register_kernel("cuda")
-def _(q, k, q_weight, k_weight, cos, sin, eps, gemma=False, interleaved=False):
+def _(q, k, q_weight, k_weight, cos, sin, eps, gemma=False, interleaved=False, rotary_dim=0):
     from .kernels.triton import norm_rope as tk
 
-    _check_rope(q, k, cos, sin)
-    return tk.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, gemma, interleaved)
+    _check_rope(q, k, cos, sin, rotary_dim)
+    return tk.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, gemma, interleaved, _rotary_dim(cos, rotary_dim))
 
 
 @qk_norm_rope_cache.register_kernel("cuda")
-def _(qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, eps, gemma=False, interleaved=False):
+def _(qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, eps, gemma=False, interleaved=False, rotary_dim=0):
     from .kernels.triton import norm_rope as tk
 
-    return tk.qk_norm_rope_cache(qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, eps, gemma, interleaved)
+    return tk.qk_norm_rope_cache(qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, eps, gemma, interleaved, _rotary_dim(cos, rotary_dim))

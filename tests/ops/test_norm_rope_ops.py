@@ -51,6 +51,9 @@ def test_rope_reference_is_hf_neox_and_gptj_pairs():
     oq, _ = ops.qk_norm_rope(q, k, None, None, cos, sin, 1e-6, False, True)
     z = torch.view_as_complex(q.view(2, 5, 3, 8, 2).contiguous()) * torch.polar(torch.ones_like(ang), ang).unsqueeze(2)
     torch.testing.assert_close(oq, torch.view_as_real(z).flatten(-2))
+    # vLLM's table (one column per frequency) gives the same as HF's duplicated one
+    hq2, _ = ops.qk_norm_rope(q, k, None, None, ang.cos(), ang.sin(), 1e-6, False, False, 16)
+    torch.testing.assert_close(hq2, hq.transpose(1, 2))
     # partial rotary (R = 8 < D = 16): the last 8 dims pass through
     oq, _ = ops.qk_norm_rope(q, k, None, None, cos[..., :8], sin[..., :8], 1e-6)
     assert torch.equal(oq[..., 8:], q[..., 8:])
@@ -110,22 +113,24 @@ _TRITON_SCRIPT = textwrap.dedent(
     err(tk.silu_mul(g[..., :25], g[..., 25:]), torch.nn.functional.silu(g[..., :25]) * g[..., 25:])
     q, k = torch.randn(2, 3, 5, 24), torch.randn(2, 3, 2, 24)
     for R in (24, 16):
-        cs, sn = torch.randn(2, 3, R), torch.randn(2, 3, R)
-        for inter in (False, True):
-            for qw, kw in ((torch.randn(24), torch.randn(24)), (None, None)):
-                for gemma in (False, True):
-                    a = tk.qk_norm_rope(q, k, qw, kw, cs, sn, 1e-6, gemma, inter)
-                    b = ops.qk_norm_rope_reference(q, k, qw, kw, cs, sn, 1e-6, gemma, inter)
-                    err(a[0], b[0]); err(a[1], b[1])
+        hc, hs = torch.randn(1, 3, R // 2), torch.randn(1, 3, R // 2)  # batch-broadcast tables
+        tables = ((torch.cat((hc, hc), -1), torch.cat((hs, hs), -1), 0), (hc, hs, R))  # HF's, vLLM's halves
+        for cs, sn, rdim in tables:
+            for inter in (False, True):
+                for qw, kw in ((torch.randn(24), torch.randn(24)), (None, None)):
+                    for gemma in (False, True):
+                        a = tk.qk_norm_rope(q, k, qw, kw, cs, sn, 1e-6, gemma, inter, rdim)
+                        b = ops.qk_norm_rope_reference(q, k, qw, kw, cs, sn, 1e-6, gemma, inter, rdim)
+                        err(a[0], b[0]); err(a[1], b[1])
     T, Hq, Hk, D = 4, 3, 2, 24
     qkv = torch.randn(T, (Hq + 2 * Hk) * D)
-    cs, sn = torch.randn(T, D), torch.randn(T, D)
+    cs, sn = torch.randn(T, D // 2), torch.randn(T, D // 2)
     k1, v1 = torch.zeros(2, 4, Hk, D), torch.zeros(2, 4, Hk, D)
     k2, v2 = k1.clone(), v1.clone()
     slots = torch.tensor([7, -1, 0, 3])
     qw = torch.randn(D)
-    qa = tk.qk_norm_rope_cache(qkv, qw, None, cs, sn, k1, v1, slots, Hq, Hk, 1e-6)
-    qb = ops.qk_norm_rope_cache_reference(qkv, qw, None, cs, sn, k2, v2, slots, Hq, Hk, 1e-6)
+    qa = tk.qk_norm_rope_cache(qkv, qw, None, cs, sn, k1, v1, slots, Hq, Hk, 1e-6, False, False, D)
+    qb = ops.qk_norm_rope_cache_reference(qkv, qw, None, cs, sn, k2, v2, slots, Hq, Hk, 1e-6, False, False, D)
     err(qa, qb); err(k1, k2); err(v1, v2)
     print("WORST", worst)
     """
@@ -171,19 +176,20 @@ def test_cuda_kernels_match_reference(dtype):
     q, k = torch.randn(3, 1, 32, 128, device=dev, dtype=dtype), torch.randn(3, 1, 8, 128, device=dev, dtype=dtype)
     qw, kw = torch.randn(128, device=dev, dtype=dtype), torch.randn(128, device=dev, dtype=dtype)
     for R, inter in ((128, False), (64, False), (64, True)):
-        cs, sn = torch.randn(3, 1, R, device=dev, dtype=dtype), torch.randn(3, 1, R, device=dev, dtype=dtype)
+        hc, hs = torch.randn(3, 1, R // 2, device=dev, dtype=dtype), torch.randn(3, 1, R // 2, device=dev, dtype=dtype)
+        cs, sn = torch.cat((hc, hc), -1), torch.cat((hs, hs), -1)
         a = ops.qk_norm_rope(q, k, qw, kw, cs, sn, 1e-6, False, inter)
         b = ops.qk_norm_rope_reference(q, k, qw, kw, cs, sn, 1e-6, False, inter)
         torch.testing.assert_close(a[0], b[0], **tol)
         torch.testing.assert_close(a[1], b[1], **tol)
     T, Hq, Hk, D = 9, 32, 8, 128
     qkv = torch.randn(T, (Hq + 2 * Hk) * D, device=dev, dtype=dtype)
-    cs, sn = torch.randn(T, D, device=dev, dtype=dtype), torch.randn(T, D, device=dev, dtype=dtype)
+    cs, sn = torch.randn(T, D // 2, device=dev, dtype=dtype), torch.randn(T, D // 2, device=dev, dtype=dtype)
     k1 = torch.zeros(4, 16, Hk, D, device=dev, dtype=dtype)
     v1, k2, v2 = k1.clone(), k1.clone(), k1.clone()
     slots = torch.tensor([3, -1, 17, 40, 63, 0, 5, 22, 9], device=dev)
-    qa = ops.qk_norm_rope_cache(qkv, qw, kw, cs, sn, k1, v1, slots, Hq, Hk, 1e-6)
-    qb = ops.qk_norm_rope_cache_reference(qkv, qw, kw, cs, sn, k2, v2, slots, Hq, Hk, 1e-6)
+    qa = ops.qk_norm_rope_cache(qkv, qw, kw, cs, sn, k1, v1, slots, Hq, Hk, 1e-6, False, False, D)
+    qb = ops.qk_norm_rope_cache_reference(qkv, qw, kw, cs, sn, k2, v2, slots, Hq, Hk, 1e-6, False, False, D)
     torch.testing.assert_close(qa, qb, **tol)
     torch.testing.assert_close(k1, k2, **tol)
     assert torch.equal(v1, v2)

@@ -57,10 +57,11 @@ def _silu_mul_call(torch_npu: Any, gate, up):
     return F.silu(gate) * up
 
 
-def _rope_one(torch_npu: Any, x3: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """x3 [T, N, D]; cos2/sin2 [T, R] -> RoPE of x3's first R dims."""
+def _rope_one(torch_npu: Any, x3: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor, interleaved: bool, R: int) -> torch.Tensor:
+    """x3 [T, N, D]; cos2/sin2 [T, R] or [T, R/2] (one column per frequency) -> RoPE of x3's first R dims."""
     T, N, D = x3.shape
-    R = cos2.shape[-1]
+    if not interleaved and cos2.shape[-1] != R:
+        cos2, sin2 = torch.cat((cos2, cos2), dim=-1), torch.cat((sin2, sin2), dim=-1)
     if interleaved:
         cos2 = cos2[:, : R // 2].repeat_interleave(2, dim=-1)
         sin2 = sin2[:, : R // 2].repeat_interleave(2, dim=-1)
@@ -70,23 +71,23 @@ def _rope_one(torch_npu: Any, x3: torch.Tensor, cos2: torch.Tensor, sin2: torch.
     return torch.cat((out, x3[..., R:]), dim=-1) if R < D else out
 
 
-def _qk_call(torch_npu: Any, q, k, q_weight, k_weight, cos, sin, eps, gemma=False, interleaved=False):
+def _qk_call(torch_npu: Any, q, k, q_weight, k_weight, cos, sin, eps, gemma=False, interleaved=False, rotary_dim=0):
     if q_weight is not None:
         q = _norm_call(torch_npu, q, q_weight, eps, gemma)
     if k_weight is not None:
         k = _norm_call(torch_npu, k, k_weight, eps, gemma)
-    R = cos.shape[-1]
+    R, cols = rotary_dim or cos.shape[-1], cos.shape[-1]
     q3, k3 = q.reshape(-1, q.shape[-2], q.shape[-1]), k.reshape(-1, k.shape[-2], k.shape[-1])
     lead = tuple(q.shape[:-2])
-    c2, s2 = cos.expand(*lead, R).reshape(-1, R).to(q.dtype), sin.expand(*lead, R).reshape(-1, R).to(q.dtype)
-    return _rope_one(torch_npu, q3, c2, s2, interleaved).view(q.shape), _rope_one(torch_npu, k3, c2, s2, interleaved).view(k.shape)
+    c2, s2 = cos.expand(*lead, cols).reshape(-1, cols).to(q.dtype), sin.expand(*lead, cols).reshape(-1, cols).to(q.dtype)
+    return _rope_one(torch_npu, q3, c2, s2, interleaved, R).view(q.shape), _rope_one(torch_npu, k3, c2, s2, interleaved, R).view(k.shape)
 
 
-def _qk_cache_call(torch_npu: Any, qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, eps, gemma=False, interleaved=False):
+def _qk_cache_call(torch_npu: Any, qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, eps, gemma=False, interleaved=False, rotary_dim=0):
     from ...norm_rope import _split_qkv
 
     q, k, v = _split_qkv(qkv, num_q_heads, num_kv_heads)
-    q, k = _qk_call(torch_npu, q, k, q_weight, k_weight, cos, sin, eps, gemma, interleaved)
+    q, k = _qk_call(torch_npu, q, k, q_weight, k_weight, cos, sin, eps, gemma, interleaved, rotary_dim)
     torch_npu.npu_scatter_pa_kv_cache(k, v.contiguous(), k_cache, v_cache, slot_mapping, cache_mode="Norm")
     return q
 

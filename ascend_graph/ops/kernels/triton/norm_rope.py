@@ -133,7 +133,7 @@ def _norm_rope_head(src, dst, w_ptr, cos_row, sin_row, D, R, eps, HAS_W: tl.cons
         half = R // 2
         partner = tl.where(d < half, d + half, d - half)
         sign = tl.where(d < half, -1.0, 1.0)
-        cidx = d
+        cidx = tl.where(d < half, d, d - half)  # both halves share frequency d mod R/2
     pm = dm & in_rot
     xp = tl.load(src + partner, mask=pm, other=0.0)
     xf = x.to(tl.float32)
@@ -194,10 +194,10 @@ def _table(c: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
     return c2 if c2.stride(-1) == 1 else c2.contiguous()
 
 
-def _launch_qk(q3, k3, v3, qw, kw, cos2, sin2, qo, ko, vo, slots, eps, gemma, interleaved):
+def _launch_qk(q3, k3, v3, qw, kw, cos2, sin2, qo, ko, vo, slots, eps, gemma, interleaved, R):
+    """Only the first R/2 table columns are read: one per frequency, in either table layout."""
     T, Hq, D = q3.shape
     Hk = k3.shape[1]
-    R = cos2.shape[-1]
     cache = slots is not None
     if cache:
         block_size, sko_b, sko_t, sko_h = ko.shape[1], ko.stride(0), ko.stride(1), ko.stride(2)
@@ -219,21 +219,23 @@ def _launch_qk(q3, k3, v3, qw, kw, cos2, sin2, qo, ko, vo, slots, eps, gemma, in
         )
 
 
-def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, gemma=False, interleaved=False):
+def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, gemma=False, interleaved=False, rotary_dim=0):
     q3, k3 = _heads(q), _heads(k)
     qo = torch.empty(q3.shape, dtype=q.dtype, device=q.device)
     ko = torch.empty(k3.shape, dtype=k.dtype, device=k.device)
     lead = tuple(q.shape[:-2])
-    _launch_qk(q3, k3, None, q_weight, k_weight, _table(cos, lead), _table(sin, lead), qo, ko, None, None, eps, gemma, interleaved)
+    _launch_qk(q3, k3, None, q_weight, k_weight, _table(cos, lead), _table(sin, lead), qo, ko, None, None, eps, gemma, interleaved, rotary_dim or cos.shape[-1])
     return qo.view(q.shape), ko.view(k.shape)
 
 
-def qk_norm_rope_cache(qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, eps, gemma=False, interleaved=False):
+def qk_norm_rope_cache(qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, eps, gemma=False, interleaved=False, rotary_dim=0):
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
     T, width = qkv.shape
     D = width // (num_q_heads + 2 * num_kv_heads)
     q3 = qkv[:, : num_q_heads * D].view(T, num_q_heads, D)
     k3 = qkv[:, num_q_heads * D : (num_q_heads + num_kv_heads) * D].view(T, num_kv_heads, D)
     v3 = qkv[:, (num_q_heads + num_kv_heads) * D :].view(T, num_kv_heads, D)
     qo = torch.empty((T, num_q_heads, D), dtype=qkv.dtype, device=qkv.device)
-    _launch_qk(q3, k3, v3, q_weight, k_weight, _table(cos, (T,)), _table(sin, (T,)), qo, k_cache, v_cache, slot_mapping, eps, gemma, interleaved)
+    _launch_qk(q3, k3, v3, q_weight, k_weight, _table(cos, (T,)), _table(sin, (T,)), qo, k_cache, v_cache, slot_mapping, eps, gemma, interleaved, rotary_dim or cos.shape[-1])
     return qo
