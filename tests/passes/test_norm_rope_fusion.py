@@ -255,3 +255,51 @@ def test_cuda_graph_fuses_and_matches():
     out = gm(q, k, qw, kw, cos, sin)
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+# --- vLLM's native forms (benchmarks/decode.py writes its model this way) -----------------
+
+
+def vllm_rms(x, w, eps=1e-6):  # RMSNorm.forward_native: the weight after the cast
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def vllm_rope(x, cos, sin):  # neox forward_native over [T, H, D], tables [T, 1, D/2]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [BF, torch.float32])
+def test_vllm_forms_fuse(dtype):
+    t, hq, hk, d, n = 7, 6, 2, 16, 40
+
+    def layer(x, r, w, qkv_w, qw, kw, cos, sin):
+        s = r + x
+        h = vllm_rms(s, w)
+        q, k, _ = (h @ qkv_w).split([hq * d, hk * d, hk * d], dim=-1)
+        q = vllm_rope(vllm_rms(q.view(t, hq, d), qw), cos, sin)
+        k = vllm_rope(vllm_rms(k.view(t, hk, d), kw), cos, sin)
+        return q, k, s
+
+    ang = torch.randn(t, 1, d // 2)
+    args = (torch.randn(t, n, dtype=dtype), torch.randn(t, n, dtype=dtype), torch.randn(n, dtype=dtype), torch.randn(n, (hq + 2 * hk) * d, dtype=dtype),
+            torch.randn(d, dtype=dtype), torch.randn(d, dtype=dtype), ang.cos().to(dtype), ang.sin().to(dtype))
+    gm = _fused(layer, *args, count=2)
+    t_ = _targets(gm)
+    assert ag.add_rms_norm.default in t_ and ag.qk_norm_rope.default in t_
+    assert aten.rsqrt.default not in t_ and aten.cat.default not in t_
+
+
+def test_not_fused_vllm_rope_of_a_gptj_layout():
+    # pairs (x[0::2], x[1::2]) instead of halves: another rotation, not the neox row
+    def gptj(q, k, cos, sin):
+        def rot(x):
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+        return rot(q), rot(k)
+
+    ang = torch.randn(5, 1, 8)
+    gm = _trace(gptj, torch.randn(5, 4, 16), torch.randn(5, 2, 16), ang.cos(), ang.sin())
+    assert _run_pass(gm) == 0

@@ -76,6 +76,18 @@ def _gemma_rms(x, w, eps):
     return (h * (1.0 + w.float())).type_as(x)
 
 
+def _rms_w_after(x, w, eps):
+    # vLLM's RMSNorm.forward_native: (h * rsqrt(mean(h^2) + eps)).to(dtype) * w
+    h = x.to(torch.float32)
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def _rope_halves(x, cos, sin):
+    # vLLM's neox forward_native: x1, x2 = chunk(x, 2); cat(x1*cos - x2*sin, x2*cos + x1*sin)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
 def _rotate_half(x):
     x1 = x[..., : x.shape[-1] // 2]
     x2 = x[..., x.shape[-1] // 2 :]
@@ -126,6 +138,34 @@ def _p_add_gemma_rms(x, residual, w, eps):
 
 def _r_add_gemma_rms(x, residual, w, eps):
     out = ops.add_rms_norm.default(residual, x, w, eps, True)
+    return out[0], out[1]
+
+
+def _p_rms_w_after(x, w, eps):
+    return _rms_w_after(x, w, eps)
+
+
+def _p_add_rms_w_after(x, residual, w, eps):
+    s = residual + x
+    return _rms_w_after(s, w, eps), s
+
+
+def _p_qk_norm_rope_halves(q, k, qw, kw, cos, sin, eps):
+    # tokens flattened: q [T, H, D], k [T, Hk, D], cos/sin [T, 1, D/2]
+    return _rope_halves(_rms_w_after(q, qw, eps), cos, sin), _rope_halves(_rms_w_after(k, kw, eps), cos, sin)
+
+
+def _r_qk_norm_rope_halves(q, k, qw, kw, cos, sin, eps):
+    out = ops.qk_norm_rope.default(q, k, qw, kw, cos.squeeze(-2), sin.squeeze(-2), eps, False, False, q.shape[-1])
+    return out[0], out[1]
+
+
+def _p_qk_rope_halves(q, k, cos, sin):
+    return _rope_halves(q, cos, sin), _rope_halves(k, cos, sin)
+
+
+def _r_qk_rope_halves(q, k, cos, sin):
+    out = ops.qk_norm_rope.default(q, k, None, None, cos.squeeze(-2), sin.squeeze(-2), _EPS, False, False, q.shape[-1])
     return out[0], out[1]
 
 
@@ -236,6 +276,25 @@ def _check_rope(match: pat.Match) -> bool:
     return True
 
 
+def _check_rope_halves(match: pat.Match) -> bool:
+    """q [T, H, D] and k [T, Hk, D]; cos/sin [T or 1, 1, D/2] in q's dtype."""
+    q, k, cos, sin = (_val(match, n) for n in ("q", "k", "cos", "sin"))
+    if any(t is None for t in (q, k, cos, sin)) or q.dim() != 3 or k.dim() != 3 or cos.dim() != 3:
+        return False
+    if not q.is_floating_point() or len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1 or cos.shape != sin.shape:
+        return False
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[-1] % 2:
+        return False
+    if cos.shape[0] not in (1, q.shape[0]) or cos.shape[1] != 1 or 2 * cos.shape[-1] != q.shape[-1]:
+        return False
+    for name in ("qw", "kw"):
+        if name in match.kwargs:
+            w = _val(match, name)
+            if w is None or w.dtype != q.dtype or tuple(w.shape) != (q.shape[-1],):
+                return False
+    return True
+
+
 def _check_silu(match: pat.Match) -> bool:
     """Floating point; two-tensor form: same shape and dtype (no broadcasting)."""
     if "x" in match.kwargs:
@@ -261,6 +320,12 @@ def _rows() -> tuple[pat.Fusion, ...]:
         # rope(rms(q).T, rms(k).T) -> qk_norm_rope(q, k).T
         rows.append(pat.Fusion(f"qk_norm_rope_{tag}", _p_qk_norm_rope, _r_qk_norm_rope, _ex(dt, q, k, (_D,), (_D,), (_B, _S, _D), (_B, _S, _D)), _check_rope, eps, _QK))
         rows.append(pat.Fusion(f"qk_gemma_norm_rope_{tag}", _p_qk_gemma_norm_rope, _r_qk_gemma_norm_rope, _ex(dt, q, k, (_D,), (_D,), (_B, _S, _D), (_B, _S, _D)), _check_rope, eps, _QK))
+        # vLLM's forms (and benchmarks/decode.py's): the weight after the cast; tokens
+        # flattened to [T], RoPE tables [T, 1, D/2]
+        xt, qt, kt, ct = (_B * _S, _N), (_B * _S, _H, _D), (_B * _S, _HK, _D), (_B * _S, 1, _D // 2)
+        rows.append(pat.Fusion(f"add_rms_norm_w_after_{tag}", _p_add_rms_w_after, _r_add_rms, _ex(dt, xt, xt, w), _check_norm, eps))
+        rows.append(pat.Fusion(f"qk_norm_rope_halves_{tag}", _p_qk_norm_rope_halves, _r_qk_norm_rope_halves, _ex(dt, qt, kt, (_D,), (_D,), ct, ct), _check_rope_halves, eps, _QK))
+        rows.append(pat.Fusion(f"rms_norm_w_after_{tag}", _p_rms_w_after, _r_rms, _ex(dt, xt, w), _check_norm, eps))
         # w * norm(x) -> rms_norm(x, w)
         rows.append(pat.Fusion(f"rms_norm_{tag}", _p_rms, _r_rms, _ex(dt, x, w), _check_norm, eps))
         rows.append(pat.Fusion(f"gemma_rms_norm_{tag}", _p_gemma_rms, _r_gemma_rms, _ex(dt, x, w), _check_norm, eps))
@@ -271,6 +336,7 @@ def _rows() -> tuple[pat.Fusion, ...]:
         rows.append(pat.Fusion(f"silu_mul_{tag}", _p_silu_mul, _r_silu_mul, _ex(dt, x, x), _check_silu))
     # rope(q.T, k.T) -> qk_norm_rope(q, k).T: no upcast in the RoPE, one row for all dtypes
     rows.append(pat.Fusion("qk_rope", _p_qk_rope, _r_qk_rope, _ex(torch.float32, (_B, _S, _H, _D), (_B, _S, _HK, _D), (_B, _S, _D), (_B, _S, _D)), _check_rope, {}, _QK))
+    rows.append(pat.Fusion("qk_rope_halves", _p_qk_rope_halves, _r_qk_rope_halves, _ex(torch.float32, (_B * _S, _H, _D), (_B * _S, _HK, _D), (_B * _S, 1, _D // 2), (_B * _S, 1, _D // 2)), _check_rope_halves, {}, _QK))
     return tuple(rows)
 
 
@@ -300,6 +366,44 @@ def _graph_device(graph: torch.fx.Graph) -> str | None:
     return accel[0] if accel else ("cpu" if kinds else None)
 
 
+#: ops that only re-describe their input (no copy, no compute)
+_VIEW_OPS = frozenset(
+    {
+        torch.ops.aten.view.default,
+        torch.ops.aten.reshape.default,
+        torch.ops.aten._unsafe_view.default,
+        torch.ops.aten.unsqueeze.default,
+        torch.ops.aten.squeeze.dim,
+        torch.ops.aten.permute.default,
+        torch.ops.aten.transpose.int,
+        torch.ops.aten.slice.Tensor,
+        torch.ops.aten.expand.default,
+    }
+)
+
+
+def hoist_views(graph: torch.fx.Graph) -> int:
+    """Move every view node up to just after its latest input; returns the moves.
+
+    Why: a two-output replacement (q and k) is inserted where the first output's chain
+    is, but AOT places k's ``view`` of the projection right before k's first use, after
+    q's chain; the rewritten graph would then use k before defining it. A view computes
+    nothing and the graph is functional here (write-backs come last), so moving it up
+    changes only the order.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    moved = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _VIEW_OPS or not node.all_input_nodes:
+            continue
+        last = max(node.all_input_nodes, key=lambda a: order[a])
+        if node.prev is not last:
+            last.append(node)
+            order[node] = order[last] + 0.5  # still after its input, before the input's old successors
+            moved += 1
+    return moved
+
+
 class NormRopePass(pat.PatternPass):
     """The family's PatternPass, applied only where :func:`device_policy` allows."""
 
@@ -312,6 +416,7 @@ class NormRopePass(pat.PatternPass):
         if reason is not None:
             _stats.record_skip(FAMILY, reason)
             return 0
+        hoist_views(graph)
         return super().__call__(graph)
 
 
