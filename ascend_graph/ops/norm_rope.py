@@ -30,6 +30,10 @@ Entry points (``torch.ops.ascend_graph.<name>`` and the Python functions of the 
   equal); ``rotary_dim=R``: the table has ``R/2`` columns, one per frequency (vLLM's
   ``cos_sin_cache`` halves, what its ``forward_native`` multiplies by). Outputs have q's
   and k's shapes, contiguous, in q's dtype.
+- ``norm_rope(x, weight, cos, sin, eps, gemma, interleaved, rotary_dim) -> x'``: the same
+  for one tensor (one launch per tensor): for graphs whose q and k chains share nothing
+  but the tables (vLLM's layout, where one cos/sin feeds every layer), which a
+  two-output pattern cannot pair reliably.
 - ``qk_norm_rope_cache(qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping,
   num_q_heads, num_kv_heads, eps, gemma, interleaved, rotary_dim) -> q'``: ``qkv [T, (Hq + 2 Hk) * D]``
   (the fused qkv projection's output); q and k as ``qk_norm_rope`` (cos/sin ``[T, R]``),
@@ -61,6 +65,7 @@ __all__ = [
     "silu_mul",
     "qk_norm_rope",
     "qk_norm_rope_cache",
+    "norm_rope",
     "rms_norm_reference",
     "rope_reference",
     "qk_norm_rope_reference",
@@ -239,6 +244,30 @@ def _(q, k, q_weight, k_weight, cos, sin, eps, gemma=False, interleaved=False, r
     return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
 
 
+@torch.library.custom_op("ascend_graph::norm_rope", mutates_args=())
+def norm_rope(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    gemma: bool = False,
+    interleaved: bool = False,
+    rotary_dim: int = 0,
+) -> torch.Tensor:
+    """Per-head RMSNorm (optional) + RoPE of one tensor ``[..., H, D]``; mirrors ``npu_rms_norm`` + ``npu_rotary_mul``."""
+    _check_rope(x, x, cos, sin, rotary_dim)
+    if weight is not None:
+        x = rms_norm_reference(x, weight, eps, gemma)
+    return rope_reference(x, cos, sin, interleaved, rotary_dim).contiguous()
+
+
+@norm_rope.register_fake
+def _(x, weight, cos, sin, eps, gemma=False, interleaved=False, rotary_dim=0):
+    _check_rope(x, x, cos, sin, rotary_dim)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 @torch.library.custom_op("ascend_graph::qk_norm_rope_cache", mutates_args=("k_cache", "v_cache"))
 def qk_norm_rope_cache(
     qkv: torch.Tensor,
@@ -311,6 +340,14 @@ def _(q, k, q_weight, k_weight, cos, sin, eps, gemma=False, interleaved=False, r
 
     _check_rope(q, k, cos, sin, rotary_dim)
     return tk.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, gemma, interleaved, _rotary_dim(cos, rotary_dim))
+
+
+@norm_rope.register_kernel("cuda")
+def _(x, weight, cos, sin, eps, gemma=False, interleaved=False, rotary_dim=0):
+    from .kernels.triton import norm_rope as tk
+
+    _check_rope(x, x, cos, sin, rotary_dim)
+    return tk.norm_rope(x, weight, cos, sin, eps, gemma, interleaved, _rotary_dim(cos, rotary_dim))
 
 
 @qk_norm_rope_cache.register_kernel("cuda")

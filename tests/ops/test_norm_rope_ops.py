@@ -83,6 +83,7 @@ def test_fake_impls_and_opcheck():
     torch.library.opcheck(ops.silu_mul, (torch.randn(3, 5), torch.randn(3, 5)))
     q, k, cs = torch.randn(2, 3, 4, 16), torch.randn(2, 3, 2, 16), torch.randn(2, 3, 12)
     torch.library.opcheck(ops.qk_norm_rope, (q, k, torch.randn(16), None, cs, cs, 1e-6, False, False))
+    torch.library.opcheck(ops.norm_rope, (q, torch.randn(16), cs[..., :6], cs[..., :6], 1e-6, False, False, 12))
     kc = torch.zeros(2, 4, 2, 16)
     torch.library.opcheck(ops.qk_norm_rope_cache, (torch.randn(3, 128), None, None, torch.randn(3, 16), torch.randn(3, 16), kc, kc.clone(), torch.tensor([1, -1, 6]), 4, 2, 1e-6))
 
@@ -122,6 +123,7 @@ _TRITON_SCRIPT = textwrap.dedent(
                         a = tk.qk_norm_rope(q, k, qw, kw, cs, sn, 1e-6, gemma, inter, rdim)
                         b = ops.qk_norm_rope_reference(q, k, qw, kw, cs, sn, 1e-6, gemma, inter, rdim)
                         err(a[0], b[0]); err(a[1], b[1])
+                        err(tk.norm_rope(k, kw, cs, sn, 1e-6, gemma, inter, rdim), b[1])
     T, Hq, Hk, D = 4, 3, 2, 24
     qkv = torch.randn(T, (Hq + 2 * Hk) * D)
     cs, sn = torch.randn(T, D // 2), torch.randn(T, D // 2)
@@ -182,6 +184,7 @@ def test_cuda_kernels_match_reference(dtype):
         b = ops.qk_norm_rope_reference(q, k, qw, kw, cs, sn, 1e-6, False, inter)
         torch.testing.assert_close(a[0], b[0], **tol)
         torch.testing.assert_close(a[1], b[1], **tol)
+        torch.testing.assert_close(ops.norm_rope(q, qw, hc, hs, 1e-6, False, inter, R), ops.qk_norm_rope_reference(q, k, qw, kw, hc, hs, 1e-6, False, inter, R)[0], **tol)
     T, Hq, Hk, D = 9, 32, 8, 128
     qkv = torch.randn(T, (Hq + 2 * Hk) * D, device=dev, dtype=dtype)
     cs, sn = torch.randn(T, D // 2, device=dev, dtype=dtype), torch.randn(T, D // 2, device=dev, dtype=dtype)

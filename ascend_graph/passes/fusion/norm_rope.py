@@ -15,6 +15,13 @@ once with bf16/fp16 example inputs, where the fp32 upcasts appear as
   unsqueezed at dim 1): Qwen3 (norm on ``[B, S, H, D]``, then ``transpose(1, 2)``),
   Gemma3 (transpose, then the Gemma norm), Llama (no norm) -> ``qk_norm_rope`` on the
   ``[B, S, H, D]`` views, transposed back (a view, free);
+- vLLM's native forms (``benchmarks/decode.py`` writes its model so): RMSNorm with the
+  weight after the cast (``(h * rsqrt(..)).to(dt) * w``), with and without the residual
+  add; RoPE over halves on flattened tokens (``x1, x2 = x.chunk(2); cat(x1*cos - x2*sin,
+  x2*cos + x1*sin)``, ``x [T, H, D]``, tables ``[T, 1, D/2]``) after an optional per-head
+  norm -> ``norm_rope`` per tensor: one cos/sin feeds every layer there, so a q/k
+  two-output pattern would pair q of one layer with k of another (its k half is
+  anchored at the tables' users); one launch per tensor is the safe unit;
 - SiLU-and-mul: HF's two-linear ``silu(gate) * up`` -> ``silu_mul``; the chunk form
   ``silu(x[..., :d]) * x[..., d:]`` (and ``x.chunk(2, -1)``) -> ``silu_and_mul``.
 
@@ -150,23 +157,21 @@ def _p_add_rms_w_after(x, residual, w, eps):
     return _rms_w_after(s, w, eps), s
 
 
-def _p_qk_norm_rope_halves(q, k, qw, kw, cos, sin, eps):
-    # tokens flattened: q [T, H, D], k [T, Hk, D], cos/sin [T, 1, D/2]
-    return _rope_halves(_rms_w_after(q, qw, eps), cos, sin), _rope_halves(_rms_w_after(k, kw, eps), cos, sin)
+def _p_norm_rope_halves(q, qw, cos, sin, eps):
+    # tokens flattened: q [T, H, D], cos/sin [T, 1, D/2]; one tensor (see norm_rope's docs)
+    return _rope_halves(_rms_w_after(q, qw, eps), cos, sin)
 
 
-def _r_qk_norm_rope_halves(q, k, qw, kw, cos, sin, eps):
-    out = ops.qk_norm_rope.default(q, k, qw, kw, cos.squeeze(-2), sin.squeeze(-2), eps, False, False, q.shape[-1])
-    return out[0], out[1]
+def _r_norm_rope_halves(q, qw, cos, sin, eps):
+    return ops.norm_rope.default(q, qw, cos.squeeze(-2), sin.squeeze(-2), eps, False, False, q.shape[-1])
 
 
-def _p_qk_rope_halves(q, k, cos, sin):
-    return _rope_halves(q, cos, sin), _rope_halves(k, cos, sin)
+def _p_rope_halves(q, cos, sin):
+    return _rope_halves(q, cos, sin)
 
 
-def _r_qk_rope_halves(q, k, cos, sin):
-    out = ops.qk_norm_rope.default(q, k, None, None, cos.squeeze(-2), sin.squeeze(-2), _EPS, False, False, q.shape[-1])
-    return out[0], out[1]
+def _r_rope_halves(q, cos, sin):
+    return ops.norm_rope.default(q, None, cos.squeeze(-2), sin.squeeze(-2), _EPS, False, False, q.shape[-1])
 
 
 def _p_qk_norm_rope(q, k, qw, kw, cos, sin, eps):
@@ -277,21 +282,17 @@ def _check_rope(match: pat.Match) -> bool:
 
 
 def _check_rope_halves(match: pat.Match) -> bool:
-    """q [T, H, D] and k [T, Hk, D]; cos/sin [T or 1, 1, D/2] in q's dtype."""
-    q, k, cos, sin = (_val(match, n) for n in ("q", "k", "cos", "sin"))
-    if any(t is None for t in (q, k, cos, sin)) or q.dim() != 3 or k.dim() != 3 or cos.dim() != 3:
+    """q [T, H, D]; cos/sin [T or 1, 1, D/2] in q's dtype."""
+    q, cos, sin = (_val(match, n) for n in ("q", "cos", "sin"))
+    if any(t is None for t in (q, cos, sin)) or q.dim() != 3 or cos.dim() != 3:
         return False
-    if not q.is_floating_point() or len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1 or cos.shape != sin.shape:
-        return False
-    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[-1] % 2:
+    if not q.is_floating_point() or len({q.dtype, cos.dtype, sin.dtype}) != 1 or cos.shape != sin.shape or q.shape[-1] % 2:
         return False
     if cos.shape[0] not in (1, q.shape[0]) or cos.shape[1] != 1 or 2 * cos.shape[-1] != q.shape[-1]:
         return False
-    for name in ("qw", "kw"):
-        if name in match.kwargs:
-            w = _val(match, name)
-            if w is None or w.dtype != q.dtype or tuple(w.shape) != (q.shape[-1],):
-                return False
+    w = _val(match, "qw")
+    if "qw" in match.kwargs and (w is None or w.dtype != q.dtype or tuple(w.shape) != (q.shape[-1],)):
+        return False
     return True
 
 
@@ -322,9 +323,9 @@ def _rows() -> tuple[pat.Fusion, ...]:
         rows.append(pat.Fusion(f"qk_gemma_norm_rope_{tag}", _p_qk_gemma_norm_rope, _r_qk_gemma_norm_rope, _ex(dt, q, k, (_D,), (_D,), (_B, _S, _D), (_B, _S, _D)), _check_rope, eps, _QK))
         # vLLM's forms (and benchmarks/decode.py's): the weight after the cast; tokens
         # flattened to [T], RoPE tables [T, 1, D/2]
-        xt, qt, kt, ct = (_B * _S, _N), (_B * _S, _H, _D), (_B * _S, _HK, _D), (_B * _S, 1, _D // 2)
+        xt, qt, ct = (_B * _S, _N), (_B * _S, _H, _D), (_B * _S, 1, _D // 2)
         rows.append(pat.Fusion(f"add_rms_norm_w_after_{tag}", _p_add_rms_w_after, _r_add_rms, _ex(dt, xt, xt, w), _check_norm, eps))
-        rows.append(pat.Fusion(f"qk_norm_rope_halves_{tag}", _p_qk_norm_rope_halves, _r_qk_norm_rope_halves, _ex(dt, qt, kt, (_D,), (_D,), ct, ct), _check_rope_halves, eps, _QK))
+        rows.append(pat.Fusion(f"norm_rope_halves_{tag}", _p_norm_rope_halves, _r_norm_rope_halves, _ex(dt, qt, (_D,), ct, ct), _check_rope_halves, eps))
         rows.append(pat.Fusion(f"rms_norm_w_after_{tag}", _p_rms_w_after, _r_rms, _ex(dt, xt, w), _check_norm, eps))
         # w * norm(x) -> rms_norm(x, w)
         rows.append(pat.Fusion(f"rms_norm_{tag}", _p_rms, _r_rms, _ex(dt, x, w), _check_norm, eps))
@@ -336,7 +337,7 @@ def _rows() -> tuple[pat.Fusion, ...]:
         rows.append(pat.Fusion(f"silu_mul_{tag}", _p_silu_mul, _r_silu_mul, _ex(dt, x, x), _check_silu))
     # rope(q.T, k.T) -> qk_norm_rope(q, k).T: no upcast in the RoPE, one row for all dtypes
     rows.append(pat.Fusion("qk_rope", _p_qk_rope, _r_qk_rope, _ex(torch.float32, (_B, _S, _H, _D), (_B, _S, _HK, _D), (_B, _S, _D), (_B, _S, _D)), _check_rope, {}, _QK))
-    rows.append(pat.Fusion("qk_rope_halves", _p_qk_rope_halves, _r_qk_rope_halves, _ex(torch.float32, (_B * _S, _H, _D), (_B * _S, _HK, _D), (_B * _S, 1, _D // 2), (_B * _S, 1, _D // 2)), _check_rope_halves, {}, _QK))
+    rows.append(pat.Fusion("rope_halves", _p_rope_halves, _r_rope_halves, _ex(torch.float32, (_B * _S, _H, _D), (_B * _S, 1, _D // 2), (_B * _S, 1, _D // 2)), _check_rope_halves))
     return tuple(rows)
 
 

@@ -16,6 +16,7 @@ torch-npu 2.13.0 by ``tests/ops/test_npu_contract.py`` (``META_CHECKS`` below).
   ``cos``/``sin`` as ``[1, T, 1, R]`` (the 1S1D layout its docstring allows in both modes):
   ``"half"`` for neox, ``"interleave"`` for GPT-J pairs (cos/sin repeated per pair, as its
   formula ``r1 * x + r2 * x_new`` needs). Partial rotary applies it to the first ``R`` dims.
+- ``norm_rope`` (one tensor) -> the same for one tensor.
 - ``qk_norm_rope_cache`` -> the above, then ``npu_scatter_pa_kv_cache(k, v, k_cache,
   v_cache, slot_mapping, cache_mode="Norm")``. torch-npu 2.13.0's one-op chain
   ``npu_qkv_rms_norm_rope_cache`` writes the cache in ``cache_mode`` layouts the wheel does
@@ -83,6 +84,15 @@ def _qk_call(torch_npu: Any, q, k, q_weight, k_weight, cos, sin, eps, gemma=Fals
     return _rope_one(torch_npu, q3, c2, s2, interleaved, R).view(q.shape), _rope_one(torch_npu, k3, c2, s2, interleaved, R).view(k.shape)
 
 
+def _one_call(torch_npu: Any, x, weight, cos, sin, eps, gemma=False, interleaved=False, rotary_dim=0):
+    if weight is not None:
+        x = _norm_call(torch_npu, x, weight, eps, gemma)
+    R, cols = rotary_dim or cos.shape[-1], cos.shape[-1]
+    lead = tuple(x.shape[:-2])
+    c2, s2 = cos.expand(*lead, cols).reshape(-1, cols).to(x.dtype), sin.expand(*lead, cols).reshape(-1, cols).to(x.dtype)
+    return _rope_one(torch_npu, x.reshape(-1, x.shape[-2], x.shape[-1]), c2, s2, interleaved, R).view(x.shape)
+
+
 def _qk_cache_call(torch_npu: Any, qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, eps, gemma=False, interleaved=False, rotary_dim=0):
     from ...norm_rope import _split_qkv
 
@@ -112,6 +122,7 @@ def register() -> None:
     ops.silu_mul.register_kernel("npu", _with_torch_npu(_silu_mul_call))
     ops.qk_norm_rope.register_kernel("npu", _with_torch_npu(_qk_call))
     ops.qk_norm_rope_cache.register_kernel("npu", _with_torch_npu(_qk_cache_call))
+    ops.norm_rope.register_kernel("npu", _with_torch_npu(_one_call))
 
 
 # --------------------------------------------------------------------------- contract rows

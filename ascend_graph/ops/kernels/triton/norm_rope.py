@@ -228,6 +228,16 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, gemma=False, interleav
     return qo.view(q.shape), ko.view(k.shape)
 
 
+def norm_rope(x, weight, cos, sin, eps, gemma=False, interleaved=False, rotary_dim=0):
+    """One tensor: the q/k kernel with no k heads (one program per (token, head))."""
+    x3 = _heads(x)
+    out = torch.empty(x3.shape, dtype=x.dtype, device=x.device)
+    lead = tuple(x.shape[:-2])
+    none = x3[:, :0]
+    _launch_qk(x3, none, None, weight, None, _table(cos, lead), _table(sin, lead), out, none, None, None, eps, gemma, interleaved, rotary_dim or cos.shape[-1])
+    return out.view(x.shape)
+
+
 def qk_norm_rope_cache(qkv, q_weight, k_weight, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, eps, gemma=False, interleaved=False, rotary_dim=0):
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
