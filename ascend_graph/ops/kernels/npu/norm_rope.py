@@ -148,7 +148,8 @@ def _case_swiglu():
 
 def _case_rotary_mul():
     x, c = torch.empty(1, 9, 4, 64, dtype=_BF), torch.empty(1, 9, 1, 64, dtype=_BF)
-    return [(1, 9, 4, 64)], (x, c, c), {"rotary_mode": "interleave"}
+    # the meta function names the mode ``mode`` (the C++ op and Python API: ``rotary_mode``); left at its default
+    return [(1, 9, 4, 64)], (x, c, c), {}
 
 
 META_CHECKS = [
