@@ -304,3 +304,59 @@ def test_not_fused_vllm_rope_of_a_gptj_layout():
     ang = torch.randn(5, 1, 8)
     gm = _trace(gptj, torch.randn(5, 4, 16), torch.randn(5, 2, 16), ang.cos(), ang.sin())
     assert _run_pass(gm) == 0
+
+
+# --- the KV write: projection output -> q and the cache in one op --------------------------
+
+
+class _QkvCacheLayer(torch.nn.Module):
+    """benchmarks/decode.py's attention input: qkv split, q/k norm + RoPE, reshape_and_cache."""
+
+    def __init__(self, hq, hk, d, cache_dtype):
+        super().__init__()
+        self.hq, self.hk, self.d = hq, hk, d
+        self.qw, self.kw = torch.nn.Parameter(torch.randn(d, dtype=BF)), torch.nn.Parameter(torch.randn(d, dtype=BF))
+        self.register_buffer("k_cache", torch.zeros(6, 4, hk, d, dtype=cache_dtype))
+        self.register_buffer("v_cache", torch.zeros(6, 4, hk, d, dtype=cache_dtype))
+
+    def forward(self, qkv, cos, sin, slots):
+        t, hq, hk, d = qkv.shape[0], self.hq, self.hk, self.d
+        q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+        q = vllm_rope(vllm_rms(q.view(t, hq, d), self.qw), cos, sin)
+        k = vllm_rope(vllm_rms(k.view(t, hk, d), self.kw), cos, sin)
+        torch.ops.ascend_graph.reshape_and_cache(k, v.view(t, hk, d), self.k_cache, self.v_cache, slots)
+        return q * 2
+
+
+def _compile_cache_layer(cache_dtype, dump_dir=None):
+    import copy
+
+    torch._dynamo.reset()
+    ascend_graph.reset_stats()
+    torch.manual_seed(0)
+    t, hq, hk, d = 5, 6, 2, 16
+    layer = _QkvCacheLayer(hq, hk, d, cache_dtype)
+    ref_layer = copy.deepcopy(layer)
+    ang = torch.randn(t, 1, d // 2)
+    args = (torch.randn(t, (hq + 2 * hk) * d, dtype=BF), ang.cos().to(BF), ang.sin().to(BF), torch.tensor([3, -1, 9, 22, 4]))
+    compiled = torch.compile(layer, backend="ascend", options={"codegen": "fx", "graphs": False, "fusions": ("norm_rope",), "dump_dir": dump_dir}, dynamic=False)
+    with torch.no_grad():
+        out, ref = compiled(*args), ref_layer(*args)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    torch.testing.assert_close(layer.k_cache, ref_layer.k_cache, atol=0, rtol=0)
+    torch.testing.assert_close(layer.v_cache, ref_layer.v_cache, atol=0, rtol=0)
+    return ascend_graph.stats()
+
+
+def test_qkv_norm_rope_cache_write_fuses_into_one_op(tmp_path):
+    stats = _compile_cache_layer(BF, str(tmp_path))
+    assert stats["fusions"]["norm_rope"] == 1  # one op: split, q/k norm + RoPE, both cache writes
+    (after,) = tmp_path.glob("*fuse_norm_rope.after.py")
+    code = after.read_text()
+    assert "qk_norm_rope_cache" in code and "reshape_and_cache" not in code and "rsqrt" not in code
+
+
+def test_not_fused_cache_write_into_caches_of_another_dtype():
+    # an fp32 cache: the write casts; the cache row needs one dtype, so q and k fuse alone
+    stats = _compile_cache_layer(torch.float32)
+    assert stats["fusions"]["norm_rope"] == 2

@@ -25,13 +25,18 @@ once with bf16/fp16 example inputs, where the fp32 upcasts appear as
 - SiLU-and-mul: HF's two-linear ``silu(gate) * up`` -> ``silu_mul``; the chunk form
   ``silu(x[..., :d]) * x[..., d:]`` (and ``x.chunk(2, -1)``) -> ``silu_and_mul``.
 
-Not matched yet (the ops exist and are tested, the rows do not): the interleaved RoPE
-as DeepSeek-V3 writes it (a de-interleaving reshape, then rotate_half), partial rotary
-(``cat(rope(x[..., :R]), x[..., R:])``), cos/sin computed inside the same graph from
-positions is matched as it is (the cos/sin nodes are the op's inputs), and the KV write
-after RoPE (HF's static-cache ``index_copy_`` / our ``reshape_and_cache``): the
-``qk_norm_rope_cache`` op takes the fused qkv projection vLLM has; HF models project q,
-k and v separately, so that row needs the vLLM graph form (integrations).
+- the KV write: a fused qkv projection's output, split, q/k norm + RoPE (the halves form
+  above) and ``reshape_and_cache(k, v, ...)`` (functionalized: ``auto_functionalized_v2``
+  or v1) -> ``qk_norm_rope_cache``: one op from the projection's output to q and both
+  written caches (``extra_check``: the split sizes and views agree with the caches'
+  ``[blocks, block_size, Hk, D]``, one dtype throughout).
+
+cos/sin computed in the graph from positions are matched as they are (the table nodes
+are the ops' inputs). Not matched yet (the ops exist and are tested, the rows do not):
+the interleaved RoPE as DeepSeek-V3 writes it (a de-interleaving reshape, then
+rotate_half), partial rotary (``cat(rope(x[..., :R]), x[..., R:])``), and HF's
+static-cache ``index_copy_`` write after RoPE (HF projects q, k, v separately, so there
+is no qkv tensor for ``qk_norm_rope_cache`` to start from; its q/k norm + RoPE fuses).
 
 Per device ("never slower", DESIGN.md): the ops' CPU implementations are their plain
 torch references, which inductor's fused C++ loops beat; so with inductor codegen on the
@@ -174,6 +179,66 @@ def _r_rope_halves(q, cos, sin):
     return ops.norm_rope.default(q, None, cos.squeeze(-2), sin.squeeze(-2), _EPS, False, False, q.shape[-1])
 
 
+def _qkv_heads(qkv, k_cache):
+    # heads from the cache's shape, so the matcher's re-trace at the graph's shapes
+    # reproduces the graph's split sizes and views exactly
+    hk, d = k_cache.shape[2], k_cache.shape[3]
+    return qkv.shape[0], (qkv.shape[-1] // d) - 2 * hk, hk, d
+
+
+def _p_qkv_cache_v2(qkv, qw, kw, cos, sin, k_cache, v_cache, slots, eps):
+    # qkv projection -> split -> q/k norm + RoPE -> reshape_and_cache(k, v) (functionalized, v2)
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
+
+    t, hq, hk, d = _qkv_heads(qkv, k_cache)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    q = _rope_halves(_rms_w_after(q.view(t, hq, d), qw, eps), cos, sin)
+    k = _rope_halves(_rms_w_after(k.view(t, hk, d), kw, eps), cos, sin)
+    af = auto_functionalized_v2(
+        ops.reshape_and_cache.default, k=k, v=v.view(t, hk, d), slot_mapping=slots,
+        _k_cache_base_index=0, _v_cache_base_index=1, _all_bases=[k_cache, v_cache],
+    )
+    return af[1], af[2], q  # the cache first: the matcher anchors a multi-output pattern at its first output
+
+
+def _p_qkv_cache_v1(qkv, qw, kw, cos, sin, k_cache, v_cache, slots, eps):
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized
+
+    t, hq, hk, d = _qkv_heads(qkv, k_cache)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    q = _rope_halves(_rms_w_after(q.view(t, hq, d), qw, eps), cos, sin)
+    k = _rope_halves(_rms_w_after(k.view(t, hk, d), kw, eps), cos, sin)
+    af = auto_functionalized(ops.reshape_and_cache.default, k=k, v=v.view(t, hk, d), k_cache=k_cache, v_cache=v_cache, slot_mapping=slots)
+    return af[1], af[2], q  # the cache first: the matcher anchors a multi-output pattern at its first output
+
+
+def _r_qkv_cache(qkv, qw, kw, cos, sin, k_cache, v_cache, slots, eps):
+    # one op from the projection's output to q and the written caches
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
+
+    hk, d = k_cache.shape[2], k_cache.shape[3]
+    hq = qkv.shape[-1] // d - 2 * hk
+    af = auto_functionalized_v2(
+        ops.qk_norm_rope_cache.default, qkv=qkv, q_weight=qw, k_weight=kw, cos=cos.squeeze(-2), sin=sin.squeeze(-2),
+        slot_mapping=slots, num_q_heads=hq, num_kv_heads=hk, eps=eps, gemma=False, interleaved=False, rotary_dim=d,
+        _k_cache_base_index=0, _v_cache_base_index=1, _all_bases=[k_cache, v_cache],
+    )
+    return af[1], af[2], af[0]
+
+
+def _r_qkv_cache_v1(qkv, qw, kw, cos, sin, k_cache, v_cache, slots, eps):
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized
+
+    hk, d = k_cache.shape[2], k_cache.shape[3]
+    hq = qkv.shape[-1] // d - 2 * hk
+    af = auto_functionalized(
+        ops.qk_norm_rope_cache.default, qkv=qkv, q_weight=qw, k_weight=kw, cos=cos.squeeze(-2), sin=sin.squeeze(-2),
+        k_cache=k_cache, v_cache=v_cache, slot_mapping=slots, num_q_heads=hq, num_kv_heads=hk, eps=eps,
+        gemma=False, interleaved=False, rotary_dim=d,
+    )
+    return af[1], af[2], af[0]
+
+
 def _p_qk_norm_rope(q, k, qw, kw, cos, sin, eps):
     # Qwen3: q_norm(q_proj(x).view(B, S, H, D)).transpose(1, 2), then RoPE
     return _rope(_rms(q, qw, eps).transpose(1, 2), _rms(k, kw, eps).transpose(1, 2), cos, sin)
@@ -296,6 +361,30 @@ def _check_rope_halves(match: pat.Match) -> bool:
     return True
 
 
+def _check_cache(match: pat.Match) -> bool:
+    """The split and views agree with the caches' heads: qkv [T, (Hq + 2 Hk) * D], caches
+    [blocks, block_size, Hk, D] (one dtype), q/k weights [D], tables [T or 1, 1, D/2]."""
+    qkv, kc, vc, qw, kw, cos, sin, slots = (_val(match, n) for n in ("qkv", "k_cache", "v_cache", "qw", "kw", "cos", "sin", "slots"))
+    if any(t is None for t in (qkv, kc, vc, qw, kw, cos, sin, slots)) or qkv.dim() != 2 or kc.dim() != 4 or kc.shape != vc.shape:
+        return False
+    t, width = qkv.shape
+    hk, d = kc.shape[2], kc.shape[3]
+    if width % d or width // d <= 2 * hk or len({qkv.dtype, kc.dtype, vc.dtype, qw.dtype, kw.dtype, cos.dtype, sin.dtype}) != 1:
+        return False
+    hq = width // d - 2 * hk
+    if tuple(qw.shape) != (d,) or tuple(kw.shape) != (d,) or cos.shape != sin.shape or tuple(cos.shape[1:]) != (1, d // 2) or cos.shape[0] not in (1, t):
+        return False
+    if slots.dtype.is_floating_point or tuple(slots.shape) != (t,):
+        return False
+    sizes = [hq * d, hk * d, hk * d]
+    for n in match.nodes:
+        if n.target is torch.ops.aten.split_with_sizes.default and list(n.args[1]) != sizes:
+            return False
+        if n.target is torch.ops.aten.view.default and list(n.args[1])[1:] not in ([hq, d], [hk, d]):
+            return False
+    return True
+
+
 def _check_silu(match: pat.Match) -> bool:
     """Floating point; two-tensor form: same shape and dtype (no broadcasting)."""
     if "x" in match.kwargs:
@@ -324,6 +413,14 @@ def _rows() -> tuple[pat.Fusion, ...]:
         # vLLM's forms (and benchmarks/decode.py's): the weight after the cast; tokens
         # flattened to [T], RoPE tables [T, 1, D/2]
         xt, qt, ct = (_B * _S, _N), (_B * _S, _H, _D), (_B * _S, 1, _D // 2)
+        # qkv -> split -> q/k norm + RoPE -> the KV write (v2 and v1 functionalization)
+        cache_ex = lambda dt=dt: [  # noqa: E731
+            torch.randn(_B * _S, (_H + 2 * _HK) * _D, dtype=dt), torch.randn(_D, dtype=dt), torch.randn(_D, dtype=dt),
+            torch.randn(_B * _S, 1, _D // 2, dtype=dt), torch.randn(_B * _S, 1, _D // 2, dtype=dt),
+            torch.randn(5, 4, _HK, _D, dtype=dt), torch.randn(5, 4, _HK, _D, dtype=dt), torch.arange(_B * _S),
+        ]
+        rows.append(pat.Fusion(f"qkv_norm_rope_cache_v2_{tag}", _p_qkv_cache_v2, _r_qkv_cache, cache_ex, _check_cache, eps))
+        rows.append(pat.Fusion(f"qkv_norm_rope_cache_v1_{tag}", _p_qkv_cache_v1, _r_qkv_cache_v1, cache_ex, _check_cache, eps))
         rows.append(pat.Fusion(f"add_rms_norm_w_after_{tag}", _p_add_rms_w_after, _r_add_rms, _ex(dt, xt, xt, w), _check_norm, eps))
         rows.append(pat.Fusion(f"norm_rope_halves_{tag}", _p_norm_rope_halves, _r_norm_rope_halves, _ex(dt, qt, (_D,), ct, ct), _check_rope_halves, eps))
         rows.append(pat.Fusion(f"rms_norm_w_after_{tag}", _p_rms_w_after, _r_rms, _ex(dt, xt, w), _check_norm, eps))
