@@ -360,3 +360,28 @@ def test_not_fused_cache_write_into_caches_of_another_dtype():
     # an fp32 cache: the write casts; the cache row needs one dtype, so q and k fuse alone
     stats = _compile_cache_layer(torch.float32)
     assert stats["fusions"]["norm_rope"] == 2
+
+
+@pytest.mark.cuda
+def test_cuda_inductor_keeps_the_fused_cache_write():
+    """On CUDA the family applies under inductor codegen: the one op runs (Triton) inside
+    inductor's graph and q and both caches match eager within bf16 tolerance."""
+    import copy
+
+    torch._dynamo.reset()
+    ascend_graph.reset_stats()
+    torch.manual_seed(0)
+    t, hq, hk, d = 9, 16, 8, 128
+    layer = _QkvCacheLayer(hq, hk, d, BF).cuda()
+    ref_layer = copy.deepcopy(layer)
+    ang = torch.randn(t, 1, d // 2, device="cuda")
+    args = (torch.randn(t, (hq + 2 * hk) * d, dtype=BF, device="cuda"), ang.cos().to(BF), ang.sin().to(BF), torch.arange(t, device="cuda") * 2 + 1)
+    compiled = torch.compile(layer, backend="ascend", options={"graphs": False, "fusions": ("norm_rope",)}, dynamic=False)
+    with torch.no_grad():
+        out, ref = compiled(*args), ref_layer(*args)
+    tol = dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(layer.k_cache, ref_layer.k_cache, **tol)
+    assert torch.equal(layer.v_cache, ref_layer.v_cache)
+    assert ascend_graph.stats()["fusions"]["norm_rope"] == 1
+    assert "norm_rope" not in ascend_graph.stats()["skipped"]
