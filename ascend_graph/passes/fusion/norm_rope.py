@@ -23,8 +23,7 @@ once with bf16/fp16 example inputs, where the fp32 upcasts appear as
   two-output pattern would pair q of one layer with k of another (its k half is
   anchored at the tables' users); one launch per tensor is the safe unit;
 - SiLU-and-mul: HF's two-linear ``silu(gate) * up`` -> ``silu_mul``; the chunk form
-  ``silu(x[..., :d]) * x[..., d:]`` (and ``x.chunk(2, -1)``) -> ``silu_and_mul``.
-
+  ``silu(x[..., :d]) * x[..., d:]`` (and ``x.chunk(2, -1)``) -> ``silu_and_mul``;
 - the KV write: a fused qkv projection's output, split, q/k norm + RoPE (the halves form
   above) and ``reshape_and_cache(k, v, ...)`` (functionalized: ``auto_functionalized_v2``
   or v1) -> ``qk_norm_rope_cache``: one op from the projection's output to q and both
@@ -46,7 +45,10 @@ RoPE), on NPU (torch_npu ops) and with ``codegen="fx"`` anywhere (the graph runs
 op; the reference is the same ATen ops in one call). The decision is taken per graph
 from its inputs' device, before matching.
 
-Invariants: the replacements are functional (no mutation); ``extra_check`` keeps one
+Before matching, view nodes are moved up to just after their inputs (:func:`hoist_views`):
+AOT places a view right before its first use, and a multi-output replacement is inserted
+at its first output. Invariants: the replacements are functional (the cache write enters
+as ``auto_functionalized_v2``, which inductor re-inplaces); ``extra_check`` keeps one
 floating dtype across the norm's input and weight (the Llama form multiplies in it),
 RoPE tables of q's dtype with ``R == D`` and the q/k leading dims.
 """
