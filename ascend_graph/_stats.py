@@ -22,6 +22,7 @@ def _fresh() -> dict[str, Any]:
         "compile_seconds": 0.0,
         "fusions": {family: 0 for family in FUSION_FAMILIES},
         "passes": {},
+        "skipped": {},
         "padding": {"rewrites": 0, "calls": 0, "real_rows": 0, "padded_rows": 0, "padded_ratio": 0.0},
         "buckets_captured": 0,
         "capture_seconds": 0.0,
@@ -71,6 +72,13 @@ def record_pass(name: str, family: str | None, rewrites: int, seconds: float) ->
             _state["padding"]["rewrites"] += rewrites
         elif family is not None:
             _state["fusions"][family] = _state["fusions"].get(family, 0) + rewrites
+
+
+def record_skip(family: str, reason: str) -> None:
+    """A fusion family left a graph alone on purpose (e.g. slower than what it replaces there)."""
+    with _lock:
+        reasons = _state["skipped"].setdefault(family, {})
+        reasons[reason] = reasons.get(reason, 0) + 1
 
 
 def record_padding(real_rows: int, padded_rows: int) -> None:

@@ -23,7 +23,11 @@ from .errors import ConfigError
 __all__ = ["AscendConfig", "FUSION_FAMILIES", "PAD_ROLES"]
 
 #: Fusion families the pass manager knows, in the order they run.
-FUSION_FAMILIES = ("attention", "causal_conv1d", "gated_delta_rule", "moe", "norm_act")
+FUSION_FAMILIES = ("attention", "causal_conv1d", "gated_delta_rule", "moe", "norm_rope")
+
+#: Old family names still accepted, mapped to the current one (``norm_act`` became
+#: ``norm_rope`` when the family grew q/k norm + RoPE; kept for configs written before).
+FUSION_ALIASES = {"norm_act": "norm_rope"}
 
 #: How a padded row of a batch-dependent input is filled (runtime/padding.py owns the values).
 PAD_ROLES = ("zero", "index", "slot", "kv_len", "cu_len", "mask")
@@ -69,6 +73,9 @@ class AscendConfig:
     inductor_config: tuple[tuple[str, Any], ...] = _doc("inductor config patches as (key, value) pairs", ())
 
     def __post_init__(self) -> None:
+        if any(f in FUSION_ALIASES for f in self.fusions):
+            renamed = tuple(dict.fromkeys(FUSION_ALIASES.get(f, f) for f in self.fusions))
+            object.__setattr__(self, "fusions", renamed)  # frozen: normalised once, here
         if self.codegen not in _CODEGENS:
             raise ConfigError("unknown codegen", expected=f"one of {_CODEGENS}", got=repr(self.codegen))
         unknown = [f for f in self.fusions if f not in FUSION_FAMILIES]

@@ -14,7 +14,14 @@ Then the capture of the whole default bucket list: time and pool bytes vs the la
 bucket alone (captured first), next to ``ascend_graph.estimate_graph_memory``'s figure
 made before any capture.
 
-    python benchmarks/decode.py [--context 1024] [--batches 1,8,32,128] [--pool-only]
+    python benchmarks/decode.py [--context 1024] [--batches 1,8,32,128] [--pool-only] [--profile] [--family-off]
+
+``--pool-only``: only backend='ascend', its graph-pool report and its replay times.
+
+``--profile``: where a batch-1 step's time goes, ascend vs reduce-overhead, by kernel class
+(GEMM, attention, norm/RoPE/activation, other, idle), from torch.profiler's kernel names.
+``--family-off``: ascend again with the ``norm_rope`` family off (same buckets), to show
+what the family alone changes.
 """
 
 from __future__ import annotations
@@ -179,6 +186,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32,128")
     ap.add_argument("--json", default=None)
     ap.add_argument("--pool-only", action="store_true", help="only backend='ascend': the graph-pool report and its replay times")
+    ap.add_argument("--profile", action="store_true", help="per-kernel-class profile of a batch-1 step (ascend vs reduce-overhead)")
+    ap.add_argument("--family-off", action="store_true", help="also time ascend with the norm_rope family off")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     torch.manual_seed(0)
@@ -274,9 +283,107 @@ def main() -> None:
     print_pool_report(capture, max_batch)
     print(f"ascend replays {st['replays']}, fallbacks {st['eager_fallbacks']} {st['fallback_reasons']}, capture failures {st['capture_failures']}")
     print("max err vs eager:", {f"{n}@{b}": f"{v[1]:.3g}" for (n, b), v in results.items()})
+    if args.profile:  # before family_off_rows: it resets Dynamo, which would recompile asc
+        profile_rows(model, asc, args.context, blocks_per_seq, (weight_bytes + (args.context + 1) * kv_token_bytes) / bw * 1e6)
+    if args.family_off:
+        family_off_rows(model, batches, args.context, blocks_per_seq, {b: results[("ascend", b)][0] for b in batches})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "capture": capture, "bandwidth": bw}, f, indent=1)
+
+
+# --------------------------------------------------------------------------- issue 20 additions
+
+#: kernel-name fragments of each class, checked in this order (lower-cased names). Inductor
+#: names its fused kernels after the ops inside (triton_per_fused_..._mean_..._rsqrt_..);
+#: ours are _rms_norm_kernel, _qk_norm_rope_kernel, _silu_mul_kernel.
+KERNEL_CLASSES = (
+    ("attention", ("paged", "attention", "attn", "flash", "fmha", "sdpa")),
+    ("GEMM", ("gemm", "gemv", "cutlass", "cublas", "xmma", "nvjet", "matmul", "splitk", "_mm_", "triton_tem_fused_mm", "bmm")),
+    ("norm/RoPE/act", ("rms", "norm", "rope", "rsqrt", "mean", "silu", "sigmoid", "neg_", "_cat", "cos", "sin")),
+)
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    for cls, keys in KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+def kernel_profile(fn, inp, steps: int = 20) -> dict:
+    """Per step: microseconds of kernels by class, idle (gaps inside the run) and the span."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        fn(*inp)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn(*inp)
+        torch.cuda.synchronize()
+    spans, by_class, names = [], {}, {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        start, end = e.time_range.start, e.time_range.end
+        spans.append((start, end))
+        cls = kernel_class(e.name)
+        by_class[cls] = by_class.get(cls, 0.0) + (end - start)
+        names[(cls, e.name[:60])] = names.get((cls, e.name[:60]), 0.0) + (end - start)
+    spans.sort()
+    busy, cur_s, cur_e = 0.0, None, None
+    for s_, e_ in spans:  # union of kernel intervals (streams may overlap)
+        if cur_e is None or s_ > cur_e:
+            busy += 0 if cur_e is None else cur_e - cur_s
+            cur_s, cur_e = s_, e_
+        else:
+            cur_e = max(cur_e, e_)
+    busy += 0 if cur_e is None else cur_e - cur_s
+    span = (spans[-1][1] - spans[0][0]) if spans else 0.0
+    out = {cls: v / steps for cls, v in by_class.items()}
+    out["idle"] = (span - busy) / steps
+    out["span"] = span / steps
+    out["top"] = sorted(((v / steps, cls, n) for (cls, n), v in names.items()), reverse=True)[:12]
+    return out
+
+
+def profile_rows(model, asc, context: int, blocks_per_seq: int, floor_us: float) -> None:
+    """Batch 1: ascend (already compiled and captured) vs reduce-overhead, by kernel class."""
+    inp = decode_inputs(1, context, blocks_per_seq, "cuda")
+    with torch.no_grad():
+        rows = {"ascend": kernel_profile(asc, inp)}
+        torch._dynamo.reset()
+        ro = torch.compile(model, mode="reduce-overhead")
+        rows["reduce-overhead"] = kernel_profile(ro, inp)
+    classes = ("GEMM", "attention", "norm/RoPE/act", "other", "idle")
+    print(f"\nBatch-1 step by kernel class (us per step; HBM floor {floor_us:.0f} us):")
+    print("| backend | " + " | ".join(classes) + " | span |")
+    print("|---|" + "---:|" * (len(classes) + 1))
+    for name, r in rows.items():
+        print(f"| {name} | " + " | ".join(f"{r.get(c, 0.0):.1f}" for c in classes) + f" | {r['span']:.1f} |")
+    for name, r in rows.items():
+        print(f"\n{name}: largest kernels (us per step, class, name)")
+        for us, cls, n in r["top"]:
+            print(f"  {us:8.1f}  {cls:14s} {n}")
+
+
+def family_off_rows(model, batches, context: int, blocks_per_seq: int, on_ms: dict) -> None:
+    """ascend with every fusion family but norm_rope, at the same batches (buckets = batches)."""
+    from ascend_graph.config import FUSION_FAMILIES
+
+    torch._dynamo.reset()
+    off = torch.compile(model, backend="ascend", options={"buckets": tuple(batches), "clone_outputs": False, "fusions": tuple(f for f in FUSION_FAMILIES if f != "norm_rope")})
+    print("\n| batch | ascend ms (norm_rope on) | ascend ms (norm_rope off) | on vs off |")
+    print("|---:|---:|---:|---:|")
+    with torch.no_grad():
+        off(*decode_inputs(3, context, blocks_per_seq, "cuda"))
+        for b in batches:
+            inp = decode_inputs(b, context, blocks_per_seq, "cuda")
+            t = time_step(off, inp)
+            print(f"| {b} | {on_ms[b]:.3f} | {t:.3f} | {t / on_ms[b]:.2f}x faster |")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ FAMILY_MODULES: dict[str, str] = {
     "causal_conv1d": "ascend_graph.passes.fusion.causal_conv",
     "gated_delta_rule": "ascend_graph.passes.fusion.gated_delta",
     "moe": "ascend_graph.passes.fusion.moe",
-    "norm_act": "ascend_graph.passes.fusion.norm_act",
+    "norm_rope": "ascend_graph.passes.fusion.norm_rope",
 }
 
 

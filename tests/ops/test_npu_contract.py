@@ -504,3 +504,48 @@ def test_graph_checker_rejects_wrong_uses(npu_exports, wheel_python, op_schemas,
     assert "unknown keyword(s) ['attention_out']" in check(good.replace("out=[o, l]", "attention_out=o"))[0]
     assert "no schema" in check(good.replace(".out(", ".inplace("))[0]
     assert "never imports" in check(good.replace("_weak_ref_tensor", "_strong_ref_tensor"))[0]
+
+
+# --------------------------------------------------------------------------- norm / RoPE / SwiGLU ops
+#
+# The torch_npu ops behind ``ops/norm_rope.py`` (issue 20), with the parameter names
+# the bindings rely on or will: read from torch-npu 2.13.0's CustomFunctions.h, and each
+# has a meta function. ``npu_apply_rotary_pos_emb``, ``npu_interleave_rope`` and
+# ``npu_qkv_rms_norm_rope_cache`` are not called yet (see kernels/npu/norm_rope.py: the
+# rotary op is npu_rotary_mul, and the one-op chain's ND cache mode is undocumented);
+# their names are pinned here so a binding written later is held to them.
+
+NORM_ROPE_OPS = {
+    "npu_rms_norm": ("self", "gamma", "epsilon"),
+    "npu_gemma_rms_norm": ("self", "gamma", "epsilon"),
+    "npu_add_rms_norm": ("x1", "x2", "gamma", "epsilon"),
+    "npu_swiglu": ("self", "dim"),
+    "npu_rotary_mul": ("self", "r1", "r2", "rotary_mode", "rotate"),
+    "npu_apply_rotary_pos_emb": ("query", "key", "cos", "sin", "layout", "rotary_mode"),
+    "npu_interleave_rope": ("x", "cos", "sin"),
+    "npu_qkv_rms_norm_rope_cache": (
+        "qkv", "q_gamma", "k_gamma", "cos", "sin", "index", "q_out", "k_cache", "v_cache", "qkv_size", "head_nums",
+        "k_scale", "v_scale", "k_offset", "v_offset", "epsilon", "cache_mode", "is_output_qkv",
+    ),
+}
+
+
+@pytest.mark.parametrize("op", sorted(NORM_ROPE_OPS))
+def test_norm_rope_npu_ops_declared_with_their_names(op, header, meta_functions):
+    assert op in header, f"{op} is not declared in CustomFunctions.h"
+    assert any(d.params == NORM_ROPE_OPS[op] for d in header[op]), [d.params for d in header[op]]
+    assert op in meta_functions, f"no meta function for {op}"
+
+
+def test_norm_rope_qkv_chain_meta_shapes(meta_functions):
+    """The one-op chain's outputs with is_output_qkv: q, k, v as [T, heads * D]."""
+    T, nq, nk, D = 5, 8, 2, 128
+    qkv = torch.empty(T, (nq + 2 * nk) * D, device="meta", dtype=torch.bfloat16)
+    g = torch.empty(D, device="meta", dtype=torch.bfloat16)
+    cs = torch.empty(T, D, device="meta", dtype=torch.bfloat16)
+    out = meta_functions["npu_qkv_rms_norm_rope_cache"](
+        qkv, g, g, cs, cs, torch.empty(T, device="meta", dtype=torch.int64), torch.empty(T, nq * D, device="meta", dtype=torch.bfloat16),
+        torch.empty(4, 16, nk, D, device="meta", dtype=torch.bfloat16), torch.empty(4, 16, nk, D, device="meta", dtype=torch.bfloat16),
+        [T, 1, nq + 2 * nk, D], [nq, nk, nk], is_output_qkv=True,
+    )
+    assert _shapes(out) == [(T, nq * D), (T, nk * D), (T, nk * D)]
