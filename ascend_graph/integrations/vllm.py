@@ -26,9 +26,14 @@ tracing with inductor's decompositions:
 
 - ``vllm_ir.rms_norm(x, w, eps)`` (what ``RMSNorm.forward_native`` emits: an opaque vLLM
   IR op that vLLM's own ``VllmIRLoweringPass`` lowers only under ``VLLM_COMPILE``)
-  -> ``ascend_graph::vllm_rms_norm`` (mirrors ``npu_rms_norm``);
+  -> ``ascend_graph::rms_norm`` (mirrors ``npu_rms_norm``);
 - ``SiluAndMul.forward_native`` (``silu(x[..., :d]) * x[..., d:]``, decomposed to
-  neg/exp/add/div * slice) -> ``ascend_graph::vllm_silu_and_mul`` (mirrors ``npu_swiglu``).
+  neg/exp/add/div * slice) -> ``ascend_graph::silu_and_mul`` (mirrors ``npu_swiglu``).
+
+Both are rows of the ``norm_rope`` family and follow its per-device policy (skipped,
+and counted in ``stats()["skipped"]``, on the CPU with inductor codegen, where inductor's
+fused loops beat the ops' plain-torch references). vLLM's CPU graphs hold the native
+forms (no ``vllm_ir`` ops): the family's own rows match those.
 
 - ``vllm::unified_kv_cache_update`` + ``vllm::unified_attention_with_output`` (family
   ``attention``) -> ``ascend_graph::vllm_attention_context`` (the layer's KV cache and
@@ -62,6 +67,7 @@ from ..config import AscendConfig
 from ..errors import CaptureError
 from ..passes.base import GraphPass
 from ..passes.manager import PassManager, build_pass_manager
+from ..ops import norm_rope as _norm_rope_ops  # noqa: F401  (registers the ops the rows produce)
 from ..passes.pattern import Fusion, PatternPass
 from ..plugins import HostCompile
 from ..runtime import graphs as device_graphs
@@ -195,31 +201,6 @@ def ascend_vllm_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("ascend_graph::vllm_rms_norm", mutates_args=())
-def vllm_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as vLLM's ``rms_norm`` computes it (fp32 accumulation); mirrors npu_rms_norm."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y.to(x.dtype) * weight).to(x.dtype)
-
-
-@vllm_rms_norm.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("ascend_graph::vllm_silu_and_mul", mutates_args=())
-def vllm_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """``silu(x[..., :d]) * x[..., d:]`` with ``d = x.shape[-1] // 2``; mirrors npu_swiglu."""
-    d = x.shape[-1] // 2
-    return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
-
-
-@vllm_silu_and_mul.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
-
-
 _EPS = 1e-6  # sample value only: the eps argument is generalised by scalar_workaround
 _HALF = 37  # sample split point: generalised by scalar_workaround (odd, so it is unique)
 
@@ -229,7 +210,7 @@ def _rms_norm_pattern(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 
 
 def _rms_norm_replacement(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.ops.ascend_graph.vllm_rms_norm.default(x, weight, eps)
+    return torch.ops.ascend_graph.rms_norm.default(x, weight, eps)
 
 
 def _rms_norm_inputs() -> list[Any]:
@@ -254,7 +235,7 @@ def _silu_and_mul_pattern(x: torch.Tensor, half: int) -> torch.Tensor:
 
 
 def _silu_and_mul_replacement(x: torch.Tensor, half: int) -> torch.Tensor:
-    return torch.ops.ascend_graph.vllm_silu_and_mul.default(x)
+    return torch.ops.ascend_graph.silu_and_mul.default(x)
 
 
 def _silu_and_mul_inputs() -> list[Any]:
@@ -303,18 +284,21 @@ def vllm_fusions() -> tuple[Fusion, ...]:
 
 
 def vllm_ops_pass(config: AscendConfig) -> GraphPass | None:
-    """The pass over vLLM's own ops (family ``norm_act``); None when that family is off."""
-    if "norm_act" not in config.fusions:
+    """The pass over vLLM's own norm/activation ops (family ``norm_rope``, under that
+    family's per-device policy); None when the family is off."""
+    if "norm_rope" not in config.fusions:
         return None
-    return PatternPass("vllm_norm_act", "norm_act", vllm_fusions(), explain_node=config.explain_node)
+    from ..passes.fusion.norm_rope import NormRopePass
+
+    return NormRopePass(config, name="vllm_norm_rope", rows=vllm_fusions())
 
 
 def vllm_ops_passes(config: AscendConfig) -> list[GraphPass]:
     """Every pass over vLLM's own ops that ``config.fusions`` turns on.
 
     ``vllm_attention`` (family ``attention``) and ``vllm_moe`` (family ``moe``) need
-    vLLM's ``LayerName`` (torch >= 2.11) and live in ``vllm_ops``; ``vllm_norm_act``
-    (family ``norm_act``) is above.
+    vLLM's ``LayerName`` (torch >= 2.11) and live in ``vllm_ops``; ``vllm_norm_rope``
+    (family ``norm_rope``) is above.
     """
     passes: list[GraphPass] = []
     if ("attention" in config.fusions or "moe" in config.fusions) and _has_vllm_layer_ops():

@@ -507,8 +507,9 @@ def hoist_views(graph: torch.fx.Graph) -> int:
 class NormRopePass(pat.PatternPass):
     """The family's PatternPass, applied only where :func:`device_policy` allows."""
 
-    def __init__(self, config: AscendConfig):
-        super().__init__("fuse_norm_rope", FAMILY, FUSIONS, explain_node=config.explain_node)
+    def __init__(self, config: AscendConfig, name: str = "fuse_norm_rope", rows: tuple[pat.Fusion, ...] = FUSIONS):
+        # name/rows: an adapter's own rows of this family (vLLM's ops) under the same policy
+        super().__init__(name, FAMILY, rows, explain_node=config.explain_node)
         self.codegen = config.codegen
 
     def __call__(self, graph: torch.fx.Graph) -> int:
