@@ -75,6 +75,12 @@ def ascend_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kw
 
     from_vllm = options_from_vllm()
     config = AscendConfig.from_options({**from_vllm, **(options or {})})
+    if config.cache_dir and not from_vllm:
+        # A static first graph is traced again batch-dynamic, so a server meets the entry
+        # `ascend-graph build` wrote whatever its first batch (cache/dynamic.py says why).
+        from .cache.dynamic import restart_batch_dynamic
+
+        restart_batch_dynamic(gm, example_inputs, analyze_graph(gm, example_inputs, config.batch_input, config.batch_dim), config)
     return compile_graph(gm, example_inputs, config, pass_manager=vllm_pass_manager(config) if from_vllm else None)
 
 
