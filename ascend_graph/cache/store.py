@@ -766,6 +766,10 @@ class KernelRecorder:
         wanted = files - self.files_before
         new_keys = {k for c in _code_caches() for k in c.cache} - self.keys_before
         wanted |= {rel for rel in files if rel.split("/", 1)[1].split(".", 1)[0] in new_keys}
+        # Every entry keeps the vector-ISA probes: a process that loads only this entry
+        # would otherwise compile them again (about ten C++ builds), whichever graph of
+        # the build process happened to compile them first.
+        wanted |= _isa_probes(root, files)
         out: dict[str, bytes] = {}
         for rel in sorted(wanted):
             if f"{KERNELS}/{rel}" in known:
@@ -784,6 +788,34 @@ class KernelRecorder:
                         data = data.replace(os.path.abspath(self.triton_root).encode(), TRITON_DIR_PLACEHOLDER)
                     out[f"{TRITON}/{rel}"] = data
         return out
+
+
+def _isa_probe_sources() -> frozenset[str]:
+    """The C++ programs inductor compiles to probe the CPU's vector ISA (``VecISA.*_code``)."""
+    try:
+        from torch._inductor import cpu_vec_isa
+    except ImportError:  # pragma: no cover
+        return frozenset()
+    out: set[str] = set()
+    for cls in vars(cpu_vec_isa).values():
+        if isinstance(cls, type):
+            out.update(v for k, v in vars(cls).items() if k.endswith("_code") and isinstance(v, str))
+    return frozenset(out)
+
+
+def _isa_probes(root: str, binaries: Collection[str]) -> set[str]:
+    """The ``<xx>/<key>.so`` among ``binaries`` that are vector-ISA probes (their ``<key>.cpp`` is a probe program)."""
+    sources = _isa_probe_sources()
+    out: set[str] = set()
+    for rel in binaries:
+        if not rel.endswith(".so"):
+            continue
+        source = os.path.join(root, rel[: -len(".so")] + ".cpp")
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            with open(source, encoding="utf-8") as f:
+                if f.read() in sources:
+                    out.add(rel)
+    return out
 
 
 def _restore_into(root: str, files: Mapping[str, bytes], what: str, expected: str, fix: Callable[[str, bytes], bytes] | None = None) -> int:
