@@ -147,6 +147,11 @@ def restart_batch_dynamic(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
         widened.append(name)
     if not widened:
         return
+    # The re-trace may take another path (a branch on the batch size now guards instead
+    # of folding): it must not replay the first trace's speculation log.
+    speculation = getattr(tx, "speculation_log", None)
+    if speculation is not None and hasattr(speculation, "clear"):
+        speculation.clear()
     log.info("graph of batch %d re-traced with a dynamic batch dim (%s), as a second call would be: one graph for every batch, the one `ascend-graph build` caches", batch, ", ".join(widened))
     raise restart(restart_reason="ascend-graph: the first graph is batch-dynamic (graph cache)")
 
