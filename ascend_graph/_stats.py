@@ -31,7 +31,7 @@ def _fresh() -> dict[str, Any]:
         "eager_fallbacks": 0,
         "fallback_reasons": {},
         "capture_failures": 0,
-        "cache": {"hits": 0, "misses": 0, "corrupt": 0, "mismatches": 0, "errors": 0, "rebuilds": {}, "load_seconds": 0.0},
+        "cache": {"hits": 0, "misses": 0, "corrupt": 0, "mismatches": 0, "errors": 0, "read_only": 0, "rebuilds": {}, "load_seconds": 0.0},
         "precompiled": {"built": 0, "loaded": 0},
         "groups": {"created": 0, "reused": 0, "destroyed": 0},
     }
@@ -114,13 +114,15 @@ def record_fallback(reason: str) -> None:
         reasons[reason] = reasons.get(reason, 0) + 1
 
 
-def record_cache(status: str, changed: tuple[str, ...] = (), load_seconds: float = 0.0) -> None:
+def record_cache(status: str, changed: tuple[str, ...] = (), load_seconds: float = 0.0, *, read_only: bool = False) -> None:
     """One cache lookup: hit, miss, corrupt, mismatch or error; ``changed`` names the key
-    factors that differ on a miss ("new" for a graph with no entry)."""
+    factors that differ on a miss ("new" for a graph with no entry); ``read_only``: its
+    build was not stored because the cache is read-only."""
     key = {"hit": "hits", "miss": "misses", "corrupt": "corrupt", "mismatch": "mismatches", "error": "errors"}[status]
     with _lock:
         c = _state["cache"]
         c[key] += 1
+        c["read_only"] += int(read_only)
         c["load_seconds"] += load_seconds
         for name in changed:
             c["rebuilds"][name] = c["rebuilds"].get(name, 0) + 1

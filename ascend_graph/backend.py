@@ -75,6 +75,12 @@ def ascend_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kw
     host = plugins.host_compile()
     config = AscendConfig.from_options({**(host.options if host else {}), **(options or {})})
     pass_manager = host.pass_manager(config) if host is not None and host.pass_manager is not None else None
+    if config.cache_dir and host is None:
+        # A static first graph is traced again batch-dynamic, so a server meets the entry
+        # `ascend-graph build` wrote whatever its first batch (cache/dynamic.py says why).
+        from .cache.dynamic import restart_batch_dynamic
+
+        restart_batch_dynamic(gm, example_inputs, analyze_graph(gm, example_inputs, config.batch_input, config.batch_dim), config)
     return compile_graph(gm, example_inputs, config, pass_manager=pass_manager, wrap_runtime=host.runtime if host is not None else True)
 
 

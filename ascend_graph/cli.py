@@ -23,18 +23,26 @@ cache at a time: a second waits on the build lock (``--lock-timeout``, default: 
 
 Output: progress lines on stderr (one per bucket), results on stdout (a table for
 ``build``, one line per entry for ``inspect`` / ``verify``; ``--json`` for scripts).
-Errors are one line on stderr starting ``ascend-graph: error:``.
+Every error is one line on stderr starting ``ascend-graph: error:`` with one of the exit
+codes below, never a traceback.
+
+``inspect`` and ``verify`` only read: they take no lock and work on a read-only cache (a
+container image layer, a read-only mount). ``build`` and ``clear`` write: on a cache this
+process cannot write they stop at once with exit code 3.
 
 Exit codes (stable; scripts may rely on them):
 
 - 0: success (``verify``: every entry intact and usable on this machine);
-- 1: ``verify`` found problems: a corrupt or truncated entry, or (without
-  ``--checksums-only``) an entry built for other versions or another device;
+- 1: ``verify`` found problems: a corrupt or truncated entry (a malformed manifest
+  included), or (without ``--checksums-only``) an entry built for other versions or
+  another device;
 - 2: usage error: bad arguments or options, a MODEL that cannot be imported or built,
   a DIR that does not exist or is not an ascend-graph cache;
-- 3: the cache is locked (lock timeout) or unusable (another format, unreadable marker,
-  cannot be created);
-- 4: the build failed: the model or the compile raised.
+- 3: the cache cannot be used for this command: locked (lock timeout), read-only
+  (``build``, ``clear``), another format, an unreadable marker, cannot be created, or
+  another file-system error;
+- 4: the build failed: the model or the compile raised;
+- 130: interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -51,13 +59,21 @@ import sys
 import time
 from typing import Any, Iterator, Sequence
 
-__all__ = ["main", "EXIT_OK", "EXIT_PROBLEMS", "EXIT_USAGE", "EXIT_LOCKED", "EXIT_BUILD_FAILED"]
+__all__ = ["main", "EXIT_OK", "EXIT_PROBLEMS", "EXIT_USAGE", "EXIT_LOCKED", "EXIT_BUILD_FAILED", "EXIT_INTERRUPTED"]
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 EXIT_LOCKED = 3
 EXIT_BUILD_FAILED = 4
+EXIT_INTERRUPTED = 130
+
+#: The exit codes as ``--help`` shows them (the module docstring says more).
+EXIT_CODES_HELP = (
+    "exit codes: 0 success; 1 verify found corrupt or stale entries; 2 usage error (bad "
+    "arguments, options, model, or DIR not a cache); 3 cache locked, read-only (build, "
+    "clear), of another format or otherwise unusable; 4 build failed; 130 interrupted"
+)
 
 PROG = "ascend-graph"
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -72,18 +88,17 @@ class CliError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    # argparse exits with 2 on its own errors, which is our usage code; keep its message
-    # format but make the prefix the same as ours.
+    # argparse exits with 2 on its own errors, which is our usage code; its message
+    # becomes our one error line (the usage is one `--help` away).
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        raise CliError(message, EXIT_USAGE)
+        raise CliError(f"{message} (see `{self.prog} --help`)", EXIT_USAGE)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Offline graph cache for the 'ascend' torch.compile backend.")
+    p = _Parser(prog=PROG, description="Offline graph cache for the 'ascend' torch.compile backend.", epilog=EXIT_CODES_HELP)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    b = sub.add_parser("build", help="compile a model for every bucket and write the cache")
+    b = sub.add_parser("build", help="compile a model for every bucket and write the cache", epilog=EXIT_CODES_HELP)
     b.add_argument("model", nargs="?", help="MODULE:FACTORY, a function returning (model, example_inputs)")
     b.add_argument("--hf-config", help="local HF config.json (or its directory): random-weight causal LM, no download")
     b.add_argument("--buckets", required=True, help="comma-separated batch sizes, e.g. 1,2,4,8")
@@ -96,17 +111,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--lock-timeout", type=float, default=None, help="seconds to wait for another build of this cache (default: wait)")
     b.add_argument("-v", "--verbose", action="store_true", help="log every cache decision (INFO)")
 
-    i = sub.add_parser("inspect", help="list the entries of a cache: buckets, files, sizes, key factors")
+    i = sub.add_parser("inspect", help="list the entries of a cache: key factors, the options recorded beside them, files, sizes", epilog=EXIT_CODES_HELP)
     i.add_argument("cache_dir")
     i.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
-    v = sub.add_parser("verify", help="check every checksum, and the versions and device against this machine")
+    v = sub.add_parser("verify", help="check every checksum, and the versions and device against this machine (read-only caches too)", epilog=EXIT_CODES_HELP)
     v.add_argument("cache_dir")
     v.add_argument("--json", action="store_true")
     v.add_argument("--checksums-only", action="store_true", help="only the checksums (for a cache built for another machine)")
-    v.add_argument("--lock-timeout", type=float, default=60.0)
+    # reading takes no lock; accepted so that older scripts keep working
+    v.add_argument("--lock-timeout", type=float, default=None, help=argparse.SUPPRESS)
 
-    c = sub.add_parser("clear", help="remove a cache's entries (the directory stays)")
+    c = sub.add_parser("clear", help="remove a cache's entries (the directory stays)", epilog=EXIT_CODES_HELP)
     c.add_argument("cache_dir")
     c.add_argument("--stale", action="store_true", help="only entries that are corrupt or built for another machine")
     c.add_argument("--lock-timeout", type=float, default=60.0)
@@ -117,12 +133,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (see the module docstring)."""
     try:
         args = _parser().parse_args(argv)
+        lock_timeout = getattr(args, "lock_timeout", None)
+        if lock_timeout is not None and not lock_timeout >= 0:
+            raise CliError(f"--lock-timeout must be >= 0 seconds, got {lock_timeout}", EXIT_USAGE)
         verbose = getattr(args, "verbose", False)
         with _logging_to_stderr(logging.INFO if verbose else logging.WARNING):
             return {"build": _cmd_build, "inspect": _cmd_inspect, "verify": _cmd_verify, "clear": _cmd_clear}[args.command](args)
     except CliError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return e.code
+        return _fail(str(e), e.code)
+    except OSError as e:
+        # a file-system error the commands did not foresee (permissions, a full disk):
+        # the cache cannot be used for this command
+        where = f": {e.filename}" if e.filename else ""
+        return _fail(f"{e.strerror or e}{where}", EXIT_LOCKED)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+
+
+def _fail(message: str, code: int) -> int:
+    # one line, whatever the message holds (an exception's text can span lines)
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
 
 
 @contextlib.contextmanager
@@ -164,6 +195,11 @@ def _open_store(path: str, lock_timeout: float | None = None, *, must_exist: boo
         except CacheError as e:
             raise CliError(str(e), EXIT_LOCKED) from None
     return store
+
+
+def _require_writable(store: Any, command: str) -> None:
+    if not store.writable():
+        raise CliError(f"{store.root} is read-only to this process: `{command}` writes the cache (inspect and verify work on it)", EXIT_LOCKED)
 
 
 @contextlib.contextmanager
@@ -383,8 +419,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     options = {"cache_dir": os.path.abspath(args.cache_dir), "buckets": buckets, **extra}
     try:
         config = AscendConfig.from_options(options)
-    except ConfigError as e:
-        raise CliError(str(e), EXIT_USAGE) from None
+    except (ConfigError, TypeError, ValueError) as e:
+        raise CliError(f"bad option: {e}", EXIT_USAGE) from None
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda but torch sees no CUDA device", EXIT_USAGE)
     if args.device == "npu" and not hasattr(torch, "npu"):
@@ -393,10 +429,17 @@ def _cmd_build(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
 
     store = _open_store(args.cache_dir, must_exist=False)
+    if os.path.isdir(store.root) and store.is_cache():
+        try:
+            store.check_format()
+        except CacheError as e:
+            raise CliError(str(e), EXIT_LOCKED) from None
+        _require_writable(store, "build")
     try:
         store.ensure()
     except (CacheError, OSError) as e:
         raise CliError(f"cannot use {store.root} as a cache: {e}", EXIT_LOCKED) from None
+    _require_writable(store, "build")
 
     with _locked(store.build_lock(args.lock_timeout)):
         model, inputs = _load_factory(args.model) if args.model else _load_hf_config(args.hf_config, args.seq_len)
@@ -501,6 +544,10 @@ def _entry_report(store: Any, summary: Any) -> dict[str, Any]:
         "torch_artifacts": m.get("torch_artifacts", {}),
         "timings": m.get("timings", {}),
         "factors": m.get("factors", {}),
+        # the options the "config" factor hashes, and the serving options recorded beside
+        # the key (not in it: a runtime with other buckets or warm-up loads this entry)
+        "graph_options": m.get("graph_options", {}),
+        "serving_options": m.get("serving_options", {"buckets": m.get("buckets")}),
         # "load": a hit loads the compiled graph (AOTAutograd's cache); "rebuild": a hit
         # runs the build with the artifacts hot-loaded (FX codegen, or torch declined to save)
         "on_hit": "load" if m.get("aot_cache_tag") else "rebuild",
@@ -517,34 +564,45 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     total = sum(e["bytes"] for e in entries)
     print(f"cache {store.root}: {len(entries)} entries, {_size(total)}")
     for b in builds:
+        if b.get("problem"):
+            print(f"build record {b.get('_file')}: CORRUPT: {b['problem']}")
+            continue
         per = ", ".join(f"{r['bucket']}: {r['seconds']:.1f} s" for r in b.get("per_bucket", []))
         print(f"build {b.get('name')}: {b.get('model') or b.get('hf_config')} on {b.get('device')} {b.get('dtype')}, buckets {b.get('buckets')}, {b.get('total_seconds')} s ({per}), {b.get('created')}")
     for e in entries:
         if e["problem"]:
-            print(f"entry {e['key'][:12]}  UNREADABLE: {e['problem']}")
+            print(f"entry {e['key'][:12]}  CORRUPT: {e['problem']}")
             continue
         print(f"entry {e['key'][:12]}  {e['graph_id']}  {e['codegen']}  batch symbol {e['batch_symbol']}  buckets {e['buckets']}  {_size(e['bytes'])}  built in {e['timings'].get('build_seconds')} s  {e['created']}")
         print(f"  inputs: {' '.join(e['inputs'])}")
         files = ", ".join(f"{n} {_size(b or 0)}" for n, b in sorted(e["files"].items()))
         print(f"  files: {files}; {e['kernels']} inductor kernel files, {e['triton_files']} Triton cache files ({e['first_run_files']} of all from the first run); torch artifacts {e['torch_artifacts']}; a hit will {e['on_hit']}")
-        print("  factors: " + " ".join(f"{k}={v}" for k, v in e["factors"].items()))
+        print("  key factors: " + " ".join(f"{k}={v}" for k, v in e["factors"].items()))
+        if e["graph_options"]:
+            print("  options in the key (config factor): " + " ".join(f"{k}={_option(v)}" for k, v in sorted(e["graph_options"].items())))
+        print("  options recorded beside the key (not in it): " + " ".join(f"{k}={_option(v)}" for k, v in sorted(e["serving_options"].items())))
     return EXIT_OK
 
 
+def _option(value: Any) -> str:
+    return json.dumps(value, default=str, separators=(",", ":"))
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
-    store = _open_store(args.cache_dir, args.lock_timeout, must_exist=True)
+    # Reading takes no lock (entries appear and are replaced by renames; checksums catch
+    # a half-read one), so a read-only cache verifies like any other.
+    store = _open_store(args.cache_dir, must_exist=True)
     results = []
-    with _locked(store.lock(exclusive=False)):
-        leftovers = store.leftovers()
-        for digest in store.digests():
-            problems = store.verify(digest)
-            stale: dict[str, tuple[str, str]] = {}
-            reason = ""
-            if not problems and not args.checksums_only:
-                summary = store.summary(digest)
-                stale, reason = _stale_factors(summary.manifest or {})
-            status = "corrupt" if problems else ("stale" if stale else "ok")
-            results.append({"key": digest, "status": status, "problems": problems, "stale": {k: {"here": h, "entry": e} for k, (h, e) in stale.items()}, "reason": reason})
+    leftovers = store.leftovers()
+    for digest in store.digests():
+        problems = store.verify(digest)
+        stale: dict[str, tuple[str, str]] = {}
+        reason = ""
+        if not problems and not args.checksums_only:
+            summary = store.summary(digest)
+            stale, reason = _stale_factors(summary.manifest or {})
+        status = "corrupt" if problems else ("stale" if stale else "ok")
+        results.append({"key": digest, "status": status, "problems": problems, "stale": {k: {"here": h, "entry": e} for k, (h, e) in stale.items()}, "reason": reason})
     bad = [r for r in results if r["status"] != "ok"]
     if args.json:
         print(json.dumps({"cache": store.root, "entries": results, "leftovers": leftovers, "ok": not bad}, indent=1, sort_keys=True))
@@ -565,6 +623,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_clear(args: argparse.Namespace) -> int:
     store = _open_store(args.cache_dir, args.lock_timeout, must_exist=True)
+    _require_writable(store, "clear")
     with _locked(store.lock(exclusive=True)):
         if args.stale:
             targets = []

@@ -3,6 +3,16 @@
 Usage: ``python benchmarks/warm_start.py [--device cpu|cuda] [--model small|medium|tiny]
 [--buckets 1,2,4,8] [--json]``
 
+``python benchmarks/warm_start.py --table`` measures issue #24's table instead: one
+``ascend-graph build tests.cache.llama_factory:make --buckets 1,2,4 --cache-dir C`` (a
+4-layer Llama-class model, example batch 4 x 16 tokens), then one fresh process per row,
+each with an empty ``TORCHINDUCTOR_CACHE_DIR`` (inductor's C++ compile is part of a cold
+start), timing ``torch.compile`` plus the first call: no cache (cold) at batch 1; the
+build's buckets at first batch 1, 3 and 4; no option but ``cache_dir`` at batch 4. It
+prints a markdown table with the cache events, Dynamo's share (traces, restarts and our
+backend) and the load average of the machine (the CPU numbers are only comparable on a
+quiet one).
+
 Two child processes run the same script, one after the other, on one cache directory:
 
 - cold: empty cache dir, empty ``TORCHINDUCTOR_CACHE_DIR`` and ``TRITON_CACHE_DIR``,
@@ -158,7 +168,55 @@ def run_child(script_args: list[str], work: Path, name: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+TABLE_ROWS = (
+    # (runtime options shown, cache?, options, first batch)
+    ("none (cold, no cache)", False, {}, 1),
+    ("`cache_dir=C, buckets=[1,2,4]`", True, {"buckets": [1, 2, 4]}, 1),
+    ("`cache_dir=C, buckets=[1,2,4]`", True, {"buckets": [1, 2, 4]}, 3),
+    ("`cache_dir=C, buckets=[1,2,4]`", True, {"buckets": [1, 2, 4]}, 4),
+    ("`cache_dir=C` (default buckets)", True, {}, 4),
+)
+
+
+def issue_table() -> None:
+    """Issue #24's table, re-measured (see the module docstring)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+
+    def run(argv: list[str], inductor: Path) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, *argv], env={**env, "TORCHINDUCTOR_CACHE_DIR": str(inductor)}, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"{argv[:3]} failed with exit code {proc.returncode}")
+        return proc
+
+    load = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="ag-warm-table-") as tmp:
+        work = Path(tmp)
+        cache_dir = work / "C"
+        start = time.perf_counter()
+        run(["-m", "ascend_graph.cli", "build", "tests.cache.llama_factory:make", "--buckets", "1,2,4", "--cache-dir", str(cache_dir)], work / "inductor-build")
+        build_seconds = time.perf_counter() - start
+        load.append(os.getloadavg()[0])
+        rows = []
+        for n, (label, use_cache, options, batch) in enumerate(TABLE_ROWS):
+            proc = run(["-m", "tests.cache.llama_factory", str(cache_dir) if use_cache else "none", str(batch), json.dumps(options)], work / f"inductor-{n}")
+            rows.append((label, batch, json.loads(proc.stdout.strip().splitlines()[-1])))
+            load.append(os.getloadavg()[0])
+    cold = rows[0][2]["seconds"]
+    print(f"build (`--buckets 1,2,4`): {build_seconds:.1f} s; 1-minute load average during the runs: {min(load):.1f} to {max(load):.1f} on {os.cpu_count()} cores")
+    print("| runtime options | first call batch | first call s | warm / cold | cache events | Dynamo (traces + backend) s | backend s | max abs diff vs eager |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, batch, r in rows:
+        events = ", ".join(f"{status} ({detail})" if detail else f"{status} ({', '.join(changed) or '-'})" for status, changed, detail in r["events"]) or "-"
+        ratio = "-" if r is rows[0][2] else f"{r['seconds'] / cold:.1%}"
+        print(f"| {label} | {batch} | {r['seconds']:.2f} | {ratio} | {events} | {r['dynamo_seconds']:.2f} | {r['backend_seconds']:.2f} | {r['max_err']:.1e} |")
+
+
 def main() -> None:
+    if "--table" in sys.argv[1:]:
+        issue_table()
+        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--model", default=None, choices=("tiny", "small", "medium"))

@@ -4,9 +4,13 @@ Entry point: :func:`compile_with_cache`, called by the backend's cache hook when
 ``options["cache_dir"]`` is set (and, through ``torch.compile``, by ``ascend-graph
 build``). For one Dynamo graph it:
 
-1. computes the key (``key.py``: package, pass uuids, config hash, graph code and input
-   shapes, torch / triton / torch_npu / CANN / Python versions, device);
-2. under the shared lock, reads and verifies the entry of that key (``store.py``);
+1. computes the key (``key.py``: package, pass uuids, the hash of the options the
+   compiled graph depends on, graph code and input shapes, torch / triton / torch_npu /
+   CANN / Python versions, device). Serving options (buckets, warm-up, graphs on/off,
+   output cloning, budgets) are not in it but recorded beside it; a runtime without a
+   ``buckets`` option serves the buckets of the entry it loads;
+2. reads and verifies the entry of that key (``store.py``; no lock, nothing written, so
+   a read-only cache serves hits as well);
 3. on a hit: restores the entry's compiled C++ kernels and hot-loads its torch
    artifacts into torch's local caches, then
    - inductor codegen (entries with an ``aot_cache_tag``): *loads* the compiled graph
@@ -21,7 +25,8 @@ build``). For one Dynamo graph it:
 4. on a miss: logs which key factor differs from the closest entry of the same graph
    (WARNING when there is one: passes, config, graph, versions, device), builds (under a
    new AOTAutograd tag for inductor codegen) while recording torch's artifacts and the
-   kernels the build loaded, and writes the entry atomically under the exclusive lock;
+   kernels the build loaded, and writes the entry atomically under the exclusive lock
+   (a read-only cache is not written: the miss is counted as ``read_only``);
 5. a corrupt or truncated entry (a checksum fails) is logged, never read further, and
    replaced by the rebuild.
 
@@ -56,7 +61,7 @@ import torch.fx
 from .. import _stats
 from ..errors import CacheError
 from . import aot
-from .key import ENVIRONMENT_FACTORS, KEY_FACTORS, CacheKey, compute_key, environment_factors
+from .key import ENVIRONMENT_FACTORS, KEY_FACTORS, SERVING_OPTIONS, CacheKey, compute_key, environment_factors, graph_options, serving_options
 from .store import (
     TORCH_ARTIFACTS,
     CacheStore,
@@ -77,6 +82,7 @@ __all__ = [
     "CacheKey",
     "KEY_FACTORS",
     "ENVIRONMENT_FACTORS",
+    "SERVING_OPTIONS",
     "environment_factors",
     "explain_miss",
 ]
@@ -91,6 +97,9 @@ POST_PASS_FILE = "post_pass.py"
 class CacheEvent:
     """What happened to one graph: ``status`` is hit, miss, corrupt, mismatch or error.
 
+    ``read_only``: a miss, corrupt entry or mismatch whose build was not stored because
+    the cache is read-only (counted as ``read_only`` in ``stats()["cache"]``).
+
     On a hit ``detail`` says how: ``loaded`` (the compiled graph came from the entry;
     nothing was traced or compiled) or ``built`` (the build ran with the entry's
     artifacts hot-loaded).
@@ -103,6 +112,8 @@ class CacheEvent:
     compile_seconds: float = 0.0
     load_seconds: float = 0.0
     detail: str = ""
+    #: the graph was built but not stored: the cache is read-only to this process
+    read_only: bool = False
 
 
 # Collectors opened by record_events(); a ContextVar so nested or concurrent builders
@@ -124,10 +135,7 @@ def record_events() -> Iterator[list[CacheEvent]]:
 def _emit(event: CacheEvent) -> None:
     for events in _collectors.get():
         events.append(event)
-    # stats: ascend_graph.stats()["cache"] once _stats.record_cache exists (see the cache report).
-    record = getattr(_stats, "record_cache", None)
-    if record is not None:
-        record(event.status, event.changed, event.load_seconds)
+    _stats.record_cache(event.status, event.changed, event.load_seconds, read_only=event.read_only)
 
 
 def _short(value: str | None) -> str:
@@ -174,10 +182,14 @@ def compile_with_cache(
     key = compute_key(gm, example_inputs, ctx)
     digest = key.digest
     try:
-        store.ensure()
-        with store.lock(exclusive=False):
-            entry, problems = store.read_entry(digest)
-            candidates = [] if entry is not None or problems else [s for s in store.summaries() if s.digest != digest]
+        # Reading takes no lock and writes nothing: a read-only cache is read like any other.
+        if store.is_cache():
+            store.check_format()
+        else:
+            store.ensure()
+        read_only = not store.writable()
+        entry, problems = store.read_entry(digest)
+        candidates = [] if entry is not None or problems else [s for s in store.summaries() if s.digest != digest]
     except (CacheError, OSError) as e:
         if strict:
             raise e if isinstance(e, CacheError) else CacheError("graph cache is unreadable", expected=f"a readable cache at {store.root}", got=str(e)) from e
@@ -197,6 +209,7 @@ def compile_with_cache(
             entry = None
         else:
             load_seconds = time.perf_counter() - start
+            _adopt_buckets(ctx, entry)
             log.info("graph cache hit for %s (%s): %d kernels restored, torch artifacts %s, in %.2f s", ctx.graph_id, digest[:12], restored, counts, load_seconds)
             tag = _load_tag(entry, ctx)
             compiled, artifacts, recorder, seconds, aot_counts = _run(build, tag)
@@ -218,9 +231,9 @@ def compile_with_cache(
                 # it); record it so the gap gets found, and keep the entry current. It is
                 # written without a tag: until the key is fixed, its hits rebuild and
                 # compare rather than load.
-                log.warning("graph cache entry %s matched %s but the post-pass graph differs from the stored one; the cache key misses a factor; entry rewritten", digest[:12], ctx.graph_id)
-                written = _save(store, key, gm, ctx, artifacts, recorder.collect(), seconds, None, replace=True)
-                _emit(CacheEvent(ctx.graph_id, digest, "mismatch", compile_seconds=seconds, load_seconds=load_seconds))
+                log.warning("graph cache entry %s matched %s but the post-pass graph differs from the stored one; the cache key misses a factor; entry %s", digest[:12], ctx.graph_id, "kept (read-only cache)" if read_only else "rewritten")
+                written = None if read_only else _save(store, key, gm, ctx, artifacts, recorder.collect(), seconds, None, replace=True)
+                _emit(CacheEvent(ctx.graph_id, digest, "mismatch", compile_seconds=seconds, load_seconds=load_seconds, read_only=read_only))
                 return _amend_after_first_call(compiled, store, key.digest, written, recorder)
             else:
                 _emit(CacheEvent(ctx.graph_id, digest, "hit", compile_seconds=seconds, load_seconds=load_seconds, detail="built"))
@@ -254,9 +267,15 @@ def compile_with_cache(
         status = "miss"
 
     compiled, artifacts, recorder, seconds, tag = _build(build, ctx, digest)
-    # replace: an entry whose checksums hold but that torch could not read must go too.
-    written = _save(store, key, gm, ctx, artifacts, recorder.collect(), seconds, tag, replace=bool(problems))
-    _emit(CacheEvent(ctx.graph_id, digest, status, changed=changed, compile_seconds=seconds, detail=detail))
+    if read_only:
+        # A read-only cache (an image layer, a read-only mount) is never written, not even
+        # a lock file: the graph is built and served from this process only.
+        log.warning("graph cache %s is read-only: %s was compiled and is not stored", store.root, ctx.graph_id)
+        written = None
+    else:
+        # replace: an entry whose checksums hold but that torch could not read must go too.
+        written = _save(store, key, gm, ctx, artifacts, recorder.collect(), seconds, tag, replace=bool(problems))
+    _emit(CacheEvent(ctx.graph_id, digest, status, changed=changed, compile_seconds=seconds, detail=detail, read_only=read_only))
     return _amend_after_first_call(compiled, store, digest, written, recorder)
 
 
@@ -338,6 +357,20 @@ def _load_tag(entry: Entry, ctx: Any) -> str | None:
     return str(tag)
 
 
+def _adopt_buckets(ctx: Any, entry: Entry) -> None:
+    """A runtime without explicit buckets serves the buckets the entry was built for.
+
+    The bucket list is not in the key (the compiled graph does not depend on it), so an
+    entry is loaded whatever buckets the runtime asks for; a runtime that asks for none
+    gets the build's rather than the default list, which a build for a small model
+    would not have meant.
+    """
+    built = entry.manifest.get("buckets")
+    if ctx.config.buckets is None and built:
+        ctx.config = ctx.config.replace(buckets=tuple(int(b) for b in built))
+        log.info("graph cache: %s serves the entry's buckets %s (no buckets option given)", ctx.graph_id, list(ctx.config.buckets))
+
+
 def _restore(ctx: Any, entry: Entry) -> None:
     """Fill ``ctx`` with what the build reported (the forward compiler did not run)."""
     m = entry.manifest
@@ -413,6 +446,9 @@ def _save(
         "shapes": ctx.shapes.describe(),
         "passes": list(ctx.pass_manager.names) if ctx.pass_manager is not None else [],
         "config": ctx.config.describe(),
+        # the options the key hashes, and those recorded beside it (see key.SERVING_OPTIONS)
+        "graph_options": graph_options(ctx.config, ctx.codegen),
+        "serving_options": serving_options(ctx.config, ctx.codegen),
         "created": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds"),
         "created_unix": now,
         "timings": {"build_seconds": round(build_seconds, 3)},

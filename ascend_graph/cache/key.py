@@ -43,6 +43,10 @@ import torch.fx
 
 __all__ = [
     "KEY_FACTORS",
+    "SERVING_OPTIONS",
+    "config_factor",
+    "graph_options",
+    "serving_options",
     "ENVIRONMENT_FACTORS",
     "CacheKey",
     "compute_key",
@@ -59,6 +63,18 @@ KEY_FACTORS = ("package", "passes", "config", "graph", "torch", "triton", "torch
 #: The factors that describe the machine and its software rather than the model:
 #: an entry that differs from this machine in one of these is "stale" for ``verify``.
 ENVIRONMENT_FACTORS = ("package", "torch", "triton", "torch_npu", "cann", "python", "device")
+
+#: AscendConfig fields that steer capture and serving, not the compiled graph: they stay
+#: out of the key (a server with another bucket list, warm-up, graphs on/off, output
+#: cloning or budgets loads the same entries) and are recorded beside it in the manifest.
+#: Every other field is in the key, a field added later included: leaving one out must be
+#: a decision. ``max_graphs`` is in the key for torchair codegen (its capture limit is
+#: compiled into the torchair graph), out of it otherwise.
+SERVING_OPTIONS = (
+    "buckets", "max_batch", "num_speculative_tokens", "max_graphs", "warmup", "pad_roles",
+    "stream_budget", "memory_budget_bytes", "graphs", "clone_outputs",
+    "cache_dir", "cache_strict", "dump_dir", "debug", "explain_node",
+)
 
 #: Where CANN's toolkit lives when ``ASCEND_TOOLKIT_HOME`` is not set (its installer's default).
 _DEFAULT_CANN_HOME = "/usr/local/Ascend/ascend-toolkit/latest"
@@ -176,6 +192,28 @@ def graph_factor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> str
     return h.hexdigest()[:32]
 
 
+def _serving(config: Any, codegen: str) -> tuple[str, ...]:
+    return tuple(n for n in SERVING_OPTIONS if not (n == "max_graphs" and codegen == "torchair"))
+
+
+def graph_options(config: Any, codegen: str) -> dict[str, Any]:
+    """The config fields the compiled graph depends on (what the "config" factor hashes)."""
+    serving = _serving(config, codegen)
+    return {name: value for name, value in config.describe().items() if name not in serving}
+
+
+def serving_options(config: Any, codegen: str) -> dict[str, Any]:
+    """The config fields recorded beside the key (not in it): see ``SERVING_OPTIONS``."""
+    serving = _serving(config, codegen)
+    return {name: value for name, value in config.describe().items() if name in serving}
+
+
+def config_factor(config: Any, codegen: str) -> str:
+    """The "config" factor: hash of :func:`graph_options`, and the codegen resolved for the device."""
+    blob = json.dumps(graph_options(config, codegen), sort_keys=True, default=repr)
+    return f"{hashlib.sha256(blob.encode()).hexdigest()[:16]}:{codegen}"
+
+
 def graph_slot(input_names: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(input_names).encode()).hexdigest()[:16]
 
@@ -185,7 +223,7 @@ def compute_key(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], ctx: An
     factors = {
         "passes": ctx.pass_manager.uuid() if ctx.pass_manager is not None else NOT_INSTALLED,
         # codegen is resolved per device ("auto"), so it goes in beside the config hash.
-        "config": f"{ctx.config.compute_hash()}:{ctx.codegen}",
+        "config": config_factor(ctx.config, ctx.codegen),
         "graph": graph_factor(gm, example_inputs),
     }
     factors.update(environment_factors(ctx.device))

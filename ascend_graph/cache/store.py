@@ -4,7 +4,7 @@ Entry point: :class:`CacheStore` (used by :func:`ascend_graph.cache.compile_with
 and by the ``ascend-graph`` CLI). Layout of a cache directory::
 
     DIR/ascend-graph-cache.json     marker + format version (``clear`` refuses a dir without it)
-    DIR/.lock                       flock: shared to read an entry, exclusive to write/remove one
+    DIR/.lock                       flock: exclusive to write/remove an entry (reading takes none)
     DIR/.build.lock                 flock: held by ``ascend-graph build`` for its whole run
     DIR/entries/<digest>/           one entry per compiled Dynamo graph
         manifest.json               key factors, slot, buckets, shapes, timings, file checksums;
@@ -29,8 +29,14 @@ Invariants:
 - Every file of an entry has its sha256 and size in the manifest, and the manifest
   carries a checksum of itself; an entry whose checks fail is never read further (its
   torch artifacts are never deserialized) and is replaced by the rebuild.
-- Two processes never write one cache at once (``fcntl.flock``; no dependency), and a
-  reader never sees a half-replaced entry (readers hold the shared lock while reading).
+- Two processes never write one cache at once (``fcntl.flock``; no dependency).
+  Reading takes no lock, so a read-only cache (a container image layer, a read-only
+  mount) is read like any other: an entry appears and is replaced by renames, and a
+  reader that meets an entry mid-replacement sees a checksum fail and reads it again
+  once (:meth:`CacheStore.read_entry`). :meth:`CacheStore.writable` says whether this
+  process may write; callers that may not never try (no lock file is created).
+- A manifest is only used when every field a reader touches has its type (a manifest
+  re-sealed with ``factors`` or ``files`` of another type is corrupt, not a crash).
 
 Why kernels are stored: torch's mega-cache (``save_cache_artifacts``) bundles Triton
 kernels into inductor's FX-graph entries, but not the C++ kernels of the CPU backend.
@@ -99,6 +105,10 @@ TRITON = "triton"
 #: How often a waiting process retries a held lock (flock has no timeout of its own).
 _LOCK_POLL_SECONDS = 0.05
 
+#: How long a reader waits before reading an entry that failed its checks again (a
+#: replacement by a concurrent writer is two renames).
+_REREAD_SECONDS = 0.2
+
 
 # -- small helpers --------------------------------------------------------------------
 
@@ -139,6 +149,77 @@ def dir_size(path: str) -> int:
             with contextlib.suppress(OSError):
                 total += os.path.getsize(os.path.join(parent, name))
     return total
+
+
+# -- manifest schema ------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _str_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+
+
+def _safe_name(name: Any) -> bool:
+    """A relative path inside the entry directory (``a/b``), never absolute or with ``..``."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name:
+        return False
+    return all(p not in ("", ".", "..") for p in name.split("/"))
+
+
+def _files(v: Any) -> bool:
+    return isinstance(v, dict) and all(
+        _safe_name(k) and isinstance(m, dict) and isinstance(m.get("sha256"), str) and _is_int(m.get("bytes")) for k, m in v.items()
+    )
+
+
+def _shapes(v: Any) -> bool:
+    if not isinstance(v, dict) or not isinstance(v.get("inputs", []), list):
+        return False
+    return all(
+        isinstance(i, dict) and isinstance(i.get("name"), str) and isinstance(i.get("dims"), list) and all(isinstance(d, str) for d in i["dims"])
+        for i in v.get("inputs", [])
+    )
+
+
+def _brief(v: Any) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+#: Every manifest field a reader (the cache, ``inspect``, ``verify``) touches: its check and
+#: what it should be. Fields not here are informational; a field here that is absent is
+#: fine (older entries) unless it is in ``_REQUIRED_FIELDS``.
+_MANIFEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "key": (lambda v: isinstance(v, str), "a string"),
+    "factors": (_str_map, "an object of string values"),
+    "files": (_files, "an object of relative file names -> {sha256: string, bytes: int}"),
+    "slot": (lambda v: isinstance(v, str), "a string"),
+    "graph_id": (lambda v: isinstance(v, str), "a string"),
+    "codegen": (lambda v: isinstance(v, str), "a string"),
+    "buckets": (lambda v: v is None or (isinstance(v, list) and all(_is_int(b) and b > 0 for b in v)), "null or a list of positive ints"),
+    "shapes": (_shapes, "an object with inputs [{name, dims: [string]}]"),
+    "timings": (lambda v: isinstance(v, dict), "an object"),
+    "torch_artifacts": (lambda v: isinstance(v, dict), "an object"),
+    "config": (lambda v: isinstance(v, dict), "an object"),
+    "graph_options": (lambda v: isinstance(v, dict), "an object"),
+    "serving_options": (lambda v: isinstance(v, dict), "an object"),
+    "created": (lambda v: isinstance(v, str), "a string"),
+    "created_unix": (_is_number, "a number"),
+    "kernels": (_is_int, "an int"),
+    "first_run_files": (_is_int, "an int"),
+    "mutated_inputs": (lambda v: isinstance(v, list) and all(_is_int(i) for i in v), "a list of ints"),
+    "pass_records": (lambda v: isinstance(v, list) and all(isinstance(r, dict) and isinstance(r.get("name"), str) and _is_int(r.get("rewrites")) for r in v), "a list of {name, rewrites, ...}"),
+    "aot_cache_tag": (lambda v: isinstance(v, str), "a string"),
+    "build_id": (lambda v: isinstance(v, str), "a string"),
+}
+_REQUIRED_FIELDS = ("key", "factors", "files")
 
 
 # -- locking --------------------------------------------------------------------------
@@ -290,6 +371,15 @@ class CacheStore:
     def entry_dir(self, digest: str) -> str:
         return os.path.join(self.entries_dir, digest)
 
+    def writable(self) -> bool:
+        """Whether this process may write the cache (False on a read-only mount or without permission).
+
+        ``os.access`` reports a read-only file system even to root, who otherwise ignores
+        file modes.
+        """
+        target = self.entries_dir if os.path.isdir(self.entries_dir) else self.root
+        return os.access(target, os.W_OK | os.X_OK)
+
     def is_cache(self) -> bool:
         return os.path.isfile(os.path.join(self.root, MARKER))
 
@@ -357,12 +447,21 @@ class CacheStore:
             raise CacheError("entry manifest checksum mismatch", expected=want, got=_manifest_checksum(manifest))
         if manifest.get("format") != FORMAT_VERSION:
             raise CacheError("entry has another format", expected=FORMAT_VERSION, got=manifest.get("format"))
+        for name, (check, expected) in _MANIFEST_FIELDS.items():
+            if (name in manifest or name in _REQUIRED_FIELDS) and not check(manifest.get(name)):
+                raise CacheError(f"entry manifest field {name!r} is malformed", expected=expected, got=_brief(manifest.get(name)))
         return manifest
 
     def verify(self, digest: str) -> list[str]:
-        """Problems of one entry (empty when every checksum holds)."""
+        """Problems of one entry (empty when every checksum holds); takes no lock (see :meth:`read_entry`)."""
         problems: list[str] = []
-        self._check(digest, problems, keep=None)
+        for attempt in range(2):
+            problems = []
+            self._check(digest, problems, keep=None)
+            if not problems:
+                return []
+            if attempt == 0:
+                time.sleep(_REREAD_SECONDS)
         return problems
 
     def _check(self, digest: str, problems: list[str], keep: dict[str, bytes] | None) -> dict[str, Any] | None:
@@ -391,15 +490,24 @@ class CacheStore:
         return manifest
 
     def read_entry(self, digest: str) -> tuple[Entry | None, list[str]]:
-        """The verified entry, or ``(None, problems)``; the caller holds the shared lock."""
-        if not os.path.isdir(self.entry_dir(digest)):
-            return None, []
+        """The verified entry, or ``(None, problems)``; takes no lock.
+
+        A writer replaces an entry by two renames, so a reader can meet the old manifest
+        with the new files (or none): a check that fails is therefore repeated once,
+        after the time a replacement takes, before the entry is called corrupt.
+        """
         problems: list[str] = []
-        files: dict[str, bytes] = {}
-        manifest = self._check(digest, problems, keep=files)
-        if problems or manifest is None:
-            return None, problems
-        return Entry(digest, manifest, files), []
+        for attempt in range(2):
+            if not os.path.isdir(self.entry_dir(digest)):
+                return None, []
+            problems = []
+            files: dict[str, bytes] = {}
+            manifest = self._check(digest, problems, keep=files)
+            if not problems and manifest is not None:
+                return Entry(digest, manifest, files), []
+            if attempt == 0:
+                time.sleep(_REREAD_SECONDS)
+        return None, problems
 
     # -- writing --------------------------------------------------------------------
 
@@ -484,6 +592,10 @@ class CacheStore:
                     record = json.load(f)
             except (OSError, ValueError) as e:
                 record = {"problem": f"unreadable: {e}"}
+            if not isinstance(record, dict):
+                record = {"problem": f"malformed: a JSON {type(record).__name__}, not an object"}
+            elif not (isinstance(record.get("per_bucket", []), list) and all(isinstance(r, dict) and _is_int(r.get("bucket")) and _is_number(r.get("seconds")) for r in record.get("per_bucket", []))):
+                record = {"problem": "malformed: per_bucket is not a list of {bucket, seconds}"}
             record["_file"] = name
             out.append(record)
         return out
@@ -654,6 +766,10 @@ class KernelRecorder:
         wanted = files - self.files_before
         new_keys = {k for c in _code_caches() for k in c.cache} - self.keys_before
         wanted |= {rel for rel in files if rel.split("/", 1)[1].split(".", 1)[0] in new_keys}
+        # Every entry keeps the vector-ISA probes: a process that loads only this entry
+        # would otherwise compile them again (about ten C++ builds), whichever graph of
+        # the build process happened to compile them first.
+        wanted |= _isa_probes(root, files)
         out: dict[str, bytes] = {}
         for rel in sorted(wanted):
             if f"{KERNELS}/{rel}" in known:
@@ -672,6 +788,34 @@ class KernelRecorder:
                         data = data.replace(os.path.abspath(self.triton_root).encode(), TRITON_DIR_PLACEHOLDER)
                     out[f"{TRITON}/{rel}"] = data
         return out
+
+
+def _isa_probe_sources() -> frozenset[str]:
+    """The C++ programs inductor compiles to probe the CPU's vector ISA (``VecISA.*_code``)."""
+    try:
+        from torch._inductor import cpu_vec_isa
+    except ImportError:  # pragma: no cover
+        return frozenset()
+    out: set[str] = set()
+    for cls in vars(cpu_vec_isa).values():
+        if isinstance(cls, type):
+            out.update(v for k, v in vars(cls).items() if k.endswith("_code") and isinstance(v, str))
+    return frozenset(out)
+
+
+def _isa_probes(root: str, binaries: Collection[str]) -> set[str]:
+    """The ``<xx>/<key>.so`` among ``binaries`` that are vector-ISA probes (their ``<key>.cpp`` is a probe program)."""
+    sources = _isa_probe_sources()
+    out: set[str] = set()
+    for rel in binaries:
+        if not rel.endswith(".so"):
+            continue
+        source = os.path.join(root, rel[: -len(".so")] + ".cpp")
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            with open(source, encoding="utf-8") as f:
+                if f.read() in sources:
+                    out.add(rel)
+    return out
 
 
 def _restore_into(root: str, files: Mapping[str, bytes], what: str, expected: str, fix: Callable[[str, bytes], bytes] | None = None) -> int:

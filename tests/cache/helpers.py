@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import subprocess
 import textwrap
 
 import torch
@@ -132,3 +135,47 @@ def truncate(path: str) -> None:
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(size // 2)
+
+
+@contextlib.contextmanager
+def read_only_view(src, mountpoint):
+    """``src`` seen read-only at ``mountpoint``, really: writes fail even for root.
+
+    Root ignores file modes, so a chmod proves nothing when the tests run as root: the
+    view is a read-only bind mount (``mount --bind`` + ``remount,ro,bind``), as a
+    read-only volume or image layer would be. Not root: file modes are enough, so the
+    view is a copy without write permission.
+    """
+    os.makedirs(str(mountpoint), exist_ok=True)
+    if os.geteuid() != 0:
+        shutil.copytree(str(src), str(mountpoint), dirs_exist_ok=True)
+        for parent, dirs, files in os.walk(str(mountpoint)):
+            for name in dirs + files:
+                os.chmod(os.path.join(parent, name), 0o555)
+        os.chmod(str(mountpoint), 0o555)
+        yield str(mountpoint)
+        return
+    subprocess.run(["mount", "--bind", str(src), str(mountpoint)], check=True, capture_output=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(mountpoint)], check=True, capture_output=True)
+        probe = os.path.join(str(mountpoint), ".write-probe")
+        try:
+            open(probe, "w").close()
+        except OSError:
+            pass
+        else:  # pragma: no cover - the mount did not become read-only
+            os.remove(probe)
+            raise AssertionError(f"{mountpoint} is writable after remount,ro")
+        yield str(mountpoint)
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False, capture_output=True)
+
+
+def tree(root) -> dict[str, int]:
+    """Every file under ``root`` with its size (to show that nothing was written)."""
+    out = {}
+    for parent, _, files in os.walk(str(root)):
+        for name in files:
+            path = os.path.join(parent, name)
+            out[os.path.relpath(path, str(root))] = os.path.getsize(path)
+    return out

@@ -64,16 +64,37 @@ def test_pass_source_change_invalidates(tmp_path, model, caplog, monkeypatch):
 
 def test_config_change_invalidates(tmp_path, model, caplog):
     compile_and_run(model, tmp_path)
-    changed, text = _rebuild_reason(tmp_path, model, caplog, max_graphs=7)
+    changed, text = _rebuild_reason(tmp_path, model, caplog, inductor_config={"max_autotune": False})
     assert changed == ("config",)
     assert "different config" in text
 
 
 def test_options_outside_the_hash_do_not_invalidate(tmp_path, model):
-    compile_and_run(model, tmp_path)
+    compile_and_run(model, tmp_path, buckets=[1, 2, 4])
+    serving = dict(
+        debug=True, buckets=[4, 8], warmup=True, graphs=False, clone_outputs=False, max_graphs=3,
+        max_batch=16, memory_budget_bytes=1 << 20, stream_budget=100, num_speculative_tokens=0, cache_strict=True,
+    )
     with cache.record_events() as events:
-        compile_and_run(model, tmp_path, debug=True)
+        compile_and_run(model, tmp_path, **serving)
     assert _statuses(events) == [("hit", ())]
+    (entry,) = [CacheStore(str(tmp_path)).read_entry(d)[0] for d in CacheStore(str(tmp_path)).digests()]
+    # recorded beside the key: the options of the compile that wrote the entry
+    assert entry.manifest["serving_options"]["buckets"] == [1, 2, 4] and "buckets" not in entry.manifest["graph_options"]
+    assert set(entry.manifest["graph_options"]) >= {"codegen", "fusions", "cleanup", "inductor_config"}
+
+
+def test_runtime_without_buckets_serves_the_entry_buckets(tmp_path, model, caplog):
+    compile_and_run(model, tmp_path, buckets=[4, 8])
+    with caplog.at_level(logging.INFO, logger="ascend_graph.cache"), cache.record_events() as events:
+        out, ref = compile_and_run(model, tmp_path)  # no buckets option
+    torch.testing.assert_close(out, ref)
+    assert _statuses(events) == [("hit", ())]
+    assert "serves the entry's buckets [4, 8]" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ascend_graph.cache"):
+        compile_and_run(model, tmp_path, buckets=[2, 16])  # explicit buckets win
+    assert "serves the entry's buckets" not in caplog.text
 
 
 @pytest.mark.parametrize("factor,value", [("torch", "9.9.9"), ("triton", "0.0.1"), ("cann", "8.0.RC9"), ("device", "cpu:x86_64:OTHER")])
@@ -96,10 +117,6 @@ def test_graph_change_invalidates(tmp_path, caplog):
 
 
 def test_stats_count_hits_and_rebuild_reasons(tmp_path, model, monkeypatch):
-    from ascend_graph import _stats
-
-    if not hasattr(_stats, "record_cache"):
-        pytest.skip("needs _stats.record_cache (proposed in the cache report)")
     import ascend_graph
 
     compile_and_run(model, tmp_path)
@@ -122,7 +139,10 @@ def _strict_backend(tmp_path):
     config = AscendConfig.from_options({"cache_dir": str(tmp_path), "codegen": "fx", "fusions": []})
 
     def backend(gm, example_inputs):
+        from ascend_graph.cache.dynamic import restart_batch_dynamic
+
         shapes = analyze_graph(gm, example_inputs)
+        restart_batch_dynamic(gm, example_inputs, shapes, config)  # as "ascend" does with cache_dir
         ctx = be.CompileContext(config, torch.device("cpu"), shapes, graph_id="strict")
         ctx.pass_manager = build_pass_manager(config)
 
