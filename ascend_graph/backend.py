@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -57,6 +57,9 @@ def ascend_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kw
     """Dynamo backend entry point (``torch.compile(..., backend="ascend", options=...)``)."""
     options = kwargs.pop("options", None)
     mode = kwargs.pop("mode", None)
+    if options is not None and not isinstance(options, Mapping):
+        # checked before the merge with vLLM's options below, which would be a bare TypeError
+        raise ConfigError("torch.compile options must be a dict", expected="options={name: value}", got=type(options).__name__)
     if kwargs:
         raise ConfigError(
             f"unexpected torch.compile argument(s) {sorted(kwargs)} for backend='ascend'",

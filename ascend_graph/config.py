@@ -1,9 +1,10 @@
 """AscendConfig: the one typed, frozen configuration of a compile.
 
 ``torch.compile(model, backend="ascend", options={...})`` turns ``options`` into an
-``AscendConfig`` with :meth:`AscendConfig.from_options`; an unknown key or a value of the
-wrong type is a :class:`~ascend_graph.errors.ConfigError` naming the key and listing the
-valid ones. ``compute_hash()`` feeds the graph-cache key, so it covers every field that
+``AscendConfig`` with :meth:`AscendConfig.from_options`; an unknown key, a value of the
+wrong type (a bool where an int is meant included) or out of range, or an
+``inductor_config`` key inductor does not have, is a
+:class:`~ascend_graph.errors.ConfigError` naming the key, with expected and got. ``compute_hash()`` feeds the graph-cache key, so it covers every field that
 changes the generated code.
 
 Environment variables are never read here (see STYLE.md): entry points read them and
@@ -13,6 +14,7 @@ pass values in.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field, fields
@@ -73,6 +75,21 @@ class AscendConfig:
     inductor_config: tuple[tuple[str, Any], ...] = _doc("inductor config patches as (key, value) pairs", ())
 
     def __post_init__(self) -> None:
+        # Every field is checked here, not only in from_options: AscendConfig(...) and
+        # replace() are public too, and a value out of range would otherwise surface much
+        # later as a silent behaviour change (no buckets, every capture dropped).
+        for f in fields(self):
+            _check_type(f.name, f.type, getattr(self, f.name))
+        for name in ("fusions", "buckets"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+        for name in _PAIR_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, tuple(sorted(value.items())))
+            elif not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
         if any(f in FUSION_ALIASES for f in self.fusions):
             renamed = tuple(dict.fromkeys(FUSION_ALIASES.get(f, f) for f in self.fusions))
             object.__setattr__(self, "fusions", renamed)  # frozen: normalised once, here
@@ -84,16 +101,22 @@ class AscendConfig:
         if self.torchair_mode not in _TORCHAIR_MODES:
             raise ConfigError("unknown torchair_mode", expected=f"one of {_TORCHAIR_MODES}", got=repr(self.torchair_mode))
         if self.buckets is not None:
-            if not self.buckets or any((not isinstance(b, int)) or b < 1 for b in self.buckets):
-                raise ConfigError("buckets must be positive integers", expected="e.g. (1, 2, 4, 8)", got=self.buckets)
-        for name in ("max_batch", "max_graphs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1", expected=">= 1", got=getattr(self, name))
-        if self.num_speculative_tokens < 0:
-            raise ConfigError("num_speculative_tokens must be >= 0", expected=">= 0", got=self.num_speculative_tokens)
+            bad = [b for b in self.buckets if isinstance(b, bool) or not isinstance(b, int) or b < 1]
+            if not self.buckets or bad:
+                raise ConfigError(
+                    "option 'buckets' must be a non-empty list of positive integers",
+                    expected="e.g. [1, 2, 4, 8]",
+                    got=repr(list(self.buckets)),
+                )
+        for name, minimum in _MINIMUMS.items():
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise ConfigError(f"option {name!r} must be >= {minimum}", expected=f">= {minimum}" + (" or None" if name in _OPTIONAL_INTS else ""), got=value)
         for name, role in self.pad_roles:
             if role not in PAD_ROLES:
                 raise ConfigError(f"unknown pad role for input {name!r}", expected=f"one of {PAD_ROLES}", got=role)
+        if self.inductor_config:
+            _check_inductor_keys(self.inductor_config)
 
     # -- construction ---------------------------------------------------------------
 
@@ -146,41 +169,81 @@ class AscendConfig:
 
 _TUPLE_FIELDS = {"fusions", "buckets"}
 _PAIR_FIELDS = {"pad_roles", "inductor_config"}
+#: lowest valid value of each integer option (None, where allowed, means "no limit")
+_MINIMUMS = {
+    "batch_dim": 0,
+    "max_batch": 1,
+    "num_speculative_tokens": 0,
+    "max_graphs": 1,
+    "stream_budget": 1,
+    "memory_budget_bytes": 0,
+}
+_OPTIONAL_INTS = {"stream_budget", "memory_budget_bytes"}
 
 
 def _coerce(key: str, annotation: str, value: Any) -> Any:
-    """Accept the natural Python spellings (lists, dicts) and check basic types."""
+    """Accept the natural Python spellings (lists for tuples, dicts for pairs).
+
+    Types and ranges are checked by ``AscendConfig.__post_init__``; here only the
+    spellings that would otherwise be silently misread are rejected (a dict given as
+    ``buckets`` would become its keys, a set has no order).
+    """
     if key in _TUPLE_FIELDS:
         if value is None and "None" in annotation:
             return None
-        if isinstance(value, str) or not hasattr(value, "__iter__"):
+        if not isinstance(value, (list, tuple, range)):
             raise ConfigError(f"option {key!r} must be a list", expected="a list or tuple", got=repr(value))
         return tuple(value)
     if key in _PAIR_FIELDS:
         if isinstance(value, Mapping):
-            return tuple(sorted(value.items()))
+            return tuple(sorted((str(k), v) for k, v in value.items()))
         try:
             return tuple((str(k), v) for k, v in value)
         except (TypeError, ValueError):
             raise ConfigError(f"option {key!r} must be a dict", expected="dict[str, ...]", got=repr(value)) from None
+    return value
+
+
+def _check_type(key: str, annotation: str, value: Any) -> None:
+    """One field's value against its annotation; bools are not ints here."""
+    if value is None and "None" in annotation:
+        return
     if annotation == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"option {key!r} must be a bool", expected="True or False", got=repr(value))
-        return value
-    if annotation == "int" or annotation == "int | None":
-        if value is None and "None" in annotation:
-            return None
+    elif annotation in ("int", "int | None"):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"option {key!r} must be an int", expected="int", got=repr(value))
-        return value
-    if annotation in ("str", "str | None"):
-        if value is None and "None" in annotation:
-            return None
+            raise ConfigError(f"option {key!r} must be an int", expected="int" + (" or None" if "None" in annotation else ""), got=repr(value))
+    elif annotation in ("str", "str | None"):
         if not isinstance(value, str):
             raise ConfigError(f"option {key!r} must be a string", expected="str", got=repr(value))
-        return value
-    if key == "batch_input":
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+    elif key == "batch_input":
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise ConfigError("option 'batch_input' must be a name or an index", expected="str | int | None", got=repr(value))
-        return value
-    return value
+    elif key in _TUPLE_FIELDS:
+        if not isinstance(value, (list, tuple, range)):
+            raise ConfigError(f"option {key!r} must be a list", expected="a list or tuple", got=repr(value))
+    elif key in _PAIR_FIELDS:
+        pairs = value.items() if isinstance(value, Mapping) else value
+        ok = isinstance(value, (Mapping, tuple, list)) and all(
+            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in pairs
+        )
+        if not ok:
+            raise ConfigError(f"option {key!r} must be a dict", expected="dict[str, ...]", got=repr(value))
+
+
+def _check_inductor_keys(pairs: tuple[tuple[str, Any], ...]) -> None:
+    """Every key must be one of inductor's config options (dotted for nested ones:
+    ``"triton.cudagraphs"``); inductor's own patch() would fail later with a bare
+    AttributeError, after Dynamo has traced the model."""
+    from torch._inductor import config as inductor_config
+
+    valid = set(inductor_config.get_config_copy())
+    unknown = sorted(k for k, _ in pairs if k not in valid)
+    if unknown:
+        close = {k: difflib.get_close_matches(k, valid, n=3) for k in unknown}
+        raise ConfigError(
+            f"unknown inductor_config key(s) {unknown}",
+            expected="keys of torch._inductor.config" + "".join(f"; for {k!r} did you mean {m}" for k, m in close.items() if m),
+            got=unknown,
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import pytest
 import torch
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -38,3 +39,25 @@ def test_mtp_draft_step_matches_eager_on_real_rows_across_buckets():
     # padded rows are whole dummy requests: 3->4, 5->8, 2->2, 7->8, 4->4
     assert st["padding"]["real_rows"] == sum(batches) and st["padding"]["padded_rows"] == 1 + 3 + 0 + 1 + 0
     assert st["padding"]["rewrites"] == 1  # the FIA padding pass over the one paged attention
+
+
+@pytest.mark.slow
+def test_quickstart_compiles_two_graphs_and_says_what_it_did():
+    """examples/quickstart.py as a newcomer runs it (inductor codegen, default options but
+    fewer timing iterations): two Dynamo graphs for prefill and decode across batch 2 and
+    3 and a growing KV cache, logits equal to eager, and a printout whose numbers are the
+    stats' own."""
+    qs = _load("quickstart")
+    r = qs.run(warmup=1, iters=3)
+    st = r["stats"]
+    assert st["graphs_compiled"] == 2  # before: 6 (a static first graph, then one per new shape)
+    assert r["worst_logit_diff"] < 1e-4
+    assert st["fusions"]["attention"] == 2 * 2  # each layer's SDPA, in the prefill and the decode graph
+    assert st["replays"] == len(r["calls"]) == 8 and st["eager_fallbacks"] == 0
+    # batch 3 runs in bucket 4: one dummy row in each of its 4 calls
+    assert st["padding"]["padded_rows"] == 4 and st["padding"]["real_rows"] == 4 * 2 + 4 * 3
+    text = qs.report(r)
+    assert "2 Dynamo graphs" in text and "attention x4" in text and "batch 3 ran as 4" in text
+    assert "(4 dummy rows beside 20 real ones)" in text and "replayed   8 calls" in text
+    assert f"eager {r['eager_ms']:.2f} ms, ascend {r['compiled_ms']:.2f} ms" in text
+    assert "On the CPU there is no device graph" in text

@@ -224,7 +224,20 @@ def _pick_batch_symbol(inputs: Sequence[ValueShape], batch_input: str | int | No
         # The first tensor input's dim: token ids in HF models, the flattened token count
         # in vLLM graphs. If Dynamo specialised it (a size-1 batch), the graph is static:
         # another input's symbolic dim (a cache's slot count) is not a batch.
-        if not tensors or len(tensors[0].dims) <= batch_dim or not tensors[0].dims[batch_dim].free_symbols:
+        if not tensors:
+            return None
+        rank = len(tensors[0].dims)
+        if rank <= batch_dim and not (rank == 0 and batch_dim == 0):
+            # Returning None here would turn bucketing off without a word (one graph per
+            # batch size): a batch_dim past the batch input's rank is a user error. A 0-d
+            # first input under the default batch_dim=0 is not one: that graph has no
+            # batch (a scalar argument), as before.
+            raise ConfigError(
+                f"batch_dim {batch_dim} is out of range for the batch input {tensors[0].name!r}",
+                expected=f"batch_dim < {len(tensors[0].dims)} (its rank), or options['batch_input'] naming another input",
+                got=f"batch_dim={batch_dim} for dims {[str(d) for d in tensors[0].dims]}",
+            )
+        if rank == 0 or not tensors[0].dims[batch_dim].free_symbols:
             return None
         return _single_symbol(tensors[0], batch_dim)
     if isinstance(batch_input, int):

@@ -1,5 +1,7 @@
-"""The attention contracts: references against independent formulations, fake impls,
-the Triton kernels (under TRITON_INTERPRET=1 on the CPU, natively on CUDA)."""
+"""The attention contracts: the CPU ops against attention written out in float64
+(tests/attention_reference.py: on the CPU the op *is* SDPA, so SDPA cannot be its
+reference), fake impls, the Triton kernels (under TRITON_INTERPRET=1 on the CPU, natively
+on CUDA) against the package's reference, itself held to the float64 math here."""
 
 from __future__ import annotations
 
@@ -10,10 +12,10 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ascend_graph.errors import UnsupportedError
 from ascend_graph.ops import attention as ops
+from tests.attention_reference import assert_close_f64, attention_f64, causal_keep
 
 
 def _rand(*shape, dtype=torch.float32, device="cpu", seed=0):
@@ -35,41 +37,65 @@ def _paged_case(device="cpu", dtype=torch.float32, nq=6, nkv=2, d=48, dv=32, pag
 
 
 @pytest.mark.parametrize("nkv", [5, 1])
-def test_dense_matches_sdpa_with_gqa_and_mask(nkv):
+def test_dense_matches_float64_math_with_gqa_and_mask(nkv):
     q, k, v = _rand(2, 5, 3, 16), _rand(2, nkv, 11, 16, seed=1), _rand(2, nkv, 11, 16, seed=2)
     mask = _rand(2, 1, 3, 11, seed=3) > -0.5
     mask[..., 0] = True
     out = ops.attention(q, k, v, mask, None, 0.3, False, -1)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
-    torch.testing.assert_close(out, ref)
+    assert_close_f64(out, attention_f64(q, k, v, scale=0.3, keep=mask))
+    # an additive (float) mask is added to the scores
+    bias = _rand(2, 1, 3, 11, seed=4)
+    assert_close_f64(ops.attention(q, k, v, bias, None, 0.3, False, -1), attention_f64(q, k, v, scale=0.3, bias=bias))
     # SDPA's layout: [B, S, N, D] storage, BNSD view
     assert out.transpose(1, 2).is_contiguous()
 
 
 def test_dense_causal_is_bottom_right_and_window_limits_keys():
     q, k, v = _rand(1, 2, 3, 16), _rand(1, 2, 7, 16, seed=1), _rand(1, 2, 7, 16, seed=2)
-    qpos = torch.arange(3)[:, None] + 4
-    kpos = torch.arange(7)[None, :]
     causal = ops.attention(q, k, v, None, None, 0.25, True, -1)
-    torch.testing.assert_close(causal, F.scaled_dot_product_attention(q, k, v, attn_mask=kpos <= qpos, scale=0.25))
+    assert_close_f64(causal, attention_f64(q, k, v, scale=0.25, keep=causal_keep(3, 7)))
     window = ops.attention(q, k, v, None, None, 0.25, True, 2)
-    torch.testing.assert_close(window, F.scaled_dot_product_attention(q, k, v, attn_mask=(kpos <= qpos) & (kpos > qpos - 2), scale=0.25))
+    assert_close_f64(window, attention_f64(q, k, v, scale=0.25, keep=causal_keep(3, 7, window=2)))
     assert not torch.allclose(causal, window)
+    # causal and a mask together: both apply
+    mask = _rand(1, 1, 3, 7, seed=3) > 0
+    mask[..., -1] = True
+    both = ops.attention(q, k, v, mask, None, 0.25, True, -1)
+    assert_close_f64(both, attention_f64(q, k, v, scale=0.25, keep=causal_keep(3, 7) & mask))
     # one query (decode): bottom-right causal sees every key, a window shorter than the keys does not
     q1 = q[:, :, -1:]
-    torch.testing.assert_close(ops.attention(q1, k, v, None, None, 0.25, True, -1), F.scaled_dot_product_attention(q1, k, v, scale=0.25))
-    torch.testing.assert_close(ops.attention(q1, k, v, None, None, 0.25, True, 7), F.scaled_dot_product_attention(q1, k, v, scale=0.25))
-    torch.testing.assert_close(ops.attention(q1, k, v, None, None, 0.25, True, 2), F.scaled_dot_product_attention(q1, k[:, :, -2:], v[:, :, -2:], scale=0.25))
+    everything = attention_f64(q1, k, v, scale=0.25)
+    assert_close_f64(ops.attention(q1, k, v, None, None, 0.25, True, -1), everything)
+    assert_close_f64(ops.attention(q1, k, v, None, None, 0.25, True, 7), everything)
+    assert_close_f64(ops.attention(q1, k, v, None, None, 0.25, True, 2), attention_f64(q1, k[:, :, -2:], v[:, :, -2:], scale=0.25))
 
 
 def test_dense_sinks_enlarge_the_denominator_only():
     q, k, v = _rand(1, 2, 4, 16), _rand(1, 2, 4, 16, seed=1), _rand(1, 2, 4, 16, seed=2)
     sinks = torch.tensor([0.5, -1.0])
     out = ops.attention(q, k, v, None, sinks, 0.25, False, -1)
-    logits = (q @ k.transpose(-1, -2)) * 0.25
+    logits = (q.double() @ k.double().transpose(-1, -2)) * 0.25
     num = torch.exp(logits)
-    den = num.sum(-1, keepdim=True) + torch.exp(sinks).view(1, 2, 1, 1)
-    torch.testing.assert_close(out, (num / den) @ v)
+    den = num.sum(-1, keepdim=True) + torch.exp(sinks.double()).view(1, 2, 1, 1)
+    assert_close_f64(out, (num / den) @ v.double())
+    assert_close_f64(out, attention_f64(q, k, v, scale=0.25, sinks=sinks))
+
+
+def test_package_reference_matches_float64_math_and_zeroes_empty_rows():
+    """ops.attention_reference is the ground truth of the CUDA/NPU tests: hold it to the
+    float64 math too, including a row that may see no key (zeros, as FIA gives)."""
+    q, k, v = _rand(2, 6, 5, 16), _rand(2, 2, 9, 16, seed=1), _rand(2, 2, 9, 8, seed=2)
+    mask = _rand(2, 1, 5, 9, seed=3) > 0
+    mask[0, 0, 2] = False  # query 2 of batch 0 sees nothing
+    sinks = torch.linspace(-1, 1, 6)
+    for m, s, causal, window in ((mask, None, False, -1), (None, sinks, True, 3), (mask, sinks, True, -1)):
+        keep = causal_keep(5, 9, window=window if window > 0 else None) if causal else None
+        if m is not None:
+            keep = m if keep is None else keep & m
+        got = ops.attention_reference(q, k, v, m, s, 0.2, causal, window)
+        assert_close_f64(got, attention_f64(q, k, v, scale=0.2, keep=keep, sinks=s))
+    empty = ops.attention_reference(q, k, v, mask, None, 0.2, False, -1)[0, :, 2]
+    assert torch.count_nonzero(empty) == 0
 
 
 def test_dense_mla_value_dim_and_fake_shape():
@@ -90,19 +116,21 @@ def test_dense_rejects_bad_head_counts():
 # --------------------------------------------------------------------------- paged / cache
 
 
-def test_paged_matches_dense_per_request_and_zeroes_padding():
+def test_paged_matches_float64_math_per_request_and_zeroes_padding():
     q, kc, vc, bt, cu, kl = _paged_case()
     out = ops.paged_attention(q, kc, vc, bt, cu, kl, None, 0.2, -1)
     assert out.shape == (q.shape[0], 6, 32)
     assert torch.count_nonzero(out[int(cu[-1]) :]) == 0
-    # request 2: 5 query tokens at KV positions 25..29 of 30
-    blocks = bt[2, :4].long()
-    k = kc[blocks].reshape(-1, 2, 48)[:30].transpose(0, 1)[None]
-    v = vc[blocks].reshape(-1, 2, 32)[:30].transpose(0, 1)[None]
-    qr = q[4:9].transpose(0, 1)[None]
-    keep = torch.arange(30)[None, :] <= (torch.arange(5)[:, None] + 25)
-    ref = F.scaled_dot_product_attention(qr, k, v, attn_mask=keep, scale=0.2, enable_gqa=True)
-    torch.testing.assert_close(out[4:9], ref[0].transpose(0, 1))
+    # each request: its query rows against its first kv_len cache slots, gathered by hand
+    # (block j of request r is cache block bt[r, j]; slot p is block p // 8, offset p % 8)
+    for r, (start, end, kv_len) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), kl.tolist())):
+        slots = torch.arange(kv_len)
+        blocks = bt[r].long()[slots // 8]
+        k = kc[blocks, slots % 8].transpose(0, 1)[None]  # [1, Nkv, kv_len, D]
+        v = vc[blocks, slots % 8].transpose(0, 1)[None]
+        qr = q[start:end].transpose(0, 1)[None]
+        ref = attention_f64(qr, k, v, scale=0.2, keep=causal_keep(end - start, kv_len))
+        assert_close_f64(out[start:end], ref[0].transpose(0, 1))
 
 
 def test_reshape_and_cache_skips_negative_slots_in_graph():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import pkgutil
 import re
 import types
@@ -281,11 +282,7 @@ GRAPH_MODULES = ("ascend_graph.runtime.npu_updates", "ascend_graph.runtime.graph
 
 
 def _wheel() -> zipfile.ZipFile:
-    npu_wheel.unpacked()  # downloads it (or skips) once
-    (path,) = list(npu_wheel.cache_root().glob("torch_npu-*.whl"))[:1] or [None]
-    if path is None:
-        pytest.skip("torch-npu wheel not cached")
-    return zipfile.ZipFile(path)
+    return zipfile.ZipFile(npu_wheel.wheel())  # downloaded once; skips (fails in CI) without it
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +306,10 @@ def op_schemas() -> dict[str, str]:
     if not cached.exists():
         with _wheel() as z:
             blob = z.read("torch_npu/lib/libtorch_npu.so")
-        cached.write_text("\n".join(sorted({m.decode() for m in _SCHEMA.findall(blob)})))
+        # written aside and renamed: another test run may read it at the same time
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+        tmp.write_text("\n".join(sorted({m.decode() for m in _SCHEMA.findall(blob)})))
+        os.replace(tmp, cached)
     return {line.split("(", 1)[0]: line for line in cached.read_text().splitlines()}
 
 

@@ -79,6 +79,10 @@ def test_does_not_fuse_without_decay(tmp_path):
     assert ascend_graph.stats()["fusions"]["gated_delta_rule"] == 0
     assert "recurrent_gated_delta_rule" not in _post_pass_code(tmp_path)
     torch.testing.assert_close(got[0], want[0])
+    # the updated recurrent state too: a wrong rewrite of the state update would leave the
+    # output of this step intact and only show in the next one
+    assert not torch.allclose(want[1], args[5])  # the step does change the state
+    torch.testing.assert_close(got[1], want[1])
 
 
 def test_make_pass_respects_config():

@@ -31,21 +31,6 @@ def _init(module, dtype):
     return module.to(dtype).eval()
 
 
-def _compile_fx(module, x):
-    seen = {}
-
-    def capture(gm, example_inputs):
-        from ascend_graph.backend import compile_graph
-
-        compiled = compile_graph(gm, example_inputs, AscendConfig(codegen="fx", fusions=("moe",), debug=True), wrap_runtime=False)
-        return compiled
-
-    compiled = torch.compile(module, backend=capture, dynamic=False, fullgraph=True)
-    with torch.no_grad():
-        out = compiled(x)
-    return out, seen
-
-
 def _targets(gm):
     return {n.target for n in gm.graph.nodes if n.op == "call_function"}
 
@@ -162,6 +147,11 @@ def test_shared_mlp_look_alikes_do_not_fold(fn):
     assert len(fused.args) == 5
 
 
+def _per_expert(weights, ids, n_experts):
+    """[tokens, n_experts]: the routing weight of every (token, expert) pair, 0 if not routed."""
+    return torch.zeros(ids.shape[0], n_experts, dtype=weights.dtype).scatter_add(1, ids.long(), weights)
+
+
 def test_grouped_router_keeps_its_scalars(tmp_path):
     # top_k == n_group == 8 and topk_group 4, as DeepSeek-V3 itself
     cfg = DeepseekV3Config(hidden_size=16, n_routed_experts=32, num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=1.7)
@@ -178,7 +168,18 @@ def test_grouped_router_keeps_its_scalars(tmp_path):
     (after,) = tmp_path.glob("*moe_fusion.after.py")
     assert "'sigmoid', 8, 4, True, 1.7, 1e-20, arg" in after.read_text()  # the router weight: linear folded
     torch.testing.assert_close(ids.sort(1)[0], ids_ref.sort(1)[0])
-    torch.testing.assert_close(w.sum(1), w_ref.sum(1))
+    # each token's weight for each expert (not only their sum: a swap between two experts
+    # keeps the sum); the top-k order may differ, the token x expert matrix may not
+    per_expert, per_expert_ref = _per_expert(w, ids, 32), _per_expert(w_ref, ids_ref, 32)
+    assert torch.equal(per_expert != 0, per_expert_ref != 0)
+    torch.testing.assert_close(per_expert, per_expert_ref)
+
+
+def test_per_expert_check_catches_a_swap_the_row_sum_misses():
+    w, ids = torch.tensor([[0.7, 0.3]]), torch.tensor([[2, 5]])
+    swapped = torch.tensor([[0.3, 0.7]])
+    assert torch.equal(w.sum(1), swapped.sum(1))
+    assert not torch.allclose(_per_expert(w, ids, 8), _per_expert(swapped, ids, 8))
 
 
 def _dense_loop_moe(x, router_w, w13, w2):
