@@ -49,6 +49,23 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     return {"dense": _save(dense, root / "qwen3"), "moe": _save(moe, root / "qwen3moe")}
 
 
+@pytest.fixture(scope="module")
+def hybrid_checkpoint(tmp_path_factory) -> str:
+    """A tiny Qwen3-Next (gated delta net + full attention every 2nd layer, MoE MLPs).
+
+    vLLM 0.32's CPU GDN kernels need bf16 and a linear-attention head dim of 64+."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3NextConfig(
+        vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+        num_experts=4, num_experts_per_tok=2, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=64, linear_value_head_dim=64,
+        linear_conv_kernel_dim=4, max_position_embeddings=512, full_attention_interval=2,
+    )
+    return _save(Qwen3NextForCausalLM(cfg), tmp_path_factory.mktemp("vllm-hybrid") / "qwen3next")
+
+
 def run_engine(model: str, llm: dict | None = None, *, cache_root: Path, extra_env: dict | None = None, **spec) -> dict:
     """One engine in a fresh process; its RESULT line as a dict."""
     env = dict(os.environ)
@@ -98,6 +115,15 @@ def test_moe_model_matches_vllm(checkpoints, tmp_path):
     ours = run_engine(checkpoints["moe"], {"compilation_config": ASCEND}, cache_root=tmp_path / "ours")
     assert ours["tokens"] == default["tokens"]
     assert ours["rewrites"]["vllm_attention"] == LAYERS
+
+
+def test_hybrid_linear_attention_model_matches_vllm(hybrid_checkpoint, tmp_path):
+    """bf16 (vLLM's CPU GDN path asserts it): our rewrite runs vLLM's own attention kernels
+    on the CPU, so the tokens are the same computation, not only close."""
+    default = run_engine(hybrid_checkpoint, {"dtype": "bfloat16"}, cache_root=tmp_path / "default", max_tokens=8)
+    ours = run_engine(hybrid_checkpoint, {"dtype": "bfloat16", "compilation_config": ASCEND}, cache_root=tmp_path / "ours", max_tokens=8)
+    assert ours["tokens"] == default["tokens"]
+    assert ours["rewrites"]["vllm_attention"] == 2  # the two full-attention layers
 
 
 def test_speculative_decoding_ngram_tokens_equal_the_plain_run(checkpoints, tmp_path):
