@@ -1,0 +1,121 @@
+"""Per-rank bodies of the tensor-parallel fusion tests (module-level so spawn can pickle them).
+
+A row-parallel linear's tail as models write it: each rank multiplies its slice of the
+input features by its slice of the weight, the partial outputs are summed over the TP
+group (torch's functional ``all_reduce`` + ``wait_tensor``, or vLLM's
+``torch.ops.vllm.all_reduce``), and the sum feeds the next layer's residual add + RMSNorm.
+Every rank compiles the same function twice (norm_rope family on, then no fusion family)
+and returns both outputs, the eager output, the rewrite counts and the post-pass graph
+code, which the test process checks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import ascend_graph.ops  # noqa: F401  (registers the ops in the spawned process)
+
+T, H_IN, H = 7, 10, 24  # odd sizes; H_IN is split over the ranks (5 features each on 2)
+EPS = 1e-6
+
+
+def _hf_norm(x, w, eps=EPS):
+    # LlamaRMSNorm.forward
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def _vllm_norm(x, w, eps=EPS):
+    # vLLM RMSNorm.forward_native (fused_add_rms_norm's native form): the weight after the cast
+    h = x.to(torch.float32)
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def _make(reduce: str, name: str, norm, residual_kind: str = "stream"):
+    """``fn(x_shard, w_shard, residual, gamma) -> (normed, new_residual)``; ``reduce`` is
+    "funcol" or "vllm", ``name`` the group's name."""
+    import torch.distributed._functional_collectives as funcol
+
+    def fn(x, w, residual, gamma):
+        y = x @ w.t()  # the row-parallel linear's partial output on this rank
+        if reduce == "funcol":
+            y = funcol.all_reduce(y, "sum", name)
+        else:
+            y = torch.ops.vllm.all_reduce(y, group_name=name)
+        s = residual + y if residual_kind == "stream" else y + residual  # "bias": residual is [H]
+        return norm(s, gamma), s
+
+    return fn
+
+
+def _inputs(rank: int, world: int, dtype, residual_kind: str = "stream"):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(T, H_IN, generator=g).to(dtype)
+    w = (torch.randn(H, H_IN, generator=g) * 0.3).to(dtype)
+    residual = torch.randn(T, H, generator=g).to(dtype) if residual_kind == "stream" else torch.randn(H, generator=g).to(dtype)
+    gamma = (1 + 0.1 * torch.randn(H, generator=g)).to(dtype)
+    cols = H_IN // world
+    return x[:, rank * cols : (rank + 1) * cols].contiguous(), w[:, rank * cols : (rank + 1) * cols].contiguous(), residual, gamma
+
+
+def _compile(fn, inputs, families, dump_dir):
+    import ascend_graph
+
+    torch._dynamo.reset()
+    ascend_graph.reset_stats()
+    options = {"codegen": "fx", "fusions": list(families), "graphs": False, "dump_dir": dump_dir, "debug": True}
+    compiled = torch.compile(fn, backend="ascend", options=options, dynamic=False, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(*inputs)
+    return out, dict(ascend_graph.stats()["fusions"])
+
+
+def _case(rank, world, out_dir, reduce, name, norm, dtype, residual_kind="stream"):
+    import glob
+    import os
+
+    inputs = _inputs(rank, world, dtype, residual_kind)
+    fn = _make(reduce, name, norm, residual_kind)
+    tag = f"{reduce}-{norm.__name__}-{dtype}-{residual_kind}-rank{rank}"
+    dump = os.path.join(out_dir, tag)
+    fused, counts = _compile(fn, inputs, ("norm_rope",), dump)
+    plain, _ = _compile(fn, inputs, (), os.path.join(out_dir, tag + "-plain"))
+    with torch.no_grad():
+        eager = fn(*inputs)
+        # the single-device reference: the whole linear on one rank, no collective
+        g = _inputs(0, 1, dtype, residual_kind)
+        full_y = g[0] @ g[1].t()
+        s = g[2] + full_y if residual_kind == "stream" else full_y + g[2]
+        single = (norm(s, g[3]), s)
+    after = "".join(open(p).read() for p in sorted(glob.glob(os.path.join(dump, "*fuse_norm_rope.after.py"))))
+    before = "".join(open(p).read() for p in sorted(glob.glob(os.path.join(dump, "*fuse_norm_rope.before.py"))))
+    return {"fused": fused, "plain": plain, "eager": eager, "single": single, "counts": counts, "after": after, "before": before}
+
+
+def tp_add_rms_norm(rank: int, world: int, out_dir: str):
+    """torch's functional all_reduce in the HF and vLLM norm forms (bf16 and fp32), and the
+    negative case (a broadcast [H] add is not a residual stream)."""
+    from ascend_graph.distributed import groups
+
+    pg = groups.acquire()
+    res = {"group": pg.group_name}
+    for norm in (_hf_norm, _vllm_norm):
+        for dtype in (torch.bfloat16, torch.float32):
+            res[f"{norm.__name__}-{dtype}"] = _case(rank, world, out_dir, "funcol", pg.group_name, norm, dtype)
+    res["bias"] = _case(rank, world, out_dir, "funcol", pg.group_name, _hf_norm, torch.float32, residual_kind="bias")
+    groups.release(pg)
+    return res
+
+
+def tp_add_rms_norm_vllm_op(rank: int, world: int, out_dir: str):
+    """vLLM's own TP all-reduce op (``torch.ops.vllm.all_reduce``) over a real vLLM
+    ``GroupCoordinator`` on gloo (its CPU communicator), in vLLM's norm form."""
+    from vllm.distributed import parallel_state as ps
+
+    coord = ps.GroupCoordinator(group_ranks=[list(range(world))], local_rank=rank, torch_distributed_backend="gloo", use_device_communicator=True, group_name="tp")
+    res = {"group": coord.unique_name, "communicator": type(coord.device_communicator).__name__}
+    res["vllm"] = _case(rank, world, out_dir, "vllm", coord.unique_name, _vllm_norm, torch.bfloat16)
+    coord.destroy()
+    return res
