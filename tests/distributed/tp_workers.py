@@ -119,3 +119,64 @@ def tp_add_rms_norm_vllm_op(rank: int, world: int, out_dir: str):
     res["vllm"] = _case(rank, world, out_dir, "vllm", coord.unique_name, _vllm_norm, torch.bfloat16)
     coord.destroy()
     return res
+
+
+# -- EP MoE combine + residual add + RMSNorm (moe_combine_add_rms_norm) ------------------
+
+
+def moe_norm_graph(ep_group: str, ep_world_size: int, ep_rank: int, norm, masked: bool = True, shared: bool = False, dtype=torch.bfloat16):
+    """``(gm, inputs)``: EP MoE -> ``residual + moe`` -> RMSNorm, traced with fake tensors
+    (the EP op needs its group only when run); ``inputs`` are this rank's real tensors."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from . import workers
+
+    op = torch.ops.ascend_graph.moe_dispatch_ffn_combine.default
+    w13, w2, (sg, su, sd, _) = workers._experts(dtype)
+    n = w13.shape[0] // ep_world_size
+    x, w, ids, active = workers._tokens(ep_rank, 9, dtype)
+    g = torch.Generator().manual_seed(5 + ep_rank)
+    residual = torch.randn(x.shape, generator=g).to(dtype)
+    gamma = (1 + 0.1 * torch.randn(x.shape[1], generator=g)).to(dtype)
+    inputs = [x, w, ids, w13[ep_rank * n : (ep_rank + 1) * n], w2[ep_rank * n : (ep_rank + 1) * n], active, residual, gamma] + ([sg, su, sd] if shared else [])
+
+    def fn(x, w, ids, w13, w2, active, residual, gamma, *sh):
+        kw = dict(shared_gate=sh[0], shared_up=sh[1], shared_down=sh[2]) if sh else {}
+        y = op(x, w, ids, w13, w2, "silu", active if masked else None, ep_group=ep_group, ep_world_size=ep_world_size, ep_rank=ep_rank, **kw)
+        s = residual + y
+        return norm(s, gamma), s
+
+    from ascend_graph.capture.trace import decompositions
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # the decompositions AOT tracing uses
+        gm = make_fx(fn, decompositions(), tracing_mode="fake")(*[mode.from_tensor(t) for t in inputs])
+    return gm, inputs, (w13, w2)
+
+
+def moe_combine_norm(rank: int, world: int):
+    """Each rank: the EP MoE + add + norm graph (HF and vLLM norm forms), rewritten by the
+    NPU-only rows (called directly here, where no NPU exists), run for real over gloo:
+    equal to the unfused graph and to the single-device computation for this rank's tokens."""
+    import copy
+
+    from ascend_graph.distributed import groups
+    from ascend_graph.passes.fusion.norm_rope import fuse_moe_combine_norm
+
+    pg = groups.acquire()
+    out = {}
+    for norm in (_hf_norm, _vllm_norm):
+        gm, inputs, (w13, w2) = moe_norm_graph(pg.group_name, world, rank, norm)
+        fused = copy.deepcopy(gm)
+        count = fuse_moe_combine_norm(fused.graph)
+        fused.graph.lint()
+        fused.recompile()
+        with torch.no_grad():
+            got, plain = fused(*inputs), gm(*inputs)
+            x, w, ids, _, _, active, residual, gamma = inputs
+            y = torch.ops.ascend_graph.moe_dispatch_ffn_combine(x, w, ids, w13, w2, "silu", active)  # all experts, one device
+            s = residual + y
+            single = (norm(s, gamma), s)
+        out[norm.__name__] = {"count": count, "code": fused.code, "got": got, "plain": plain, "single": single}
+    groups.release(pg)
+    return out
