@@ -77,6 +77,6 @@ def test_vllm_all_reduce_op_then_add_rms_norm_fuses(tmp_path):
         assert "error" not in res, res.get("trace")
         assert res["communicator"] != "NoneType"  # the op runs through vLLM's CPU communicator
         case = res["vllm"]
-        assert f"torch.ops.vllm.all_reduce.default(" in case["after"] and res["group"] in case["after"]
+        assert "torch.ops.vllm.all_reduce.default(" in case["after"] and res["group"] in case["after"]
         _fused_after_collective(case, "torch.ops.vllm.all_reduce.default")
         _outputs_equal(case, torch.bfloat16)

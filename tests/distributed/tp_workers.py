@@ -12,7 +12,6 @@ code, which the test process checks.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 import ascend_graph.ops  # noqa: F401  (registers the ops in the spawned process)
 
@@ -180,3 +179,27 @@ def moe_combine_norm(rank: int, world: int):
         out[norm.__name__] = {"count": count, "code": fused.code, "got": got, "plain": plain, "single": single}
     groups.release(pg)
     return out
+
+
+def static_path_needs_one_bucket(rank: int, world: int):
+    """The static (capturable) EP path with a different token count on each rank, as two
+    ranks at different buckets would have, run outside capture: every rank raises after
+    the header exchange instead of a collective hanging."""
+    import time
+
+    from ascend_graph.distributed import groups
+    from ascend_graph.distributed.ep import ep_dispatch_ffn_combine, shard_experts
+
+    from . import workers
+
+    pg = groups.acquire()
+    lw13, lw2 = shard_experts(*workers._experts()[:2], world, rank)
+    x, w, ids, active = workers._tokens(rank, 5 + 2 * rank)
+    start = time.monotonic()
+    try:
+        ep_dispatch_ffn_combine(x, w, ids, lw13, lw2, "silu", active, ep_group=pg.group_name, ep_world_size=world, ep_rank=rank, static_shapes=True)
+        res = {"error": None}
+    except Exception as e:
+        res = {"error": type(e).__name__, "expected": getattr(e, "expected", None), "got": getattr(e, "got", None), "seconds": time.monotonic() - start}
+    groups.release(pg)
+    return {"static": res}
