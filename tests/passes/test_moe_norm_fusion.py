@@ -69,3 +69,16 @@ def test_fused_graph_equals_unfused_on_two_ranks(tmp_path):
             for got, plain, single in zip(r["got"], r["plain"], r["single"]):
                 torch.testing.assert_close(got, plain, atol=0, rtol=0)  # the same ops in the same order
                 torch.testing.assert_close(got, single, atol=3e-2, rtol=3e-2)  # bf16 partial sums
+
+
+def test_rows_match_the_keyword_form_shard_experts_graph_writes():
+    # shard_experts_graph (distributed/ep.py) leaves every argument as a keyword
+    gm, _, _ = tp_workers.moe_norm_graph("ep_g", 2, 0, tp_workers._hf_norm)
+    node = next(n for n in gm.graph.nodes if n.target is torch.ops.ascend_graph.moe_dispatch_ffn_combine.default)
+    schema = node.target._schema.arguments
+    node.kwargs = {a.name: (node.args[i] if i < len(node.args) else a.default_value) for i, a in enumerate(schema)}
+    node.args = ()
+    assert fuse_moe_combine_norm(gm.graph) == 1
+    gm.graph.lint()
+    gm.recompile()
+    assert gm.code.count(FUSED) == 1 and MOE not in gm.code

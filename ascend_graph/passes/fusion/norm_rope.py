@@ -500,13 +500,13 @@ def _ep_moe_keys(graph: torch.fx.Graph, canonicalise: bool) -> list[tuple[str, b
         if node.op != "call_function" or node.target is not _MOE:
             continue
         args = _canonical_moe_args(node)
-        full = list(args) + [a.default_value for a in _MOE._schema.arguments[len(args) :]]
-        activation, mask, sg, ep_group, ep_world_size, ep_rank, sgate = full[5], full[6], full[7], full[10], full[11], full[12], full[13]
-        if ep_world_size <= 1 or sg is not None or sgate is not None:
+        schema = _MOE._schema.arguments
+        kw = {a.name: (args[i] if i < len(args) else a.default_value) for i, a in enumerate(schema)}
+        if kw["ep_world_size"] <= 1 or any(kw[n] is not None for n in ("shared_gate", "shared_up", "shared_down", "shared_expert_gate")):
             continue
         if canonicalise:
             node.args, node.kwargs = args, {}
-        key = (activation, mask is not None, ep_group, ep_world_size, ep_rank)
+        key = (kw["activation"], kw["active_mask"] is not None, kw["ep_group"], kw["ep_world_size"], kw["ep_rank"])
         if key not in keys:
             keys.append(key)
     return keys
