@@ -46,13 +46,32 @@ whenever a host read is allowed); its saving over the gather is the expert work 
 Whether a c10d ``ProcessGroupNCCL`` collective replays safely inside a CUDA graph depends
 on torch and NCCL (NCCL >= 2.9.6 captures collectives; vLLM and sglang capture raw NCCL
 through their own communicators; sglang PR 33775 reports that c10d's per-call host
-bookkeeping advances at capture and not on replay, so ranks can disagree on later calls). ``tests/distributed/test_ep_cuda.py`` captures and replays the
-static path over a one-rank NCCL group; two or more GPUs have not been lent to this
-project, so a multi-rank capture has not run. Where a runtime does not trust it, the graph
-is to be split at the op: the ``moe_dispatch_ffn_combine`` node with ``ep_world_size > 1``
-joins the splitting ops of ``capture/split.py`` (as attention does for piecewise graphs)
-and runs eagerly, on the exact path, between captured pieces; that split is not written
-yet.
+bookkeeping advances at capture and not on replay, so ranks can disagree on later calls).
+``tests/distributed/test_ep_cuda.py`` captures and replays the static path over a one-rank
+NCCL group; two or more GPUs have not been lent to this project, so a multi-rank capture
+has not run.
+
+Why the static path under graphs, and no split at the op (the design, #21): graphs are
+captured for the small buckets, where a step is latency-bound and the static path's
+extra bytes (those of an all-gather) cost little, while its saving (expert work on owned
+slots only) stays; batches above the largest bucket run eagerly and take the exact path
+by themselves. A split would instead run the exact path eagerly between captured pieces,
+with a host read of the counts in every MoE layer of every step (the synchronisation
+graphs exist to remove), and would need a piecewise runner this package does not have
+(the runtime captures one graph per bucket; there is no ``capture/split.py``). Under
+vLLM, whose piecewise backend splits at its attention-type ops (``splitting_ops``), the same holds.
+Precondition, owned by whoever picks the bucket: every rank of the EP group replays the
+same bucket in the same step. vLLM ensures it (``coordinate_batch_across_dp`` pads the
+data-parallel ranks to one token count when CUDA graphs are on). Nothing here can check
+it at replay (a replay reads nothing on the host), and the runner's eager run before a
+capture takes the exact path, which needs no equal counts; the header's ``tokens`` check
+fires on every rank only when the static path runs outside capture
+(``static_shapes=True``: ``tests/distributed/test_ep_graphs.py``). So this package's own
+bucketed runner, which picks each rank's bucket from that rank's batch alone, must be
+given equal batches on the EP ranks (pad them as vLLM does) or run with ``graphs=False``;
+agreeing on the bucket across the EP group inside the runner is left open (#21).
+Should a multi-GPU run show c10d collectives unsafe to replay, the first fix to try is
+the communicator (a raw NCCL one, as vLLM and sglang capture), before a split.
 
 Errors: bad sizes on any rank raise :class:`DistributedError` on every rank (step 2); a
 collective that fails (a dead peer, the group's timeout) is re-raised as

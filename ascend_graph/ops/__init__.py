@@ -28,7 +28,7 @@ import logging
 log = logging.getLogger("ascend_graph.ops")
 
 #: family modules; each registers its ops on import
-FAMILIES = ("attention", "causal_conv", "gated_delta", "moe", "norm_rope")
+FAMILIES = ("attention", "causal_conv", "gated_delta", "moe", "norm_rope", "comm_norm")
 
 for _family in FAMILIES:
     try:

@@ -30,6 +30,20 @@ once with bf16/fp16 example inputs, where the fp32 upcasts appear as
   written caches (``extra_check``: the split sizes and views agree with the caches'
   ``[blocks, block_size, Hk, D]``, one dtype throughout).
 
+- expert-parallel MoE + residual add + RMSNorm (NPU only): ``moe_dispatch_ffn_combine``
+  with ``ep_world_size > 1`` and no shared experts, ``s = residual + moe``, the HF or vLLM
+  norm of ``s`` -> ``moe_combine_add_rms_norm`` (``npu_moe_distribute_combine_add_rms_norm``:
+  the MC2 combine, the add and the norm in one kernel). Off the NPU the pair stays (the
+  EP combine is an all-to-all over torch.distributed and the family's ``add_rms_norm``
+  row takes the add + norm) and ``stats()["skipped"]`` says so. These rows are built per
+  MoE configuration found in the graph (:func:`moe_norm_rows`): the group name is a
+  string, which the matcher matches only as a literal.
+
+A tensor-parallel all-reduce before the add + norm (``_c10d_functional.all_reduce`` +
+``wait_tensor``, or vLLM's ``torch.ops.vllm.all_reduce``) needs no row of its own: the
+collective's output is the pattern's ``x``, so the graph becomes all_reduce ->
+``add_rms_norm`` (tests/distributed/test_tp_norm.py).
+
 cos/sin computed in the graph from positions are matched as they are (the table nodes
 are the ops' inputs). Not matched yet (the ops exist and are tested, the rows do not):
 the interleaved RoPE as DeepSeek-V3 writes it (a de-interleaving reshape, then
@@ -55,6 +69,7 @@ RoPE tables of q's dtype with ``R == D`` and the q/k leading dims.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -62,11 +77,12 @@ import torch.nn.functional as F
 
 from ... import _stats
 from ...config import AscendConfig
-from ...ops import norm_rope as _ops  # noqa: F401  (registers the ops the replacements call)
+from ...ops import comm_norm as _comm_ops  # noqa: F401  (registers the ops the replacements call)
+from ...ops import norm_rope as _ops  # noqa: F401
 from .. import pattern as pat
 from ..base import GraphPass
 
-__all__ = ["make_pass", "FUSIONS", "NormRopePass", "device_policy"]
+__all__ = ["make_pass", "FUSIONS", "NormRopePass", "device_policy", "fuse_moe_combine_norm", "moe_norm_rows", "MOE_NORM_SKIP"]
 
 FAMILY = "norm_rope"
 ops = torch.ops.ascend_graph
@@ -444,6 +460,129 @@ FUSIONS: tuple[pat.Fusion, ...] = _rows()
 
 
 # -------------------------------------------------------------------------------------
+# expert-parallel MoE combine + residual add + RMSNorm -> moe_combine_add_rms_norm (NPU)
+#
+# The MoE op's group name is a string, which the pattern matcher can only match as a
+# literal; so these rows are built per (activation, mask, group, EP size, rank) found in
+# the graph (memoised: the rows' identities key the built matcher), with the MoE node's
+# arguments canonicalised first to the positional form tracing gives (trailing defaults
+# dropped), since ``shard_experts_graph`` and adapters may pass them as keywords.
+
+#: applied only on the NPU; elsewhere the pair stays (why, in stats()["skipped"])
+MOE_NORM_SKIP = (
+    "moe_combine_add_rms_norm: only the NPU has one kernel for the EP combine + add + RMSNorm "
+    "(npu_moe_distribute_combine_add_rms_norm); elsewhere the all-to-all combine and add_rms_norm stay two ops"
+)
+_MOE = torch.ops.ascend_graph.moe_dispatch_ffn_combine.default
+
+
+def _canonical_moe_args(node: torch.fx.Node) -> tuple[Any, ...]:
+    """The MoE node's arguments as tracing records them: positional, trailing defaults dropped."""
+    args = []
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            args.append(node.args[i])
+        elif arg.name in node.kwargs:
+            args.append(node.kwargs[arg.name])
+        else:
+            args.append(arg.default_value)
+    defaults = [a.default_value if a.has_default_value() else object() for a in node.target._schema.arguments]
+    while args and not isinstance(args[-1], torch.fx.Node) and args[-1] == defaults[len(args) - 1]:
+        args.pop()
+    return tuple(args)
+
+
+def _ep_moe_keys(graph: torch.fx.Graph, canonicalise: bool) -> list[tuple[str, bool, str, int, int]]:
+    """(activation, masked, ep_group, ep_world_size, ep_rank) of each expert-parallel MoE
+    node without shared experts (the fused kernel's contract, ops/comm_norm.py)."""
+    keys = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not _MOE:
+            continue
+        args = _canonical_moe_args(node)
+        schema = _MOE._schema.arguments
+        kw = {a.name: (args[i] if i < len(args) else a.default_value) for i, a in enumerate(schema)}
+        if kw["ep_world_size"] <= 1 or any(kw[n] is not None for n in ("shared_gate", "shared_up", "shared_down", "shared_expert_gate")):
+            continue
+        if canonicalise:
+            node.args, node.kwargs = args, {}
+        key = (kw["activation"], kw["active_mask"] is not None, kw["ep_group"], kw["ep_world_size"], kw["ep_rank"])
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+def _check_moe_norm(match: pat.Match) -> bool:
+    """The kernel's dtypes (bf16/fp16, one across tokens, experts, residual and gamma), the
+    norm's shapes as _check_norm."""
+    x, w13 = _val(match, "x"), _val(match, "w13")
+    return x is not None and w13 is not None and x.dtype in (torch.bfloat16, torch.float16) and w13.dtype == x.dtype and _check_norm(match)
+
+
+@functools.lru_cache(maxsize=None)
+def moe_norm_rows(activation: str, masked: bool, ep_group: str, ep_world_size: int, ep_rank: int) -> tuple[pat.Fusion, ...]:
+    """The rows for one EP MoE configuration: HF (weight before the cast) and vLLM (after)
+    norm forms, ``s = residual + moe(x)`` -> ``moe_combine_add_rms_norm``."""
+    consts = (ep_group, ep_world_size, ep_rank)
+
+    def moe(x, tw, ids, w13, w2, mask):
+        return _MOE(x, tw, ids, w13, w2, activation, mask, None, None, None, *consts)
+
+    def replace(x, tw, ids, w13, w2, mask, residual, w, eps):
+        out = ops.moe_combine_add_rms_norm.default(x, tw, ids, w13, w2, residual, w, eps, activation, mask, *consts)
+        return out[0], out[1]
+
+    if masked:
+        def p_hf(x, tw, ids, w13, w2, mask, residual, w, eps):
+            s = residual + moe(x, tw, ids, w13, w2, mask)
+            return _rms(s, w, eps), s
+
+        def p_vllm(x, tw, ids, w13, w2, mask, residual, w, eps):
+            s = residual + moe(x, tw, ids, w13, w2, mask)
+            return _rms_w_after(s, w, eps), s
+
+        r = replace
+    else:
+        def p_hf(x, tw, ids, w13, w2, residual, w, eps):
+            s = residual + moe(x, tw, ids, w13, w2, None)
+            return _rms(s, w, eps), s
+
+        def p_vllm(x, tw, ids, w13, w2, residual, w, eps):
+            s = residual + moe(x, tw, ids, w13, w2, None)
+            return _rms_w_after(s, w, eps), s
+
+        def r(x, tw, ids, w13, w2, residual, w, eps):
+            return replace(x, tw, ids, w13, w2, None, residual, w, eps)
+
+    def example() -> list[torch.Tensor]:
+        # fake tensors: tracing the pattern must not run the EP op (it needs the group)
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        bf = torch.bfloat16
+        with FakeTensorMode():
+            x = [torch.randn(_B * _S, _N, dtype=bf), torch.rand(_B * _S, 2, dtype=bf), torch.randint(0, 2 * ep_world_size, (_B * _S, 2)),
+                 torch.randn(2, 2 * _D, _N, dtype=bf), torch.randn(2, _N, _D, dtype=bf)]
+            x += [torch.ones(_B * _S, dtype=torch.bool)] if masked else []
+            x += [torch.randn(_B * _S, _N, dtype=bf), torch.randn(_N, dtype=bf)]
+        return x
+
+    tag = f"moe_combine_add_rms_norm_{activation}_{'mask_' if masked else ''}{ep_group}_{ep_world_size}_{ep_rank}"
+    return (
+        pat.Fusion(f"{tag}_hf", p_hf, r, example, _check_moe_norm, {"eps": _EPS}),
+        pat.Fusion(f"{tag}_vllm", p_vllm, r, example, _check_moe_norm, {"eps": _EPS}),
+    )
+
+
+def fuse_moe_combine_norm(graph: torch.fx.Graph, explain_node: str | None = None) -> int:
+    """EP MoE + residual add + RMSNorm -> ``moe_combine_add_rms_norm``; no device policy
+    here (the pass applies it on the NPU only). Returns the rewrites."""
+    n = 0
+    for key in _ep_moe_keys(graph, canonicalise=True):
+        n += pat.PatternPass("fuse_moe_combine_add_rms_norm", FAMILY, moe_norm_rows(*key), explain_node=explain_node)(graph)
+    return n
+
+
+# -------------------------------------------------------------------------------------
 # the per-device decision and the pass
 
 
@@ -518,7 +657,14 @@ class NormRopePass(pat.PatternPass):
             _stats.record_skip(FAMILY, reason)
             return 0
         hoist_views(graph)
-        return super().__call__(graph)
+        n = 0
+        if _ep_moe_keys(graph, canonicalise=False):
+            # before the family's own rows, which would take the add + norm alone
+            if _graph_device(graph) == "npu":
+                n += fuse_moe_combine_norm(graph, self.explain_node)
+            else:
+                _stats.record_skip(FAMILY, MOE_NORM_SKIP)
+        return n + super().__call__(graph)
 
 
 def make_pass(config: AscendConfig) -> GraphPass | None:

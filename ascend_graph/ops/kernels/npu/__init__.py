@@ -13,7 +13,7 @@ import logging
 
 log = logging.getLogger("ascend_graph.ops.npu")
 
-FAMILIES = ("attention", "causal_conv", "gated_delta", "moe", "norm_rope")
+FAMILIES = ("attention", "causal_conv", "gated_delta", "moe", "norm_rope", "comm_norm")
 
 
 def torch_npu_available() -> bool:
