@@ -159,7 +159,25 @@ def options_from_vllm(vllm_config: Any = None) -> dict[str, Any]:
     mode = cc.cudagraph_mode
     if mode is not None and mode.has_full_cudagraphs():
         options["graphs"] = False
+    device = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
+    if device == "cpu":
+        options["inductor_config"] = _cpu_inductor_settings()
     return options
+
+
+#: What vLLM's CPU platform patches into inductor for its own default compile
+#: (``CpuPlatform.check_and_update_config``: mode 3 becomes DYNAMO_TRACE_ONCE + inductor with
+#: these). A mode-2 ``backend="ascend"`` compile does not get them from vLLM; we apply the
+#: same so that our graph is compiled as vLLM's default one is (``cpp.dynamic_threads``
+#: matters most: without it every kernel call re-reads the OpenMP thread count).
+VLLM_CPU_INDUCTOR = {"dce": True, "size_asserts": False, "nan_asserts": False, "epilogue_fusion": True, "cpp.dynamic_threads": True}
+
+
+def _cpu_inductor_settings() -> dict[str, Any]:
+    from torch._inductor import config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    return {k: v for k, v in VLLM_CPU_INDUCTOR.items() if k in known}
 
 
 def host_compile() -> HostCompile | None:

@@ -68,7 +68,8 @@ def hybrid_checkpoint(tmp_path_factory) -> str:
 
 def run_engine(model: str, llm: dict | None = None, *, cache_root: Path, extra_env: dict | None = None, **spec) -> dict:
     """One engine in a fresh process; its RESULT line as a dict."""
-    env = dict(os.environ)
+    # vLLM's defaults: no compile-cache or AOT switches inherited from the test process
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_USE_AOT_COMPILE", "VLLM_DISABLE_COMPILE_CACHE", "VLLM_FORCE_AOT_LOAD")}
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CACHE_ROOT=str(cache_root), PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
     env.update(extra_env or {})
     payload = {"model": model, "prompts": PROMPTS, "llm": llm or {}, **spec}
@@ -165,12 +166,44 @@ class AscendGraphTestPlatform(CpuPlatform):
                 cc.compile_sizes = []
 
     @classmethod
+    def get_pass_manager_cls(cls):
+        return "ascend_graph_test_platform.CpuPostGradPassManager"
+
+    @classmethod
     def get_compile_backend(cls):
         return "ascend_graph.integrations.vllm.AscendGraphCompiler"
 
     @classmethod
     def get_static_graph_wrapper_cls(cls):
         return "ascend_graph.integrations.vllm.AscendGraphWrapper"
+
+
+class _NoFixFunctionalization:
+    def __call__(self, graph):
+        return None
+
+    def uuid(self):
+        return "no-fix-functionalization"
+
+
+def _pass_manager_cls():
+    from vllm.compilation.passes.pass_manager import PostGradPassManager
+
+    class CpuPostGradPassManager(PostGradPassManager):
+        def configure(self, config):
+            super().configure(config)
+            # vLLM 0.32 bug (CPU build): FixFunctionalizationPass names CUDA-only _C ops
+            # (fused_add_rms_norm_static_fp8_quant) for any auto_functionalized node it
+            # does not know, e.g. the CPU's _C.weight_packed_linear
+            self.fix_functionalization = _NoFixFunctionalization()
+
+    return CpuPostGradPassManager
+
+
+def __getattr__(name):
+    if name == "CpuPostGradPassManager":
+        return _pass_manager_cls()
+    raise AttributeError(name)
 
 
 def register():
@@ -181,10 +214,14 @@ def register():
 def test_platform_route_mode3_with_our_compiler_interface(checkpoints, tmp_path):
     """Mode 3 (VLLM_COMPILE) through a platform naming AscendGraphCompiler / AscendGraphWrapper.
 
-    Two vLLM 0.32 bugs of the CPU build are worked around in the test platform: with mode 3
+    Three vLLM 0.32 bugs of the CPU build are worked around in the test platform: with mode 3
     kept, ``PassConfig.fuse_norm_quant``/``fuse_act_quant`` default on and the pass manager
-    then hits ``NameError: RMSNormQuantFusionPass`` (the class is only imported on CUDA), and
-    ``compile_sizes`` stays None where the piecewise backend iterates it.
+    then hits ``NameError: RMSNormQuantFusionPass`` (the class is only imported on CUDA);
+    ``compile_sizes`` stays None where the piecewise backend iterates it; and the post-grad
+    manager's last pass, FixFunctionalizationPass, looks up CUDA-only ``_C`` ops
+    (``fused_add_rms_norm_static_fp8_quant``) for any auto-functionalized node it does not
+    know (the CPU's ``_C.weight_packed_linear``), so the test platform's pass manager leaves
+    it out.
     """
     site = tmp_path / "site"
     site.mkdir()

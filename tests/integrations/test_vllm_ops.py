@@ -23,7 +23,6 @@ import pytest
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="ascend-graph-vllm-cache-"))
-os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 pytest.importorskip("vllm.config", reason="vLLM is not installed (see docs/vllm.md for the CPU install)")
 
