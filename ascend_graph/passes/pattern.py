@@ -147,7 +147,14 @@ class PatternPass(GraphPass):
         if graph.owning_module is None:
             raise TypeError(f"{self.name}: the graph must belong to a GraphModule")
         with explain(self.explain_node):
-            return self.matcher.apply(graph)
+            count = self.matcher.apply(graph)
+        if count:
+            # The matcher inserts a replacement before the match's first output; a pattern
+            # input defined after that output (DeepSeek-V3's routed scaling under
+            # dynamic=True: a 0-dim tensor cast to fp32 just before the final multiply,
+            # after the top-k ids) would then be used before its definition.
+            pm.stable_topological_sort(graph)
+        return count
 
     def uuid_sources(self) -> list[Any]:
         out: list[Any] = super().uuid_sources()

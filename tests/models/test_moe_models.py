@@ -81,3 +81,20 @@ def test_expert_loop_model_fuses_every_layer():
     assert ascend_graph.stats()["fusions"]["moe"] == moe_layers
     assert ascend_graph.stats()["graphs_compiled"] == 1
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_deepseek_v3_dynamic_routed_scaling_arrives_as_tensor():
+    """Under dynamic=True Dynamo does not specialise ``routed_scaling_factor``: it reaches
+    the graph as a 0-dim tensor input (not a float), and the router still fuses (it used
+    to fail the op's ``float`` argument), with the scaling applied after the op."""
+    model, moe_layers = _model("deepseek_v3")
+    compiled = torch.compile(model, backend="ascend", options={"codegen": "fx", "fusions": ["moe"], "graphs": False}, dynamic=True)
+    with torch.no_grad():
+        for batch, seq in [(2, 5), (3, 7)]:  # batch 1 would be specialised
+            ids = torch.randint(0, 97, (batch, seq), generator=torch.Generator().manual_seed(batch))
+            ref = model(ids, use_cache=False).logits
+            out = compiled(ids, use_cache=False).logits
+            torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    st = ascend_graph.stats()
+    assert st["graphs_compiled"] == 1  # one dynamic graph serves both shapes
+    assert st["fusions"]["moe"] == moe_layers

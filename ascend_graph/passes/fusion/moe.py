@@ -441,8 +441,23 @@ def _sigmoid_grouped_renorm(logits, bias, top_k, n_group, topk_group, scale):
     return weights * scale, ids
 
 
+def _scaled_gating(first, top_k, bias, n_group, topk_group, renormalize, scale, eps, router_weight=None):
+    """``moe_gating_topk`` with the routed scaling inside where it is a Python number.
+
+    Under ``dynamic=True`` Dynamo does not specialise float attributes such as
+    DeepSeek-V3's ``routed_scaling_factor``: the matcher binds ``scale`` to a 0-dim
+    tensor input (or a SymFloat), which the op's ``float`` argument cannot take. The
+    weights are float32 either way, so scaling them after the op is the same product
+    the pattern computes.
+    """
+    if isinstance(scale, (int, float)):
+        return _ops.moe_gating_topk(first, top_k, bias, "sigmoid", n_group, topk_group, renormalize, scale, eps, router_weight)
+    weights, ids = _ops.moe_gating_topk(first, top_k, bias, "sigmoid", n_group, topk_group, renormalize, 1.0, eps, router_weight)
+    return weights * scale, ids
+
+
 def _sigmoid_grouped_renorm_fused(logits, bias, top_k, n_group, topk_group, scale):
-    return _ops.moe_gating_topk(logits, top_k, bias, "sigmoid", n_group, topk_group, True, scale, 1e-20)
+    return _scaled_gating(logits, top_k, bias, n_group, topk_group, True, scale, 1e-20)
 
 
 def _sigmoid_grouped(logits, bias, top_k, n_group, topk_group, scale):
@@ -451,7 +466,7 @@ def _sigmoid_grouped(logits, bias, top_k, n_group, topk_group, scale):
 
 
 def _sigmoid_grouped_fused(logits, bias, top_k, n_group, topk_group, scale):
-    return _ops.moe_gating_topk(logits, top_k, bias, "sigmoid", n_group, topk_group, False, scale, 0.0)
+    return _scaled_gating(logits, top_k, bias, n_group, topk_group, False, scale, 0.0)
 
 
 def _softmax_inputs():
@@ -528,11 +543,11 @@ def _linear_sigmoid_grouped_fp32(x, router_weight, bias, top_k, n_group, topk_gr
 
 
 def _linear_sigmoid_grouped_renorm_fused(x, router_weight, bias, top_k, n_group, topk_group, scale):
-    return _ops.moe_gating_topk(x.float(), top_k, bias, "sigmoid", n_group, topk_group, True, scale, 1e-20, router_weight)
+    return _scaled_gating(x.float(), top_k, bias, n_group, topk_group, True, scale, 1e-20, router_weight)
 
 
 def _linear_sigmoid_grouped_fused(x, router_weight, bias, top_k, n_group, topk_group, scale):
-    return _ops.moe_gating_topk(x.float(), top_k, bias, "sigmoid", n_group, topk_group, False, scale, 0.0, router_weight)
+    return _scaled_gating(x.float(), top_k, bias, n_group, topk_group, False, scale, 0.0, router_weight)
 
 
 def _linear_softmax_inputs(dtype: torch.dtype) -> Callable[[], list[Any]]:
