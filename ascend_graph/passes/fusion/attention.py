@@ -199,6 +199,8 @@ _FORMS: dict[str, tuple[Callable[..., torch.Tensor], bool, bool, str]] = {
 #: contiguous BNSD ("c"). "ttt": HF prefill; "cct": MLA (q and k concatenated from their
 #: nope/rope parts, v split off the kv projection); "ccc": decode over a concatenated cache
 _MATH_LAYOUTS = ("ttt", "cct", "ccc")
+#: with the GQA expansion: q transposed (prefill) or contiguous (decode)
+_MATH_GQA_LAYOUTS = ("ttt", "ccc")
 
 
 def _fused(q, k, v, mask, scale, causal):
@@ -260,16 +262,17 @@ def _row_functions(form: str, mask: bool, causal: bool, scale: bool, repeat: boo
     return pattern, replacement
 
 
-def _math_example_inputs(layout: str, mask: bool, dtype: torch.dtype) -> Callable[[], list[torch.Tensor]]:
+def _math_example_inputs(layout: str, mask: bool, dtype: torch.dtype, repeat: bool = False) -> Callable[[], list[torch.Tensor]]:
     def build() -> list[torch.Tensor]:
         b, n, s, d, dv = 2, 4, 8, 16, 8  # dv != d: the case that takes the math path
 
-        def make(kind: str, dim: int) -> torch.Tensor:
+        def make(kind: str, dim: int, heads: int) -> torch.Tensor:
             if kind == "t":
-                return torch.randn(b, s, n, dim, dtype=dtype).transpose(1, 2)
-            return torch.randn(b, n, s, dim, dtype=dtype)
+                return torch.randn(b, s, heads, dim, dtype=dtype).transpose(1, 2)
+            return torch.randn(b, heads, s, dim, dtype=dtype)
 
-        out = [make(layout[0], d), make(layout[1], d), make(layout[2], dv)]
+        nkv = n // 2 if repeat else n
+        out = [make(layout[0], d, n), make(layout[1], d, nkv), make(layout[2], dv, nkv)]
         if mask:
             out.append(torch.zeros(b, 1, s, s, dtype=torch.float32))  # additive, fp32 (after the upcast)
         return out
@@ -398,18 +401,23 @@ def _rows() -> list[Fusion]:
                     scalar_workaround={"scale": _SCALE_SAMPLE} if scale else {},
                 )
             )
-    # SDPA's math path: the scale is always there (a constant sqrt), no repeat_kv (MLA
-    # expands its shared rope key to every head itself)
-    for dtype, (mask, causal), layout in itertools.product(
-        (torch.float32, torch.float16), ((True, False), (False, True), (False, False)), _MATH_LAYOUTS
+    # SDPA's math path: the scale is always there (a constant sqrt). Without repeat_kv
+    # (MLA expands its shared rope key to every head itself), and with it: the math
+    # path's own ``enable_gqa`` expansion is HF's repeat_kv op for op (unsqueeze, expand,
+    # clone, view). CUDA takes this path for fp32 GQA models: HF passes ``enable_gqa``
+    # when there is no mask, flash takes no fp32 and the efficient kernel no enable_gqa.
+    # K/V are contiguous after the expansion, so only q's layout varies there.
+    math_rows = [(layout, False) for layout in _MATH_LAYOUTS] + [(layout, True) for layout in _MATH_GQA_LAYOUTS]
+    for dtype, (mask, causal), (layout, repeat) in itertools.product(
+        (torch.float32, torch.float16), ((True, False), (False, True), (False, False)), math_rows
     ):
-        pattern, replacement = _row_functions("sdpa_math", mask, causal, True, False)
+        pattern, replacement = _row_functions("sdpa_math", mask, causal, True, repeat)
         rows.append(
             Fusion(
-                name=f"sdpa_math{'_mask' if mask else ''}{'_causal' if causal else ''}_{layout}_{str(dtype)[6:]}",
+                name=f"sdpa_math{'_mask' if mask else ''}{'_causal' if causal else ''}{'_gqa' if repeat else ''}_{layout}_{str(dtype)[6:]}",
                 pattern=pattern,
                 replacement=replacement,
-                example_inputs=_math_example_inputs(layout, mask, dtype),
+                example_inputs=_math_example_inputs(layout, mask, dtype, repeat),
                 extra_check=functools.partial(_supported, causal=causal, form="sdpa_math", mask=mask, scale=True),
                 scalar_workaround={"scale": _SCALE_SAMPLE},
             )

@@ -1,0 +1,80 @@
+"""Attention forms added for the conformance matrix (issue #18): SDPA's math path with its
+own GQA expansion (what CUDA runs for fp32 GQA models), checked on the CPU by forcing
+SDPA's math backend while tracing, and on the GPU as torch picks it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import ascend_graph
+from tests.passes.test_attention_fusion import _count, _mask, _qkv, _run, sdpa_gqa_causal, sdpa_repeat_kv_mask
+
+
+def _run_math(fn, *inputs):
+    """Trace and run with SDPA restricted to its math backend (the fp32 CUDA form)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return _run(fn, *inputs)
+
+
+def sdpa_gqa_plain(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, scale=0.2, enable_gqa=True).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+@pytest.mark.parametrize("fn", [sdpa_gqa_causal, sdpa_gqa_plain], ids=["causal", "plain"])
+def test_math_gqa_fused(fn):
+    q, k, v = _qkv(b=3, nq=6, nkv=2, s=7, d=32)
+    out, ref = _run_math(fn, q, k, v)
+    assert _count() == 1
+    torch.testing.assert_close(out, ref)
+
+
+def test_math_repeat_kv_mask_fused():
+    q, k, v = _qkv(s=5, skv=9)
+    mask = _mask(3, 5, 9, window=3)
+    out, ref = _run_math(sdpa_repeat_kv_mask, q, k, v, mask)
+    assert _count() == 1
+    torch.testing.assert_close(out, ref)
+
+
+def test_math_gqa_decode_fused():
+    """One query token over a contiguous (concatenated) cache."""
+    q, _, _ = _qkv(b=3, nq=6, nkv=2, s=1, d=32)
+    k, v = (torch.randn(3, 2, 9, 32) for _ in range(2))
+    out, ref = _run_math(sdpa_gqa_plain, q.contiguous(), k, v)
+    assert _count() == 1
+    torch.testing.assert_close(out, ref)
+
+
+def test_math_gqa_not_fused_unaligned_head_dim():
+    q, k, v = _qkv(b=3, nq=6, nkv=2, s=7, d=24)  # FIA takes head dims in multiples of 16
+    out, ref = _run_math(sdpa_gqa_causal, q, k, v)
+    assert _count() == 0
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_gqa_fused():
+    """fp32 on CUDA: no flash kernel, and enable_gqa keeps the efficient kernel out: math."""
+    q, k, v = _qkv(nq=8, nkv=2, s=9, d=64, device="cuda")
+    out, ref = _run(sdpa_gqa_causal, q, k, v)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    mask = _mask(3, 9, 9, window=4, device="cuda")
+    out, ref = _run(sdpa_repeat_kv_mask, q, k, v, mask)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert _count() == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_cuda_fp32_models_fuse_every_attention_layer(arch):
+    from tests.models.archs import ARCHS, build_arch, forward_output
+
+    model = build_arch(arch, torch.float32).cuda()
+    ids = torch.randint(3, 131, (3, 17), device="cuda")
+    compiled = torch.compile(model, backend="ascend", dynamic=False, options={"graphs": False})
+    with torch.no_grad():
+        torch.testing.assert_close(forward_output(ARCHS[arch], compiled, ids), forward_output(ARCHS[arch], model, ids), atol=1e-4, rtol=1e-4)
+    assert ascend_graph.stats()["fusions"]["attention"] == ARCHS[arch].expected["attention"]
