@@ -78,3 +78,67 @@ def test_cuda_fp32_models_fuse_every_attention_layer(arch):
     with torch.no_grad():
         torch.testing.assert_close(forward_output(ARCHS[arch], compiled, ids), forward_output(ARCHS[arch], model, ids), atol=1e-4, rtol=1e-4)
     assert ascend_graph.stats()["fusions"]["attention"] == ARCHS[arch].expected["attention"]
+
+
+# --------------------------------------------------------------------------- GptOss sinks
+
+
+def gpt_oss_eager(q, k, v, mask, sinks):
+    """transformers' GptOss ``eager_attention_forward`` (5.x), q/k from rope's cat."""
+    n = q.shape[1] // k.shape[1]
+    from tests.passes.test_attention_fusion import repeat_kv
+
+    k, v = repeat_kv(k, n), repeat_kv(v, n)
+    w = torch.matmul(q, k.transpose(2, 3)) * 0.25
+    if mask is not None:
+        w = w + mask
+    s = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+    combined = torch.cat([w, s], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = F.softmax(combined, dim=-1, dtype=combined.dtype)
+    out = torch.matmul(probs[..., :-1].to(v.dtype), v)
+    return out.transpose(1, 2).contiguous().reshape(q.shape[0], q.shape[2], -1)
+
+
+def _sinks_inputs(dtype, s=7, skv=7):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 6, s, 32, generator=g).to(dtype)  # contiguous: GptOss's rope ends in a cat
+    k, v = (torch.randn(3, 2, skv, 32, generator=g).to(dtype) for _ in range(2))
+    sinks = torch.randn(6, generator=g).to(dtype)
+    mask = torch.zeros(3, 1, s, skv, dtype=dtype).masked_fill(~_mask(3, s, skv, window=4), torch.finfo(dtype).min)
+    return q, k, v, mask, sinks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt_oss_sinks_fused(dtype):
+    q, k, v, mask, sinks = _sinks_inputs(dtype)
+    out, ref = _run(gpt_oss_eager, q, k, v, mask, sinks)
+    assert _count() == 1
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+def test_gpt_oss_sinks_decode_fused():
+    q, k, v, mask, sinks = _sinks_inputs(torch.float32, s=1, skv=9)
+    out, ref = _run(gpt_oss_eager, q, k, v, mask, sinks)
+    assert _count() == 1
+    torch.testing.assert_close(out, ref)
+
+
+def test_sinks_not_fused_per_batch_sinks():
+    """Sinks must be one logit per query head; a [B, N] tensor is another computation."""
+    q, k, v, mask, _ = _sinks_inputs(torch.float32)
+
+    def per_batch(q, k, v, mask, sinks2d):
+        n = q.shape[1] // k.shape[1]
+        from tests.passes.test_attention_fusion import repeat_kv
+
+        k, v = repeat_kv(k, n), repeat_kv(v, n)
+        w = torch.matmul(q, k.transpose(2, 3)) * 0.25 + mask
+        combined = torch.cat([w, sinks2d[:, :, None, None].expand(-1, -1, q.shape[2], -1)], dim=-1)
+        probs = F.softmax(combined - combined.max(dim=-1, keepdim=True).values, dim=-1, dtype=combined.dtype)
+        return torch.matmul(probs[..., :-1], v).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+    out, ref = _run(per_batch, q, k, v, mask, torch.randn(3, 6))
+    assert _count() == 0
+    torch.testing.assert_close(out, ref)

@@ -14,7 +14,11 @@ pass manager sees):
 - K/V either as given (``enable_gqa``, MHA, MLA) or through HF's ``repeat_kv``
   (``unsqueeze -> expand -> clone -> view``), folded into the op's GQA;
 - HF's eager attention ``softmax(q @ k^T * scale + mask, float32).to(q.dtype) @ v``,
-  with or without a mask, fp32 and half graphs (the casts differ).
+  with or without a mask, fp32 and half graphs (the casts differ);
+- GptOss's eager attention with learned per-head sink logits (``cat([scores, sinks])``,
+  a max shift, softmax, the sink column dropped) -> the op's ``sinks`` (FIA v2's
+  ``learnable_sink`` on the NPU); q contiguous (its rope ends in a ``cat``), K/V through
+  ``repeat_kv``, with or without a mask.
 
 The table :data:`FUSIONS` is built from the product of those forms (one row each).
 Sliding windows and padding reach the op inside the mask (HF builds them into it), so
@@ -36,6 +40,7 @@ import logging
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from ...config import AscendConfig
 from ...ops import attention as _attention_ops  # noqa: F401  (registers ascend_graph::attention)
@@ -306,6 +311,64 @@ def _example_inputs(form: str, mask: bool, repeat: bool, dtype: torch.dtype, dec
     return build
 
 
+def _eager_sinks(q, k, v, mask, sinks, scale):
+    """GptOss ``eager_attention_forward`` (transformers 5.x) after AOT tracing and cleanup.
+
+    The bmm halves are written at the ATen level for the reason :func:`_eager` gives; the
+    sink half in plain torch, which traces to the model's own decomposition of
+    ``max(dim).values`` and ``softmax(dtype=scores.dtype)`` (casts included in half
+    types). Subtracting the row max first changes nothing in a softmax, and the sink
+    column adds ``exp(sink)`` to each row's denominator only: the op's ``sinks``.
+    """
+    b, n, s, d = q.shape
+    skv, dv = k.shape[2], v.shape[3]
+    w = aten.bmm(aten.view(q, [b * n, s, d]), aten.view(aten.permute(k, [0, 1, 3, 2]), [b * n, d, skv]))
+    w = aten.mul(aten.view(w, [b, n, s, skv]), scale)
+    if mask is not None:
+        w = aten.add(w, mask)
+    combined = torch.cat([w, sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    p = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1].to(v.dtype)
+    return aten.view(aten.bmm(aten.view(p, [b * n, s, skv]), aten.view(v, [b * n, skv, dv])), [b, n, s, dv])
+
+
+def _sinks_mask_pattern(q, k, v, mask, sinks, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    return _eager_sinks(q, _repeat_kv(k, n_rep), _repeat_kv(v, n_rep), mask, sinks, scale)
+
+
+def _sinks_mask_replacement(q, k, v, mask, sinks, scale):
+    return torch.ops.ascend_graph.attention(q, k, v, mask, sinks, float(scale), False, -1)
+
+
+def _sinks_pattern(q, k, v, sinks, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    return _eager_sinks(q, _repeat_kv(k, n_rep), _repeat_kv(v, n_rep), None, sinks, scale)
+
+
+def _sinks_replacement(q, k, v, sinks, scale):
+    return torch.ops.ascend_graph.attention(q, k, v, None, sinks, float(scale), False, -1)
+
+
+def _sinks_example_inputs(mask: bool, dtype: torch.dtype) -> Callable[[], list[torch.Tensor]]:
+    def build() -> list[torch.Tensor]:
+        b, nq, nkv, s, d = 2, 4, 2, 8, 16
+        out = [torch.randn(b, nq, s, d, dtype=dtype), torch.randn(b, nkv, s, d, dtype=dtype), torch.randn(b, nkv, s, d, dtype=dtype)]
+        if mask:
+            out.append(torch.zeros(b, 1, s, s, dtype=dtype))
+        out.append(torch.randn(nq, dtype=dtype))
+        return out
+
+    return build
+
+
+def _sinks_supported(match: Match, *, mask: bool) -> bool:
+    sinks, q = _val(match, "sinks"), _val(match, "q")
+    if sinks is None or q is None or sinks.dim() != 1 or not _static_eq(sinks.shape[0], q.shape[1]) or not sinks.is_floating_point():
+        return False
+    return _supported(match, causal=False, form="eager_sinks", mask=mask, scale=True)
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -419,6 +482,19 @@ def _rows() -> list[Fusion]:
                 replacement=replacement,
                 example_inputs=_math_example_inputs(layout, mask, dtype, repeat),
                 extra_check=functools.partial(_supported, causal=causal, form="sdpa_math", mask=mask, scale=True),
+                scalar_workaround={"scale": _SCALE_SAMPLE},
+            )
+        )
+    # GptOss: eager attention with learned sink logits (fp32 graphs have no casts, half
+    # graphs upcast around the softmax)
+    for dtype, mask in itertools.product((torch.float32, torch.bfloat16, torch.float16), (True, False)):
+        rows.append(
+            Fusion(
+                name=f"eager_sinks{'_mask' if mask else ''}_repeatkv_{str(dtype)[6:]}",
+                pattern=_sinks_mask_pattern if mask else _sinks_pattern,
+                replacement=_sinks_mask_replacement if mask else _sinks_replacement,
+                example_inputs=_sinks_example_inputs(mask, dtype),
+                extra_check=functools.partial(_sinks_supported, mask=mask),
                 scalar_workaround={"scale": _SCALE_SAMPLE},
             )
         )
