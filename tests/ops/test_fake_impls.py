@@ -127,6 +127,8 @@ def _moe_dispatch_ffn_combine_cases():
     # a transposed activation (a 3-D [B, S, H] view flattened without a copy is contiguous;
     # a column-major one is not)
     yield "strided_x", (_r(h, t, seed=10).t(), w, ids, w13, w2, "silu")
+    # GptOss: biases, clipped SwiGLU, [E, H, 2I] / [E, I, H] weights as transposed views
+    yield "biases_clipped_swiglu", (x, w, ids, _r(e, h, 2 * i, seed=11).transpose(1, 2), _r(e, i, h, seed=12).transpose(1, 2), "clipped_swiglu", active, None, None, None, "", 1, 0, None, _r(e, 2 * i, seed=13), _r(e, h, seed=14), 1.702, 7.0)
 
 
 #: op name -> case builder. The vLLM adapter ops (``vllm_*``) are registered only when
