@@ -90,6 +90,9 @@ def run_case(arch_name: str, dtype_name: str, dynamic: bool, device: str) -> dic
     row["eager_fallbacks"] = st["eager_fallbacks"]
     row["fallback_reasons"] = st["fallback_reasons"]
     row["compile_seconds"] = st["compile_seconds"]
+    # where compile time goes: our passes (per pass) vs the rest (Dynamo, AOT, inductor)
+    row["pass_seconds"] = {name: round(p["seconds"], 2) for name, p in st["passes"].items()}
+    row["capture_seconds"] = st["capture_seconds"]
     row["max_rel_err"] = worst if row["compiled"] else None
     return row
 
@@ -150,11 +153,11 @@ def _cells(row: dict) -> list[str]:
         row["arch"], row["dtype"], "dyn" if row["dynamic"] else "static",
         "GREEN" if _green(row) else "red", compiled, _fmt_fusions(row), caps,
         str(row.get("eager_fallbacks", "-")), "-" if err is None else f"{err:.1e}",
-        f"{row['compile_seconds']:.1f}" if "compile_seconds" in row else "-", f"{row.get('wall_seconds', 0):.1f}",
+        f"{row['compile_seconds']:.1f} ({sum(row['pass_seconds'].values()):.1f})" if "compile_seconds" in row else "-", f"{row.get('wall_seconds', 0):.1f}",
     ]
 
 
-HEADER = ["arch", "dtype", "shapes", "status", "compiled", "fusions got/expected (per graph)", "captures ok/failed", "eager fallbacks", "max rel err", "compile s", "case s"]
+HEADER = ["arch", "dtype", "shapes", "status", "compiled", "fusions got/expected (per graph)", "captures ok/failed", "eager fallbacks", "max rel err", "compile s (passes)", "case s"]
 
 
 def _summary(rows: list[dict], device: str, seconds: float) -> str:
@@ -166,6 +169,10 @@ def _summary(rows: list[dict], device: str, seconds: float) -> str:
         line += f"; slowest {slow['arch']}/{slow['dtype']} {slow['wall_seconds']:.1f} s (compile {slow['compile_seconds']:.1f} s)"
     if red:
         line += "; red: " + ", ".join(red)
+    if slow and slow.get("pass_seconds"):
+        top = sorted(slow["pass_seconds"].items(), key=lambda kv: -kv[1])[:3]
+        line += f"\nSLOWEST {slow['arch']}/{slow['dtype']}: compile {slow['compile_seconds']:.1f} s, of which passes " + ", ".join(f"{n} {s:.1f} s" for n, s in top)
+        line += f", capture {slow.get('capture_seconds', 0):.1f} s; the rest is Dynamo + AOT + codegen"
     return line
 
 

@@ -95,7 +95,14 @@ def _build(fusions: Sequence[Fusion], pass_name: str) -> pm.PatternMatcherPass:
                 if f.exact or not f.retrace:
                     argnames = list(inspect.signature(f.pattern).parameters)
                     ignore = () if f.exact else (int, float, list, torch.device, torch.dtype)  # gen_pattern's wildcards
-                    search_pattern = pm.fx_to_pattern(pm.fwd_only(f.pattern, inputs), ignore_types=ignore, argnames=argnames, exclusive_arg_names=f.exclusive_arg_names)
+                    # scalar_workaround arguments are traced with their sample values (which
+                    # the example inputs may leave out, as register_replacement allows)
+                    given = iter(inputs)
+                    trace_args = [f.scalar_workaround[a] if a in f.scalar_workaround and len(inputs) < len(argnames) else next(given) for a in argnames]
+                    search_pattern = pm.fx_to_pattern(
+                        pm.fwd_only(f.pattern, trace_args), ignore_types=ignore, argnames=argnames,
+                        scalar_workaround=dict(f.scalar_workaround) or None, exclusive_arg_names=f.exclusive_arg_names,
+                    )
                 pm.register_replacement(
                     f.pattern,
                     f.replacement,

@@ -390,7 +390,51 @@ def _sdpa_node(match: Match) -> Optional[torch.fx.Node]:
     return None
 
 
+#: the forms written with views of explicit sizes (bmm halves): matched without the
+#: matcher's re-trace (``retrace=False``). Under dynamic shapes the re-trace builds the sizes
+#: from ``sym_size`` calls and shared products that the model's graph computes otherwise
+#: (from the size inputs Dynamo passes, shared with nodes outside the match), so it never
+#: matched a dynamic graph (DeepSeek-V3's MLA and GptOss's sinks fused in static graphs
+#: only). Without it the ints of the pattern are wildcards: :func:`_int_args_hold` checks
+#: the ones that decide what is computed.
+_RETRACE_FREE_FORMS = ("eager", "sdpa_math", "eager_sinks")
+
+
+def _dims(x: Any) -> list[int]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _int_args_hold(match: Match) -> bool:
+    """The wildcard ints of a retrace-free row: softmax reductions over the key dim, k
+    transposed as [0, 1, 3, 2], the sink column concatenated last and dropped."""
+    for node in match.nodes:
+        if node.op != "call_function":
+            continue
+        val = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        ndim = val.dim() if isinstance(val, torch.Tensor) else None
+        last = (-1, ndim - 1) if ndim else (-1,)
+        if node.target in (aten.amax.default, aten.sum.dim_IntList, aten.any.dim, aten.max.dim):
+            if len(node.args) < 2 or not all(d in last for d in _dims(node.args[1])):
+                return False
+        elif node.target is aten.permute.default and ndim == 4:
+            if list(node.args[1]) not in ([0, 1, 3, 2], [0, 2, 1, 3]):
+                return False
+        elif node.target is aten.cat.default:
+            tensors = node.args[0]
+            ndim = tensors[0].meta["val"].dim() if tensors and isinstance(tensors[0], torch.fx.Node) and "val" in tensors[0].meta else None
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if ndim is None or dim not in (-1, ndim - 1):
+                return False
+        elif node.target is aten.slice.Tensor and ndim == 4:
+            dim, start, end = (list(node.args[1:]) + [0, 0, None])[:3]
+            if dim not in (-1, 3) or start != 0 or end != -1:
+                return False
+    return True
+
+
 def _supported(match: Match, *, causal: bool, form: str, mask: bool, scale: bool) -> bool:
+    if form in _RETRACE_FREE_FORMS and not _int_args_hold(match):
+        return False
     q, k, v = _val(match, "q"), _val(match, "k"), _val(match, "v")
     if q is None or k is None or v is None:
         return False
@@ -462,6 +506,7 @@ def _rows() -> list[Fusion]:
                     example_inputs=_example_inputs(form, mask, repeat, dtype, decode),
                     extra_check=functools.partial(_supported, causal=causal, form=form, mask=mask, scale=scale),
                     scalar_workaround={"scale": _SCALE_SAMPLE} if scale else {},
+                    retrace=form not in _RETRACE_FREE_FORMS,
                 )
             )
     # SDPA's math path: the scale is always there (a constant sqrt). Without repeat_kv
@@ -483,11 +528,12 @@ def _rows() -> list[Fusion]:
                 example_inputs=_math_example_inputs(layout, mask, dtype, repeat),
                 extra_check=functools.partial(_supported, causal=causal, form="sdpa_math", mask=mask, scale=True),
                 scalar_workaround={"scale": _SCALE_SAMPLE},
+                retrace=False,
             )
         )
     # GptOss: eager attention with learned sink logits (fp32 graphs have no casts, half
-    # graphs upcast around the softmax)
-    for dtype, mask in itertools.product((torch.float32, torch.bfloat16, torch.float16), (True, False)):
+    # graphs upcast around the softmax; dtypes are wildcards, so bf16 covers fp16)
+    for dtype, mask in itertools.product((torch.float32, torch.bfloat16), (True, False)):
         rows.append(
             Fusion(
                 name=f"eager_sinks{'_mask' if mask else ''}_repeatkv_{str(dtype)[6:]}",
@@ -496,6 +542,7 @@ def _rows() -> list[Fusion]:
                 example_inputs=_sinks_example_inputs(mask, dtype),
                 extra_check=functools.partial(_sinks_supported, mask=mask),
                 scalar_workaround={"scale": _SCALE_SAMPLE},
+                retrace=False,
             )
         )
     return rows
