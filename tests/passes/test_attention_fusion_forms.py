@@ -142,3 +142,22 @@ def test_sinks_not_fused_per_batch_sinks():
     out, ref = _run(per_batch, q, k, v, mask, torch.randn(3, 6))
     assert _count() == 0
     torch.testing.assert_close(out, ref)
+
+
+def test_eager_softmax_over_query_dim_not_fused():
+    """The eager rows match without a re-trace (their ints are wildcards): a softmax over
+    the query dim has the same ops and must still be rejected (``_int_args_hold``)."""
+    from tests.passes.test_attention_fusion import repeat_kv
+
+    def softmax_over_queries(q, k, v, mask):
+        n = q.shape[1] // k.shape[1]
+        k, v = repeat_kv(k, n), repeat_kv(v, n)
+        w = torch.matmul(q, k.transpose(2, 3)) * 0.21 + mask
+        w = F.softmax(w, dim=-2, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(w, v).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+    q, k, v = _qkv(s=6)
+    mask = torch.zeros(3, 1, 6, 6).masked_fill(~_mask(3, 6, 6), torch.finfo(torch.float32).min)
+    out, ref = _run(softmax_over_queries, q, k, v, mask)
+    assert _count() == 0
+    torch.testing.assert_close(out, ref)
