@@ -31,7 +31,7 @@ Invariants: metadata (block tables, lengths, slots) are device tensors, never Py
 lists, so a captured device graph never needs its arguments patched; fake impls give
 shapes from input shapes only. The plain-torch references below are the ground truth
 of the tests. The dense op runs through SDPA on CPU and CUDA
-(:func:`dense_attention_sdpa`; the reference where SDPA has no form, i.e. sinks); the
+(:func:`dense_attention_sdpa`; with sinks, SDPA's fused kernels rescaled by their log-sum-exp); the
 paged op and the cache write default to their references, with CUDA kernels from
 ``kernels/triton/attention.py``; NPU bindings come from ``kernels/npu/attention.py``.
 """
@@ -149,12 +149,11 @@ def dense_attention_sdpa(q, k, v, attn_mask, sinks, scale, is_causal, window) ->
     SDPA picks its fastest backend for the device (flash on CPU and CUDA, efficient or
     math where flash cannot run, e.g. MLA's Dv != D). Our bottom-right causal alignment
     and the sliding window become a boolean mask unless ``Sq == Skv`` with neither window
-    nor mask (SDPA's own top-left ``is_causal`` is the same then). Sinks have no SDPA
-    form: those calls take :func:`attention_reference`. A fully masked row gives zeros
+    nor mask (SDPA's own top-left ``is_causal`` is the same then). Sinks go through
+    ``kernels/triton/attention_sinks.py`` (the fused kernel's log-sum-exp rescales its
+    output by ``sigmoid(lse - sink)``). A fully masked row gives zeros
     in every SDPA backend of torch 2.11-2.13, as in the reference.
     """
-    if sinks is not None:
-        return attention_reference(q, k, v, attn_mask, sinks, scale, is_causal, window)
     _check_dense(q, k, v, is_causal, window)
     sq, skv = q.shape[2], k.shape[2]
     mask = attn_mask
@@ -186,6 +185,11 @@ def dense_attention_sdpa(q, k, v, attn_mask, sinks, scale, is_causal, window) ->
         # memory-efficient backend, as HF's repeat_kv does.
         rep = q.shape[1] // k.shape[1]
         k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+    if sinks is not None:
+        # one fused SDPA call returning the log-sum-exp, then out * sigmoid(lse - sink)
+        from .kernels.triton.attention_sinks import sdpa_with_sinks
+
+        return _sdpa_layout(sdpa_with_sinks(q, k, v, mask, sinks, scale, sdpa_causal, gqa))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=sdpa_causal, scale=scale, enable_gqa=gqa)
     return _sdpa_layout(out)
 

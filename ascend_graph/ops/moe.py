@@ -25,7 +25,8 @@ renormalize, routed_scaling_factor, eps, router_weight[E, H]?) -> (weights[T, k]
 
 ``moe_dispatch_ffn_combine(x[T, H], topk_weights[T, k], topk_ids[T, k], w13[E, 2I, H],
 w2[E, H, I], activation, active_mask[T]?, shared_gate[Is, H]?, shared_up[Is, H]?,
-shared_down[H, Is]?, ep_group, ep_world_size, ep_rank, shared_expert_gate[1, H]?) -> out[T, H]``
+shared_down[H, Is]?, ep_group, ep_world_size, ep_rank, shared_expert_gate[1, H]?, w13_bias[E, 2I]?,
+w2_bias[E, H]?, swiglu_alpha, swiglu_limit) -> out[T, H]``
     Weight layout is HF transformers' (``Qwen3MoeExperts``, ``DeepseekV3Experts``, ...):
     ``w13[e]`` stacks the gate rows on top of the up rows (``[gate; up]``, each ``I``
     rows), ``w2[e]`` is the down projection, both as ``nn.Linear`` stores them (out
@@ -38,6 +39,14 @@ shared_down[H, Is]?, ep_group, ep_world_size, ep_rank, shared_expert_gate[1, H]?
     every row). With shared experts given, ``out += down_s(act(gate_s(x)) * up_s(x))``,
     scaled per token by ``sigmoid(x @ shared_expert_gate.T)`` when that is given
     (Qwen2-MoE / Qwen3-Next's gated shared expert; DeepSeek-V3's are not gated).
+    Expert biases (GptOss): ``gate_e(x); up_e(x)`` become ``x @ w13[e].T + w13_bias[e]`` and
+    the down projection adds ``w2_bias[e]``. ``"clipped_swiglu"`` (GptOss; the NPU's
+    ``npu_clipped_swiglu(interleaved=True)``) takes gate and up *interleaved* in ``w13[e]``'s
+    rows (gate = even rows, up = odd rows), clamps ``gate <= limit`` and ``-limit <= up <=
+    limit`` and gives ``(up + 1) * gate * sigmoid(alpha * gate)`` (``swiglu_alpha``,
+    ``swiglu_limit``). ``w13`` and ``w2`` may be any strided views: GptOss stores them as
+    ``[E, H, 2I]`` / ``[E, I, H]`` and the fusion hands the op their ``transpose(1, 2)``
+    views, never a copy.
     With ``ep_world_size > 1`` ``w13``/``w2`` hold this rank's ``E / ep_world_size``
     experts and ``ids`` are global: the NPU binding runs MC2 dispatch/combine over
     ``ep_group``, elsewhere ``distributed/ep.py`` runs all-to-alls over torch.distributed.
@@ -63,13 +72,21 @@ __all__ = ["moe_gating_topk", "moe_dispatch_ffn_combine", "ACTIVATIONS", "SCORIN
 
 log = logging.getLogger("ascend_graph.ops.moe")
 
-#: gated activations the experts may use: ``act(gate) * up``
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+#: gated activations the experts may use: ``act(gate) * up`` (gate/up halves), and GptOss's
+#: clipped SwiGLU on interleaved gate/up rows
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "clipped_swiglu")
+#: GptOss's clipped SwiGLU constants (``GptOssExperts.alpha`` / ``.limit``)
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
 SCORINGS = ("softmax", "sigmoid")
 
 
-def apply_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-    """``act(gate) * up`` for ``gate_up = [gate | up]`` along the last dim."""
+def apply_activation(gate_up: torch.Tensor, activation: str, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+    """``act(gate) * up`` for ``gate_up = [gate | up]`` along the last dim (interleaved
+    ``[g0, u0, g1, u1, ...]`` for ``"clipped_swiglu"``, as GptOss computes it)."""
+    if activation == "clipped_swiglu":
+        gate = gate_up[..., ::2].clamp(max=limit)
+        up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
     gate, up = gate_up.chunk(2, dim=-1)
     if activation == "silu":
         return F.silu(gate) * up
@@ -183,7 +200,7 @@ def _gating_cuda(logits, top_k, bias=None, scoring="softmax", n_group=1, topk_gr
     return gating_reference(logits, *args)
 
 
-def _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared, ep_world_size, shared_expert_gate=None) -> None:
+def _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared, ep_world_size, shared_expert_gate=None, w13_bias=None, w2_bias=None) -> None:
     if x.dim() != 2 or topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != x.shape[0]:
         raise UnsupportedError(
             "moe_dispatch_ffn_combine shapes",
@@ -214,6 +231,13 @@ def _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, 
         )
     if ep_world_size < 1:
         raise UnsupportedError("ep_world_size must be >= 1", expected=">= 1", got=ep_world_size)
+    e = w13.shape[0]
+    if (w13_bias is not None and tuple(w13_bias.shape) != (e, w13.shape[1])) or (w2_bias is not None and tuple(w2_bias.shape) != (e, h)):
+        raise UnsupportedError(
+            "expert biases are one row per expert",
+            expected=f"w13_bias [{e}, {w13.shape[1]}], w2_bias [{e}, {h}]",
+            got=f"w13_bias {None if w13_bias is None else tuple(w13_bias.shape)}, w2_bias {None if w2_bias is None else tuple(w2_bias.shape)}",
+        )
 
 
 def shared_experts_reference(x, shared_gate, shared_up, shared_down, activation: str, shared_expert_gate=None) -> torch.Tensor:
@@ -242,6 +266,10 @@ def experts_reference(
     shared_up: Optional[torch.Tensor] = None,
     shared_down: Optional[torch.Tensor] = None,
     shared_expert_gate: Optional[torch.Tensor] = None,
+    w13_bias: Optional[torch.Tensor] = None,
+    w2_bias: Optional[torch.Tensor] = None,
+    swiglu_alpha: float = SWIGLU_ALPHA,
+    swiglu_limit: float = SWIGLU_LIMIT,
 ) -> torch.Tensor:
     """Plain-torch experts: a loop over the experts that were hit (eager only)."""
     t, h = x.shape
@@ -259,7 +287,10 @@ def experts_reference(
         if n:
             rows = order[start : start + n]
             tokens = rows // k
-            y = F.linear(apply_activation(F.linear(x[tokens], w13[expert]), activation), w2[expert])
+            b13 = None if w13_bias is None else w13_bias[expert]
+            b2 = None if w2_bias is None else w2_bias[expert]
+            h = apply_activation(F.linear(x[tokens], w13[expert], b13), activation, swiglu_alpha, swiglu_limit)
+            y = F.linear(h, w2[expert], b2)
             out.index_add_(0, tokens, y.float() * flat_w[rows].float().unsqueeze(1))
         start += n
     if shared_gate is not None:
@@ -283,30 +314,50 @@ def moe_dispatch_ffn_combine(
     ep_world_size: int = 1,
     ep_rank: int = 0,
     shared_expert_gate: Optional[torch.Tensor] = None,
+    w13_bias: Optional[torch.Tensor] = None,
+    w2_bias: Optional[torch.Tensor] = None,
+    swiglu_alpha: float = SWIGLU_ALPHA,
+    swiglu_limit: float = SWIGLU_LIMIT,
 ) -> torch.Tensor:
     """Routed experts (and optional shared experts) of one MoE layer. See the module docstring."""
-    _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, (shared_gate, shared_up, shared_down), ep_world_size, shared_expert_gate)
+    _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, (shared_gate, shared_up, shared_down), ep_world_size, shared_expert_gate, w13_bias, w2_bias)
     if ep_world_size > 1:  # off the NPU: all-to-all over torch.distributed (gloo, NCCL)
+        _check_ep_experts(w13_bias, w2_bias, activation)
         from ..distributed.ep import ep_dispatch_ffn_combine
 
         return ep_dispatch_ffn_combine(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared_gate, shared_up, shared_down, ep_group, ep_world_size, ep_rank, shared_expert_gate)
-    return experts_reference(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared_gate, shared_up, shared_down, shared_expert_gate)
+    return experts_reference(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared_gate, shared_up, shared_down, shared_expert_gate, w13_bias, w2_bias, swiglu_alpha, swiglu_limit)
+
+
+def _check_ep_experts(w13_bias: Optional[torch.Tensor], w2_bias: Optional[torch.Tensor], activation: str) -> None:
+    # distributed/ep.py runs the local experts without biases or the clipped SwiGLU
+    if w13_bias is not None or w2_bias is not None or activation == "clipped_swiglu":
+        raise UnsupportedError(
+            "expert parallelism off the NPU runs experts without biases or the clipped SwiGLU",
+            expected="w13_bias=None, w2_bias=None and activation silu/gelu with ep_world_size > 1",
+            got=f"biases {w13_bias is not None}/{w2_bias is not None}, activation {activation!r}",
+        )
 
 
 @moe_dispatch_ffn_combine.register_fake
-def _experts_fake(x, topk_weights, topk_ids, w13, w2, activation="silu", active_mask=None, shared_gate=None, shared_up=None, shared_down=None, ep_group="", ep_world_size=1, ep_rank=0, shared_expert_gate=None):
-    _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, (shared_gate, shared_up, shared_down), ep_world_size, shared_expert_gate)
+def _experts_fake(x, topk_weights, topk_ids, w13, w2, activation="silu", active_mask=None, shared_gate=None, shared_up=None, shared_down=None, ep_group="", ep_world_size=1, ep_rank=0, shared_expert_gate=None, w13_bias=None, w2_bias=None, swiglu_alpha=SWIGLU_ALPHA, swiglu_limit=SWIGLU_LIMIT):
+    _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, (shared_gate, shared_up, shared_down), ep_world_size, shared_expert_gate, w13_bias, w2_bias)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @moe_dispatch_ffn_combine.register_kernel("cuda")
-def _experts_cuda(x, topk_weights, topk_ids, w13, w2, activation="silu", active_mask=None, shared_gate=None, shared_up=None, shared_down=None, ep_group="", ep_world_size=1, ep_rank=0, shared_expert_gate=None):
-    _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, (shared_gate, shared_up, shared_down), ep_world_size)
+def _experts_cuda(x, topk_weights, topk_ids, w13, w2, activation="silu", active_mask=None, shared_gate=None, shared_up=None, shared_down=None, ep_group="", ep_world_size=1, ep_rank=0, shared_expert_gate=None, w13_bias=None, w2_bias=None, swiglu_alpha=SWIGLU_ALPHA, swiglu_limit=SWIGLU_LIMIT):
+    _check_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, (shared_gate, shared_up, shared_down), ep_world_size, None, w13_bias, w2_bias)
     if ep_world_size > 1:  # NCCL all-to-all; the local experts come back here with ep_world_size 1
+        _check_ep_experts(w13_bias, w2_bias, activation)
         from ..distributed.ep import ep_dispatch_ffn_combine
 
         return ep_dispatch_ffn_combine(x, topk_weights, topk_ids, w13, w2, activation, active_mask, shared_gate, shared_up, shared_down, ep_group, ep_world_size, ep_rank, shared_expert_gate)
-    out = _cuda.dispatch_ffn_combine(x, topk_weights, topk_ids, w13, w2, activation, active_mask)
+    if w13_bias is not None or w2_bias is not None or activation == "clipped_swiglu":
+        # the Triton kernels take neither biases nor interleaved gate/up: sort + grouped GEMMs
+        out = _cuda.sorted_experts(x, topk_weights, topk_ids, w13, w2, activation, active_mask, w13_bias, w2_bias, swiglu_alpha, swiglu_limit)
+    else:
+        out = _cuda.dispatch_ffn_combine(x, topk_weights, topk_ids, w13, w2, activation, active_mask)
     if shared_gate is not None:
         out = (out.float() + shared_experts_reference(x, shared_gate, shared_up, shared_down, activation, shared_expert_gate).float()).to(x.dtype)
     return out

@@ -95,7 +95,14 @@ def _build(fusions: Sequence[Fusion], pass_name: str) -> pm.PatternMatcherPass:
                 if f.exact or not f.retrace:
                     argnames = list(inspect.signature(f.pattern).parameters)
                     ignore = () if f.exact else (int, float, list, torch.device, torch.dtype)  # gen_pattern's wildcards
-                    search_pattern = pm.fx_to_pattern(pm.fwd_only(f.pattern, inputs), ignore_types=ignore, argnames=argnames, exclusive_arg_names=f.exclusive_arg_names)
+                    # scalar_workaround arguments are traced with their sample values (which
+                    # the example inputs may leave out, as register_replacement allows)
+                    given = iter(inputs)
+                    trace_args = [f.scalar_workaround[a] if a in f.scalar_workaround and len(inputs) < len(argnames) else next(given) for a in argnames]
+                    search_pattern = pm.fx_to_pattern(
+                        pm.fwd_only(f.pattern, trace_args), ignore_types=ignore, argnames=argnames,
+                        scalar_workaround=dict(f.scalar_workaround) or None, exclusive_arg_names=f.exclusive_arg_names,
+                    )
                 pm.register_replacement(
                     f.pattern,
                     f.replacement,
@@ -147,7 +154,14 @@ class PatternPass(GraphPass):
         if graph.owning_module is None:
             raise TypeError(f"{self.name}: the graph must belong to a GraphModule")
         with explain(self.explain_node):
-            return self.matcher.apply(graph)
+            count = self.matcher.apply(graph)
+        if count:
+            # The matcher inserts a replacement before the match's first output; a pattern
+            # input defined after that output (DeepSeek-V3's routed scaling under
+            # dynamic=True: a 0-dim tensor cast to fp32 just before the final multiply,
+            # after the top-k ids) would then be used before its definition.
+            pm.stable_topological_sort(graph)
+        return count
 
     def uuid_sources(self) -> list[Any]:
         out: list[Any] = super().uuid_sources()

@@ -81,3 +81,58 @@ def test_expert_loop_model_fuses_every_layer():
     assert ascend_graph.stats()["fusions"]["moe"] == moe_layers
     assert ascend_graph.stats()["graphs_compiled"] == 1
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_deepseek_v3_dynamic_routed_scaling_arrives_as_tensor():
+    """Under dynamic=True Dynamo does not specialise ``routed_scaling_factor``: it reaches
+    the graph as a 0-dim tensor input (not a float), and the router still fuses (it used
+    to fail the op's ``float`` argument), with the scaling applied after the op."""
+    model, moe_layers = _model("deepseek_v3")
+    compiled = torch.compile(model, backend="ascend", options={"codegen": "fx", "fusions": ["moe"], "graphs": False}, dynamic=True)
+    with torch.no_grad():
+        for batch, seq in [(2, 5), (3, 7)]:  # batch 1 would be specialised
+            ids = torch.randint(0, 97, (batch, seq), generator=torch.Generator().manual_seed(batch))
+            ref = model(ids, use_cache=False).logits
+            out = compiled(ids, use_cache=False).logits
+            torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    st = ascend_graph.stats()
+    assert st["graphs_compiled"] == 1  # one dynamic graph serves both shapes
+    assert st["fusions"]["moe"] == moe_layers
+
+
+def _gpt_oss():
+    from tests.models.archs import build_arch
+
+    return build_arch("gpt_oss")
+
+
+def _compile_moe_only(model, ids):
+    compiled = torch.compile(model, backend="ascend", options={"codegen": "fx", "fusions": ["moe"], "graphs": False}, dynamic=False)
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits, compiled(ids, use_cache=False).logits
+
+
+def test_gpt_oss_biased_clipped_swiglu_experts_fuse():
+    """GptOss's experts (biases, interleaved clipped SwiGLU, [E, H, 2I] weights) -> the
+    experts op with biases and "clipped_swiglu"; a non-default limit is carried over."""
+    model = _gpt_oss()
+    model.model.layers[1].mlp.experts.limit = 0.5  # clamps most gates and ups at this size
+    ids = torch.randint(0, 131, (3, 13), generator=torch.Generator().manual_seed(0))
+    ref, out = _compile_moe_only(model, ids)
+    assert ascend_graph.stats()["fusions"]["moe"] == 2
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_gpt_oss_experts_not_fused_without_the_plus_one():
+    """A gate that differs from GptOss's (no +1 on up) must not take the clipped row."""
+    model = _gpt_oss()
+
+    def plain_gate(gate_up, self=model.model.layers[0].mlp.experts):
+        gate, up = gate_up[..., ::2].clamp(max=self.limit), gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
+        return up * (gate * torch.sigmoid(gate * self.alpha))
+
+    model.model.layers[0].mlp.experts._apply_gate = plain_gate
+    ids = torch.randint(0, 131, (3, 13), generator=torch.Generator().manual_seed(0))
+    ref, out = _compile_moe_only(model, ids)
+    assert ascend_graph.stats()["fusions"]["moe"] == 1  # layer 1 only
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -14,7 +14,11 @@ pass manager sees):
 - K/V either as given (``enable_gqa``, MHA, MLA) or through HF's ``repeat_kv``
   (``unsqueeze -> expand -> clone -> view``), folded into the op's GQA;
 - HF's eager attention ``softmax(q @ k^T * scale + mask, float32).to(q.dtype) @ v``,
-  with or without a mask, fp32 and half graphs (the casts differ).
+  with or without a mask, fp32 and half graphs (the casts differ);
+- GptOss's eager attention with learned per-head sink logits (``cat([scores, sinks])``,
+  a max shift, softmax, the sink column dropped) -> the op's ``sinks`` (FIA v2's
+  ``learnable_sink`` on the NPU); q contiguous (its rope ends in a ``cat``), K/V through
+  ``repeat_kv``, with or without a mask.
 
 The table :data:`FUSIONS` is built from the product of those forms (one row each).
 Sliding windows and padding reach the op inside the mask (HF builds them into it), so
@@ -36,6 +40,7 @@ import logging
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from ...config import AscendConfig
 from ...ops import attention as _attention_ops  # noqa: F401  (registers ascend_graph::attention)
@@ -199,6 +204,8 @@ _FORMS: dict[str, tuple[Callable[..., torch.Tensor], bool, bool, str]] = {
 #: contiguous BNSD ("c"). "ttt": HF prefill; "cct": MLA (q and k concatenated from their
 #: nope/rope parts, v split off the kv projection); "ccc": decode over a concatenated cache
 _MATH_LAYOUTS = ("ttt", "cct", "ccc")
+#: with the GQA expansion: q transposed (prefill) or contiguous (decode)
+_MATH_GQA_LAYOUTS = ("ttt", "ccc")
 
 
 def _fused(q, k, v, mask, scale, causal):
@@ -260,16 +267,17 @@ def _row_functions(form: str, mask: bool, causal: bool, scale: bool, repeat: boo
     return pattern, replacement
 
 
-def _math_example_inputs(layout: str, mask: bool, dtype: torch.dtype) -> Callable[[], list[torch.Tensor]]:
+def _math_example_inputs(layout: str, mask: bool, dtype: torch.dtype, repeat: bool = False) -> Callable[[], list[torch.Tensor]]:
     def build() -> list[torch.Tensor]:
         b, n, s, d, dv = 2, 4, 8, 16, 8  # dv != d: the case that takes the math path
 
-        def make(kind: str, dim: int) -> torch.Tensor:
+        def make(kind: str, dim: int, heads: int) -> torch.Tensor:
             if kind == "t":
-                return torch.randn(b, s, n, dim, dtype=dtype).transpose(1, 2)
-            return torch.randn(b, n, s, dim, dtype=dtype)
+                return torch.randn(b, s, heads, dim, dtype=dtype).transpose(1, 2)
+            return torch.randn(b, heads, s, dim, dtype=dtype)
 
-        out = [make(layout[0], d), make(layout[1], d), make(layout[2], dv)]
+        nkv = n // 2 if repeat else n
+        out = [make(layout[0], d, n), make(layout[1], d, nkv), make(layout[2], dv, nkv)]
         if mask:
             out.append(torch.zeros(b, 1, s, s, dtype=torch.float32))  # additive, fp32 (after the upcast)
         return out
@@ -303,6 +311,64 @@ def _example_inputs(form: str, mask: bool, repeat: bool, dtype: torch.dtype, dec
     return build
 
 
+def _eager_sinks(q, k, v, mask, sinks, scale):
+    """GptOss ``eager_attention_forward`` (transformers 5.x) after AOT tracing and cleanup.
+
+    The bmm halves are written at the ATen level for the reason :func:`_eager` gives; the
+    sink half in plain torch, which traces to the model's own decomposition of
+    ``max(dim).values`` and ``softmax(dtype=scores.dtype)`` (casts included in half
+    types). Subtracting the row max first changes nothing in a softmax, and the sink
+    column adds ``exp(sink)`` to each row's denominator only: the op's ``sinks``.
+    """
+    b, n, s, d = q.shape
+    skv, dv = k.shape[2], v.shape[3]
+    w = aten.bmm(aten.view(q, [b * n, s, d]), aten.view(aten.permute(k, [0, 1, 3, 2]), [b * n, d, skv]))
+    w = aten.mul(aten.view(w, [b, n, s, skv]), scale)
+    if mask is not None:
+        w = aten.add(w, mask)
+    combined = torch.cat([w, sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    p = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1].to(v.dtype)
+    return aten.view(aten.bmm(aten.view(p, [b * n, s, skv]), aten.view(v, [b * n, skv, dv])), [b, n, s, dv])
+
+
+def _sinks_mask_pattern(q, k, v, mask, sinks, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    return _eager_sinks(q, _repeat_kv(k, n_rep), _repeat_kv(v, n_rep), mask, sinks, scale)
+
+
+def _sinks_mask_replacement(q, k, v, mask, sinks, scale):
+    return torch.ops.ascend_graph.attention(q, k, v, mask, sinks, float(scale), False, -1)
+
+
+def _sinks_pattern(q, k, v, sinks, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    return _eager_sinks(q, _repeat_kv(k, n_rep), _repeat_kv(v, n_rep), None, sinks, scale)
+
+
+def _sinks_replacement(q, k, v, sinks, scale):
+    return torch.ops.ascend_graph.attention(q, k, v, None, sinks, float(scale), False, -1)
+
+
+def _sinks_example_inputs(mask: bool, dtype: torch.dtype) -> Callable[[], list[torch.Tensor]]:
+    def build() -> list[torch.Tensor]:
+        b, nq, nkv, s, d = 2, 4, 2, 8, 16
+        out = [torch.randn(b, nq, s, d, dtype=dtype), torch.randn(b, nkv, s, d, dtype=dtype), torch.randn(b, nkv, s, d, dtype=dtype)]
+        if mask:
+            out.append(torch.zeros(b, 1, s, s, dtype=dtype))
+        out.append(torch.randn(nq, dtype=dtype))
+        return out
+
+    return build
+
+
+def _sinks_supported(match: Match, *, mask: bool) -> bool:
+    sinks, q = _val(match, "sinks"), _val(match, "q")
+    if sinks is None or q is None or sinks.dim() != 1 or not _static_eq(sinks.shape[0], q.shape[1]) or not sinks.is_floating_point():
+        return False
+    return _supported(match, causal=False, form="eager_sinks", mask=mask, scale=True)
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -324,7 +390,51 @@ def _sdpa_node(match: Match) -> Optional[torch.fx.Node]:
     return None
 
 
+#: the forms written with views of explicit sizes (bmm halves): matched without the
+#: matcher's re-trace (``retrace=False``). Under dynamic shapes the re-trace builds the sizes
+#: from ``sym_size`` calls and shared products that the model's graph computes otherwise
+#: (from the size inputs Dynamo passes, shared with nodes outside the match), so it never
+#: matched a dynamic graph (DeepSeek-V3's MLA and GptOss's sinks fused in static graphs
+#: only). Without it the ints of the pattern are wildcards: :func:`_int_args_hold` checks
+#: the ones that decide what is computed.
+_RETRACE_FREE_FORMS = ("eager", "sdpa_math", "eager_sinks")
+
+
+def _dims(x: Any) -> list[int]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _int_args_hold(match: Match) -> bool:
+    """The wildcard ints of a retrace-free row: softmax reductions over the key dim, k
+    transposed as [0, 1, 3, 2], the sink column concatenated last and dropped."""
+    for node in match.nodes:
+        if node.op != "call_function":
+            continue
+        val = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        ndim = val.dim() if isinstance(val, torch.Tensor) else None
+        last = (-1, ndim - 1) if ndim else (-1,)
+        if node.target in (aten.amax.default, aten.sum.dim_IntList, aten.any.dim, aten.max.dim):
+            if len(node.args) < 2 or not all(d in last for d in _dims(node.args[1])):
+                return False
+        elif node.target is aten.permute.default and ndim == 4:
+            if list(node.args[1]) not in ([0, 1, 3, 2], [0, 2, 1, 3]):
+                return False
+        elif node.target is aten.cat.default:
+            tensors = node.args[0]
+            ndim = tensors[0].meta["val"].dim() if tensors and isinstance(tensors[0], torch.fx.Node) and "val" in tensors[0].meta else None
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if ndim is None or dim not in (-1, ndim - 1):
+                return False
+        elif node.target is aten.slice.Tensor and ndim == 4:
+            dim, start, end = (list(node.args[1:]) + [0, 0, None])[:3]
+            if dim not in (-1, 3) or start != 0 or end != -1:
+                return False
+    return True
+
+
 def _supported(match: Match, *, causal: bool, form: str, mask: bool, scale: bool) -> bool:
+    if form in _RETRACE_FREE_FORMS and not _int_args_hold(match):
+        return False
     q, k, v = _val(match, "q"), _val(match, "k"), _val(match, "v")
     if q is None or k is None or v is None:
         return False
@@ -396,22 +506,43 @@ def _rows() -> list[Fusion]:
                     example_inputs=_example_inputs(form, mask, repeat, dtype, decode),
                     extra_check=functools.partial(_supported, causal=causal, form=form, mask=mask, scale=scale),
                     scalar_workaround={"scale": _SCALE_SAMPLE} if scale else {},
+                    retrace=form not in _RETRACE_FREE_FORMS,
                 )
             )
-    # SDPA's math path: the scale is always there (a constant sqrt), no repeat_kv (MLA
-    # expands its shared rope key to every head itself)
-    for dtype, (mask, causal), layout in itertools.product(
-        (torch.float32, torch.float16), ((True, False), (False, True), (False, False)), _MATH_LAYOUTS
+    # SDPA's math path: the scale is always there (a constant sqrt). Without repeat_kv
+    # (MLA expands its shared rope key to every head itself), and with it: the math
+    # path's own ``enable_gqa`` expansion is HF's repeat_kv op for op (unsqueeze, expand,
+    # clone, view). CUDA takes this path for fp32 GQA models: HF passes ``enable_gqa``
+    # when there is no mask, flash takes no fp32 and the efficient kernel no enable_gqa.
+    # K/V are contiguous after the expansion, so only q's layout varies there.
+    math_rows = [(layout, False) for layout in _MATH_LAYOUTS] + [(layout, True) for layout in _MATH_GQA_LAYOUTS]
+    for dtype, (mask, causal), (layout, repeat) in itertools.product(
+        (torch.float32, torch.float16), ((True, False), (False, True), (False, False)), math_rows
     ):
-        pattern, replacement = _row_functions("sdpa_math", mask, causal, True, False)
+        pattern, replacement = _row_functions("sdpa_math", mask, causal, True, repeat)
         rows.append(
             Fusion(
-                name=f"sdpa_math{'_mask' if mask else ''}{'_causal' if causal else ''}_{layout}_{str(dtype)[6:]}",
+                name=f"sdpa_math{'_mask' if mask else ''}{'_causal' if causal else ''}{'_gqa' if repeat else ''}_{layout}_{str(dtype)[6:]}",
                 pattern=pattern,
                 replacement=replacement,
-                example_inputs=_math_example_inputs(layout, mask, dtype),
+                example_inputs=_math_example_inputs(layout, mask, dtype, repeat),
                 extra_check=functools.partial(_supported, causal=causal, form="sdpa_math", mask=mask, scale=True),
                 scalar_workaround={"scale": _SCALE_SAMPLE},
+                retrace=False,
+            )
+        )
+    # GptOss: eager attention with learned sink logits (fp32 graphs have no casts, half
+    # graphs upcast around the softmax; dtypes are wildcards, so bf16 covers fp16)
+    for dtype, mask in itertools.product((torch.float32, torch.bfloat16), (True, False)):
+        rows.append(
+            Fusion(
+                name=f"eager_sinks{'_mask' if mask else ''}_repeatkv_{str(dtype)[6:]}",
+                pattern=_sinks_mask_pattern if mask else _sinks_pattern,
+                replacement=_sinks_mask_replacement if mask else _sinks_replacement,
+                example_inputs=_sinks_example_inputs(mask, dtype),
+                extra_check=functools.partial(_sinks_supported, mask=mask),
+                scalar_workaround={"scale": _SCALE_SAMPLE},
+                retrace=False,
             )
         )
     return rows

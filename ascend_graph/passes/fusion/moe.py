@@ -168,13 +168,90 @@ def _experts_check(match: Match) -> bool:
     )
 
 
+def _make_clipped_experts_pattern(mm: str, histc_float: bool):
+    """HF ``grouped_mm_experts_forward`` as GptOss configures it (``has_bias``,
+    ``is_transposed``: weights ``[E, H, 2I]`` / ``[E, I, H]``) with its ``_apply_gate``:
+    interleaved gate/up, ``gate <= limit``, ``-limit <= up <= limit``,
+    ``(up + 1) * gate * sigmoid(gate * alpha)``. The biases are gathered per sorted pair
+    with the ids clamped below E (HF's in-place ``clamp_``, in functional form)."""
+    grouped_mm = _GROUPED_MMS[mm]
+
+    def pattern(x, topk_weights, topk_ids, w13, w13_bias, w2, w2_bias, limit, alpha):
+        num_top_k, num_tokens, hidden = topk_ids.size(-1), x.size(0), x.size(-1)
+        num_experts = w13.size(0)
+        sample_weights = topk_weights.reshape(-1)
+        expert_ids_g, perm = torch.sort(topk_ids.reshape(-1))
+        xs = x[perm // num_top_k]
+        ws = sample_weights[perm]
+        hist_in = expert_ids_g.float() if histc_float else expert_ids_g.int()
+        offsets = torch.cumsum(torch.histc(hist_in, bins=num_experts, min=0, max=num_experts - 1), dim=0, dtype=torch.int32)
+        sentinel = (expert_ids_g >= num_experts).unsqueeze(-1)
+        ids_in_range = expert_ids_g.clamp(max=num_experts - 1)
+        xs = xs.masked_fill(sentinel, 0.0)
+        h = (grouped_mm(xs.to(w13.dtype), w13, offsets) + w13_bias[ids_in_range]).masked_fill(sentinel, 0.0)
+        gate = h[..., ::2].clamp(min=None, max=limit)
+        up = h[..., 1::2].clamp(min=-limit, max=limit)
+        h = (up + 1) * (gate * torch.sigmoid(gate * alpha))
+        y = (grouped_mm(h.to(w2.dtype), w2, offsets) + w2_bias[ids_in_range]).masked_fill(sentinel, 0.0)
+        y = y * ws.unsqueeze(-1)
+        inv = torch.empty_like(perm).index_put((perm,), torch.arange(perm.size(0), device=perm.device))
+        return y[inv].view(num_tokens, num_top_k, hidden).sum(dim=1)
+
+    pattern.__name__ = pattern.__qualname__ = f"_experts_hf_{mm}_{'histc_f' if histc_float else 'histc_i'}_bias_clipped_swiglu"
+    return pattern
+
+
+def _clipped_experts_replacement(x, topk_weights, topk_ids, w13, w13_bias, w2, w2_bias, limit, alpha):
+    # GptOss's [E, H, 2I] / [E, I, H] weights reach the op as transposed views: no copy
+    out = _ops.moe_dispatch_ffn_combine(
+        x, topk_weights, topk_ids, w13.transpose(1, 2), w2.transpose(1, 2), "clipped_swiglu", None, None, None, None, "", 1, 0, None, w13_bias, w2_bias, alpha, limit
+    )
+    return out.to(torch.promote_types(x.dtype, topk_weights.dtype))
+
+
+def _clipped_experts_inputs(dtype: torch.dtype) -> Callable[[], list[Any]]:
+    def build():
+        # meta, as _experts_inputs; T=6, k=2, E=4, H=16, I=8; limit and alpha are the
+        # scalar_workaround samples (values no real model uses, see _softmax_inputs)
+        dev = "meta"
+        return [
+            torch.empty(6, 16, dtype=dtype, device=dev),
+            torch.empty(6, 2, dtype=dtype, device=dev),
+            torch.empty(6, 2, dtype=torch.int64, device=dev),
+            torch.empty(4, 16, 16, dtype=dtype, device=dev),
+            torch.empty(4, 16, dtype=dtype, device=dev),
+            torch.empty(4, 8, 16, dtype=dtype, device=dev),
+            torch.empty(4, 16, dtype=dtype, device=dev),
+            6.3,
+            1.37,
+        ]
+
+    return build
+
+
+def _clipped_experts_check(match: Match) -> bool:
+    if not _experts_check(match):
+        return False
+    b13, b2 = (match.kwargs[n].meta.get("val") for n in ("w13_bias", "w2_bias"))
+    w13 = match.kwargs["w13"].meta.get("val")
+    return b13 is not None and b2 is not None and b13.dim() == 2 and b2.dim() == 2 and b13.dtype == b2.dtype == w13.dtype
+
+
 def expert_fusions(mm: str, histc_float: bool, dtype: torch.dtype) -> list[Fusion]:
-    """The experts rows for one (grouped-GEMM op, histc input, dtype class): one per activation."""
+    """The experts rows for one (grouped-GEMM op, histc input, dtype class): one per
+    activation, and GptOss's biased clipped-SwiGLU experts."""
     rows = []
     for activation in _ACT_FNS:
         pattern = _make_experts_pattern(mm, histc_float, activation)
         name = f"{pattern.__name__}_{str(dtype).removeprefix('torch.')}"
         rows.append(Fusion(name, pattern, _make_experts_replacement(activation), _experts_inputs(dtype), _experts_check))
+    pattern = _make_clipped_experts_pattern(mm, histc_float)
+    rows.append(
+        Fusion(
+            f"{pattern.__name__}_{str(dtype).removeprefix('torch.')}", pattern, _clipped_experts_replacement,
+            _clipped_experts_inputs(dtype), _clipped_experts_check, {"limit": 6.3, "alpha": 1.37},
+        )
+    )
     return rows
 
 
@@ -441,8 +518,23 @@ def _sigmoid_grouped_renorm(logits, bias, top_k, n_group, topk_group, scale):
     return weights * scale, ids
 
 
+def _scaled_gating(first, top_k, bias, n_group, topk_group, renormalize, scale, eps, router_weight=None):
+    """``moe_gating_topk`` with the routed scaling inside where it is a Python number.
+
+    Under ``dynamic=True`` Dynamo does not specialise float attributes such as
+    DeepSeek-V3's ``routed_scaling_factor``: the matcher binds ``scale`` to a 0-dim
+    tensor input (or a SymFloat), which the op's ``float`` argument cannot take. The
+    weights are float32 either way, so scaling them after the op is the same product
+    the pattern computes.
+    """
+    if isinstance(scale, (int, float)):
+        return _ops.moe_gating_topk(first, top_k, bias, "sigmoid", n_group, topk_group, renormalize, scale, eps, router_weight)
+    weights, ids = _ops.moe_gating_topk(first, top_k, bias, "sigmoid", n_group, topk_group, renormalize, 1.0, eps, router_weight)
+    return weights * scale, ids
+
+
 def _sigmoid_grouped_renorm_fused(logits, bias, top_k, n_group, topk_group, scale):
-    return _ops.moe_gating_topk(logits, top_k, bias, "sigmoid", n_group, topk_group, True, scale, 1e-20)
+    return _scaled_gating(logits, top_k, bias, n_group, topk_group, True, scale, 1e-20)
 
 
 def _sigmoid_grouped(logits, bias, top_k, n_group, topk_group, scale):
@@ -451,7 +543,7 @@ def _sigmoid_grouped(logits, bias, top_k, n_group, topk_group, scale):
 
 
 def _sigmoid_grouped_fused(logits, bias, top_k, n_group, topk_group, scale):
-    return _ops.moe_gating_topk(logits, top_k, bias, "sigmoid", n_group, topk_group, False, scale, 0.0)
+    return _scaled_gating(logits, top_k, bias, n_group, topk_group, False, scale, 0.0)
 
 
 def _softmax_inputs():
@@ -528,11 +620,11 @@ def _linear_sigmoid_grouped_fp32(x, router_weight, bias, top_k, n_group, topk_gr
 
 
 def _linear_sigmoid_grouped_renorm_fused(x, router_weight, bias, top_k, n_group, topk_group, scale):
-    return _ops.moe_gating_topk(x.float(), top_k, bias, "sigmoid", n_group, topk_group, True, scale, 1e-20, router_weight)
+    return _scaled_gating(x.float(), top_k, bias, n_group, topk_group, True, scale, 1e-20, router_weight)
 
 
 def _linear_sigmoid_grouped_fused(x, router_weight, bias, top_k, n_group, topk_group, scale):
-    return _ops.moe_gating_topk(x.float(), top_k, bias, "sigmoid", n_group, topk_group, False, scale, 0.0, router_weight)
+    return _scaled_gating(x.float(), top_k, bias, n_group, topk_group, False, scale, 0.0, router_weight)
 
 
 def _linear_softmax_inputs(dtype: torch.dtype) -> Callable[[], list[Any]]:

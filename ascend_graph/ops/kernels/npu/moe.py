@@ -138,24 +138,32 @@ def gating_topk_npu(logits, top_k, bias=None, scoring="softmax", n_group=1, topk
     return (weights * routed_scaling_factor).to(out_dtype), ids.long()
 
 
-def _act_npu(h: torch.Tensor, activation: str) -> torch.Tensor:
+def _act_npu(h: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
     if activation == "silu":
         import torch_npu
 
         return torch_npu.npu_swiglu(h, dim=-1)
+    if activation == "clipped_swiglu":
+        import torch_npu
+
+        # GptOss's form: interleaved gate/up, (clamp(up) + 1) * clamp(gate) * sigmoid(alpha * gate)
+        return torch_npu.npu_clipped_swiglu(h, dim=-1, alpha=alpha, limit=limit, bias=1.0, interleaved=True)
     from ...moe import apply_activation
 
     return apply_activation(h, activation)
 
 
-def _gmm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _gmm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     import torch_npu
 
     # HF stores [E, N, K]; the GMM wants [E, K, N]: a transposed view, read in place.
-    return torch_npu.npu_grouped_matmul([x], [w.transpose(1, 2)], group_list=counts, split_item=2, group_type=0, group_list_type=1)[0]
+    # Expert biases ([E, N], GptOss) are the GMM's own per-group bias.
+    if bias is None:
+        return torch_npu.npu_grouped_matmul([x], [w.transpose(1, 2)], group_list=counts, split_item=2, group_type=0, group_list_type=1)[0]
+    return torch_npu.npu_grouped_matmul([x], [w.transpose(1, 2)], bias=[bias], group_list=counts, split_item=2, group_type=0, group_list_type=1)[0]
 
 
-def dispatch_ffn_combine_npu(x, topk_weights, topk_ids, w13, w2, activation="silu", active_mask=None, shared_gate=None, shared_up=None, shared_down=None, ep_group="", ep_world_size=1, ep_rank=0, shared_expert_gate=None):
+def dispatch_ffn_combine_npu(x, topk_weights, topk_ids, w13, w2, activation="silu", active_mask=None, shared_gate=None, shared_up=None, shared_down=None, ep_group="", ep_world_size=1, ep_rank=0, shared_expert_gate=None, w13_bias=None, w2_bias=None, swiglu_alpha=1.702, swiglu_limit=7.0):
     import torch_npu
 
     t, h = x.shape
@@ -168,7 +176,7 @@ def dispatch_ffn_combine_npu(x, topk_weights, topk_ids, w13, w2, activation="sil
         expand_x, _scales, assist, counts, ep_counts, tp_counts, _ = torch_npu.npu_moe_distribute_dispatch_v2(
             x, ids, group_ep=ep_group, ep_world_size=ep_world_size, ep_rank_id=ep_rank, moe_expert_num=e_global, x_active_mask=mask, global_bs=0, expert_token_nums_type=1
         )
-        y = _gmm(_act_npu(_gmm(expand_x, w13, counts), activation), w2, counts)
+        y = _gmm(_act_npu(_gmm(expand_x, w13, counts, w13_bias), activation, swiglu_alpha, swiglu_limit), w2, counts, w2_bias)
         out = torch_npu.npu_moe_distribute_combine_v2(
             y, ids, assist, ep_counts, topk_weights.float(),
             group_ep=ep_group, ep_world_size=ep_world_size, ep_rank_id=ep_rank, moe_expert_num=e_global, tp_send_counts=tp_counts, x_active_mask=mask, global_bs=0,
@@ -183,7 +191,7 @@ def dispatch_ffn_combine_npu(x, topk_weights, topk_ids, w13, w2, activation="sil
         expanded_x, expanded_row_idx, counts, _ = torch_npu.npu_moe_init_routing_v2(
             x, ids, active_num=t * k, expert_num=e, expert_tokens_num_type=1, expert_tokens_num_flag=True, quant_mode=-1, active_expert_range=[0, e], row_idx_type=0
         )
-        y = _gmm(_act_npu(_gmm(expanded_x, w13, counts), activation), w2, counts)
+        y = _gmm(_act_npu(_gmm(expanded_x, w13, counts, w13_bias), activation, swiglu_alpha, swiglu_limit), w2, counts, w2_bias)
         out = torch_npu.npu_moe_finalize_routing(
             y,
             skip1=None,

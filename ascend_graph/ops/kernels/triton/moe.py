@@ -52,10 +52,10 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
-def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
+def _act(h: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
     from ...moe import apply_activation
 
-    return apply_activation(h, activation)
+    return apply_activation(h, activation, alpha, limit)
 
 
 def dispatch_ffn_combine(
@@ -82,8 +82,16 @@ def sorted_experts(
     w2: torch.Tensor,
     activation: str,
     active_mask: Optional[torch.Tensor],
+    w13_bias: Optional[torch.Tensor] = None,
+    w2_bias: Optional[torch.Tensor] = None,
+    alpha: float = 1.702,
+    limit: float = 7.0,
 ) -> torch.Tensor:
-    """Sort + two ``torch._grouped_mm`` (or the batched-GEMM fallback) + ``index_add`` combine."""
+    """Sort + two ``torch._grouped_mm`` (or the batched-GEMM fallback) + ``index_add`` combine.
+
+    Expert biases are gathered per sorted pair (``bias[expert of the pair]``, a static
+    shape) and added after each GEMM, as HF's grouped experts do.
+    """
     t, h = x.shape
     grouped = grouped_mm_supported(x, w13)
     e, k = w13.shape[0], topk_ids.shape[1]
@@ -97,17 +105,23 @@ def sorted_experts(
     pair_w = topk_weights.reshape(-1)[perm].float()
     dead = (sorted_ids >= e).unsqueeze(1)
     xs = x[tokens]
+    safe = sorted_ids.clamp(max=e - 1)
     if grouped:
         counts = torch.zeros(e + 1, dtype=torch.int32, device=x.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
         offs = torch.cumsum(counts[:e], 0, dtype=torch.int32)
         hidden = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)
         # rows past offs[-1] are left unwritten: zero them before they can make NaNs
         hidden = torch.where(dead, 0, hidden)
-        y = torch._grouped_mm(_act(hidden, activation), w2.transpose(1, 2), offs=offs)
+        if w13_bias is not None:
+            hidden = hidden + w13_bias[safe]
+        y = torch._grouped_mm(_act(hidden, activation, alpha, limit), w2.transpose(1, 2), offs=offs)
     else:
-        safe = sorted_ids.clamp(max=e - 1)
         hidden = torch.bmm(w13[safe], xs.unsqueeze(-1)).squeeze(-1)
-        y = torch.bmm(w2[safe], _act(hidden, activation).unsqueeze(-1)).squeeze(-1)
+        if w13_bias is not None:
+            hidden = hidden + w13_bias[safe]
+        y = torch.bmm(w2[safe], _act(hidden, activation, alpha, limit).unsqueeze(-1)).squeeze(-1)
+    if w2_bias is not None:
+        y = y + w2_bias[safe]
     y = torch.where(dead, 0.0, y.float() * pair_w.unsqueeze(1))
     out = torch.zeros(t, h, dtype=torch.float32, device=x.device).index_add_(0, tokens, y)
     return out.to(x.dtype)

@@ -1,0 +1,246 @@
+"""The conformance matrix: architectures x dtypes x static/dynamic, compiled vs eager.
+
+"Works means the conformance matrix is green" (DESIGN.md). Each case is one tiny
+random-weight HF model (``tests/models/archs.py``) compiled with ``backend="ascend"``,
+device graphs on, buckets [1, 2, 4, 8], fed batches 1, 3, 5, 2 of 17 tokens (so the
+bucketed runner pads 3 -> 4 and 5 -> 8) and compared with eager on the same inputs.
+Every case runs in its own subprocess with a time limit (a crash, a hang or a poisoned
+CUDA context stays in its case); ``--jobs`` cases run at once, and ``--budget`` bounds
+the whole run (a case never gets more time than the budget has left; cases that could
+not start are listed as "not run").
+
+Columns: compiled (or the error), fusions per family as got/expected per compiled
+graph, captures ok/failed, eager fallbacks, max relative error vs eager (max |compiled -
+eager| / max |eager| over the four batches), compile seconds (``stats()``), wall seconds
+of the case; a summary line last. A case is green when it compiled, every family fused
+as expected, no capture failed, no call fell back to eager and the error is within the
+dtype's tolerance.
+
+    python benchmarks/conformance.py                                  # all cases, this machine's device
+    python benchmarks/conformance.py --device cpu --arch llama --dtype fp32 --dynamic false --jobs 1
+    python benchmarks/conformance.py --jobs 12 --timeout 150 --budget 500 --markdown   # the GPU run
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK = "CONFORMANCE_RESULT "
+BATCHES = (1, 3, 5, 2)
+SEQ = 17
+BUCKETS = [1, 2, 4, 8]
+#: max relative error vs eager a green case may have
+TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}
+DTYPES = ("fp32", "bf16")
+#: architectures whose compile takes longest (hybrids, MoE with MLA or sinks) start first,
+#: so a budget-bound run does not leave its slowest cases for the end
+SLOW_FIRST = ("qwen3_next", "deepseek_v3", "gpt_oss", "bamba", "lfm2", "mixtral", "qwen3_moe")
+
+
+# --------------------------------------------------------------------------- one case (child)
+
+
+def run_case(arch_name: str, dtype_name: str, dynamic: bool, device: str) -> dict:
+    """Compile and run one case in this process; returns the result row."""
+    import torch
+
+    import ascend_graph
+    from tests.models.archs import ARCHS, build_arch, forward_output
+
+    arch = ARCHS[arch_name]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    row: dict = {"arch": arch_name, "dtype": dtype_name, "dynamic": dynamic, "device": device, "expected": arch.expected}
+    model = build_arch(arch_name, dtype).to(device)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(3, 131, (b, SEQ), generator=gen).to(device) for b in BATCHES]
+    with torch.no_grad():
+        refs = [forward_output(arch, model, ids).float() for ids in inputs]
+    ascend_graph.reset_stats()
+    compiled = torch.compile(model, backend="ascend", dynamic=dynamic, options={"buckets": BUCKETS})
+    worst = 0.0
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for ids, ref in zip(inputs, refs):
+                out = forward_output(arch, compiled, ids).float()
+                err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+                worst = max(worst, err if err == err else float("inf"))  # NaN counts as a failure
+        if device == "cuda":
+            torch.cuda.synchronize()
+        row["compiled"] = True
+    except Exception as e:  # the row records it; the matrix goes on
+        row["compiled"] = False
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    row["wall_seconds"] = time.perf_counter() - t0
+    st = ascend_graph.stats()
+    graphs = max(st["graphs_compiled"], 1)
+    row["graphs"] = st["graphs_compiled"]
+    # per graph: every compiled graph of the case should hold the same rewrites
+    row["fusions"] = {fam: st["fusions"].get(fam, 0) / graphs for fam in set(arch.expected) | {f for f, n in st["fusions"].items() if n}}
+    row["captures_ok"] = st["buckets_captured"]
+    row["capture_failures"] = st["capture_failures"]
+    row["eager_fallbacks"] = st["eager_fallbacks"]
+    row["fallback_reasons"] = st["fallback_reasons"]
+    row["compile_seconds"] = st["compile_seconds"]
+    # where compile time goes: our passes (per pass) vs the rest (Dynamo, AOT, inductor)
+    row["pass_seconds"] = {name: round(p["seconds"], 2) for name, p in st["passes"].items()}
+    row["capture_seconds"] = st["capture_seconds"]
+    row["max_rel_err"] = worst if row["compiled"] else None
+    return row
+
+
+def _green(row: dict) -> bool:
+    if not row.get("compiled"):
+        return False
+    fused = all(row["fusions"].get(f, 0) == n for f, n in row["expected"].items())
+    err = row.get("max_rel_err")
+    return fused and row["capture_failures"] == 0 and row["eager_fallbacks"] == 0 and err is not None and err <= TOLERANCE[row["dtype"]]
+
+
+# --------------------------------------------------------------------------- the matrix (parent)
+
+
+def _spawn(case: tuple[str, str, bool], device: str, timeout: float, threads: int) -> dict:
+    arch, dtype, dynamic = case
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(ROOT)
+    # N processes share the machine's cores: no process may spread over all of them
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", arch, dtype, str(dynamic).lower(), "--device", device]
+    t0 = time.perf_counter()
+    base = {"arch": arch, "dtype": dtype, "dynamic": dynamic, "device": device, "compiled": False}
+    if timeout <= 1:
+        return {**base, "error": "not run (budget spent)", "not_run": True}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"timeout after {timeout:.0f} s", "wall_seconds": time.perf_counter() - t0}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return {**base, "error": f"process exited {proc.returncode}: {tail[:200]}", "wall_seconds": time.perf_counter() - t0}
+
+
+def _fmt_fusions(row: dict) -> str:
+    if "fusions" not in row:
+        return "-"
+    fams = sorted(set(row["expected"]) | set(row["fusions"]))
+    short = {"attention": "attn", "moe": "moe", "causal_conv1d": "conv", "gated_delta_rule": "gdn", "norm_act": "norm"}
+
+    def num(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else f"{x:.1f}"
+
+    return " ".join(f"{short.get(f, f)} {num(row['fusions'].get(f, 0))}/{row['expected'].get(f, 0)}" for f in fams)
+
+
+def _cells(row: dict) -> list[str]:
+    err = row.get("max_rel_err")
+    compiled = "yes" if row.get("compiled") else f"no: {row.get('error', '?')}"
+    if row.get("compiled") and row.get("fallback_reasons"):
+        compiled += " (fallbacks: " + ", ".join(f"{k} x{v}" for k, v in row["fallback_reasons"].items()) + ")"
+    caps = f"{row['captures_ok']}/{row['capture_failures']}" if "captures_ok" in row else "-"
+    return [
+        row["arch"], row["dtype"], "dyn" if row["dynamic"] else "static",
+        "GREEN" if _green(row) else "red", compiled, _fmt_fusions(row), caps,
+        str(row.get("eager_fallbacks", "-")), "-" if err is None else f"{err:.1e}",
+        f"{row['compile_seconds']:.1f} ({sum(row['pass_seconds'].values()):.1f})" if "compile_seconds" in row else "-", f"{row.get('wall_seconds', 0):.1f}",
+    ]
+
+
+HEADER = ["arch", "dtype", "shapes", "status", "compiled", "fusions got/expected (per graph)", "captures ok/failed", "eager fallbacks", "max rel err", "compile s (passes)", "case s"]
+
+
+def _summary(rows: list[dict], device: str, seconds: float) -> str:
+    green = [r for r in rows if _green(r)]
+    red = [f"{r['arch']}/{r['dtype']}/{'dyn' if r['dynamic'] else 'static'}" for r in rows if not _green(r)]
+    slow = max((r for r in rows if r.get("compiled")), key=lambda r: r.get("wall_seconds", 0), default=None)
+    line = f"SUMMARY {device}: {len(green)}/{len(rows)} green in {seconds:.0f} s"
+    if slow:
+        line += f"; slowest {slow['arch']}/{slow['dtype']} {slow['wall_seconds']:.1f} s (compile {slow['compile_seconds']:.1f} s)"
+    if red:
+        line += "; red: " + ", ".join(red)
+    if slow and slow.get("pass_seconds"):
+        top = sorted(slow["pass_seconds"].items(), key=lambda kv: -kv[1])[:3]
+        line += f"\nSLOWEST {slow['arch']}/{slow['dtype']}: compile {slow['compile_seconds']:.1f} s, of which passes " + ", ".join(f"{n} {s:.1f} s" for n, s in top)
+        line += f", capture {slow.get('capture_seconds', 0):.1f} s; the rest is Dynamo + AOT + codegen"
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--child", nargs=3, metavar=("ARCH", "DTYPE", "DYNAMIC"), help=argparse.SUPPRESS)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--arch", default="all", help="comma-separated architectures (default: all)")
+    p.add_argument("--dtype", default="fp32,bf16")
+    p.add_argument("--dynamic", default="false,true")
+    p.add_argument("--jobs", type=int, default=1, help="cases run at once, each in its own process")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
+    p.add_argument("--budget", type=float, default=float("inf"), help="seconds for the whole run")
+    p.add_argument("--markdown", action="store_true", help="also print the table as markdown (for BENCHMARKS.md)")
+    p.add_argument("--json", type=Path, default=None, help="write the rows here")
+    args = p.parse_args(argv)
+
+    if args.child:
+        arch, dtype, dyn = args.child
+        row = run_case(arch, dtype, dyn == "true", args.device or "cpu")
+        print(MARK + json.dumps(row), flush=True)
+        return 0
+
+    import torch
+
+    from tests.models.archs import ARCHS
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    archs = list(ARCHS) if args.arch == "all" else args.arch.split(",")
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        raise SystemExit(f"--arch: expected some of {list(ARCHS)}, got {unknown}")
+    cases = [(a, d, dyn == "true") for a in archs for d in args.dtype.split(",") for dyn in args.dynamic.split(",")]
+    threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
+    start = time.perf_counter()
+    deadline = start + args.budget
+
+    def one(case):
+        return _spawn(case, device, min(args.timeout, deadline - time.perf_counter()), threads)
+
+    rows: list[dict] = []
+    start_order = sorted(cases, key=lambda c: SLOW_FIRST.index(c[0]) if c[0] in SLOW_FIRST else len(SLOW_FIRST))
+    with cf.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(one, c): c for c in start_order}
+        for fut in cf.as_completed(futures):
+            row = fut.result()
+            rows.append(row)
+            print(" | ".join(_cells(row)), flush=True)
+    order = {c: i for i, c in enumerate(cases)}
+    rows.sort(key=lambda r: order[(r["arch"], r["dtype"], r["dynamic"])])
+    seconds = time.perf_counter() - start
+    print()
+    widths = [max(len(h), *(len(_cells(r)[i]) for r in rows)) for i, h in enumerate(HEADER)]
+    print("  ".join(h.ljust(w) for h, w in zip(HEADER, widths)))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(_cells(r), widths)))
+    if args.markdown:
+        print()
+        print("| " + " | ".join(HEADER) + " |")
+        print("|" + "---|" * len(HEADER))
+        for r in rows:
+            print("| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    print()
+    print(_summary(rows, device, seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
