@@ -39,12 +39,13 @@ def _gemma3():
 #   residual add + norm before the next layer and the final one -> 1 + 3*2 + 2 = 9
 #   Gemma3 (2 layers): 4 norms a layer (2 of them after a residual add), q/k norm + RoPE;
 #   the MLP is gelu -> 11
-#   DeepSeek-V3 (3 layers, MLA: q_a/kv_a norms, no q/k norm + RoPE row) -> 18
+#   DeepSeek-V3 (3 layers, MLA): the norms (q_a/kv_a included), residual adds + norms and
+#   SiLU-muls (18), plus the interleaved RoPE of q_rot/k_rot, one a layer -> 21
 CASES = {
     "qwen3": (lambda: tiny_hf.build("qwen3"), 9),
     "llama": (_llama, 9),
     "gemma3": (_gemma3, 11),
-    "deepseek_v3": (lambda: tiny_hf.build("deepseek_v3"), 18),
+    "deepseek_v3": (lambda: tiny_hf.build("deepseek_v3"), 21),
 }
 
 

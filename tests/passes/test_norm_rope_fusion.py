@@ -160,6 +160,70 @@ def test_silu_mul_two_linear_and_chunk_forms_fuse(dtype):
     assert ag.silu_and_mul.default in _targets(gm)
 
 
+def _hf(module, name):
+    import importlib
+
+    return getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
+
+
+@pytest.mark.parametrize("dtype", [BF, torch.float32])
+def test_partial_rotary_fuses_phi3_and_qwen3_next(dtype):
+    """cat(rope(x[..., :R]), x[..., R:]) with R = cos.shape[-1] < D, as transformers' own
+    apply_rotary_pos_emb writes it: Phi-3 (no norm) and Qwen3-Next (the 1 + w norm first)."""
+    pytest.importorskip("transformers")
+    phi3_rope = _hf("phi3", "apply_rotary_pos_emb")
+    next_rope = _hf("qwen3_next", "apply_rotary_pos_emb")
+    q, k = torch.randn(3, 5, 6, 20, dtype=dtype), torch.randn(3, 5, 2, 20, dtype=dtype)
+    cos, sin = _rope_tables(1, 5, 6, dtype)  # R = 6 of D = 20 (neither a power of two)
+    gm = _fused(lambda q, k, c, s: phi3_rope(q.transpose(1, 2), k.transpose(1, 2), c, s), q, k, cos, sin, count=1)
+    t = _targets(gm)
+    assert t.count(ag.qk_norm_rope.default) == 1 and aten.cat.default not in t and aten.mul.Tensor not in t
+    qw, kw = torch.randn(20, dtype=dtype), torch.randn(20, dtype=dtype)
+
+    def qwen3_next(q, k, qw, kw, c, s):
+        return next_rope(gemma_rms(q, qw).transpose(1, 2), gemma_rms(k, kw).transpose(1, 2), c, s)
+
+    gm = _fused(qwen3_next, q, k, qw, kw, cos, sin, count=1)
+    t = _targets(gm)
+    assert t.count(ag.qk_norm_rope.default) == 1 and aten.rsqrt.default not in t and aten.cat.default not in t
+
+
+def test_not_fused_partial_rotary_with_the_pass_through_first():
+    # cat(x[..., R:], rope(x[..., :R])): another layout, not HF's partial rotary
+    def swapped(q, k, c, s):
+        c, s = c.unsqueeze(1), s.unsqueeze(1)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        qr, kr = q[..., :8] * c + rotate_half(q[..., :8]) * s, k[..., :8] * c + rotate_half(k[..., :8]) * s
+        return torch.cat((q[..., 8:], qr), -1), torch.cat((k[..., 8:], kr), -1)
+
+    cos, sin = _rope_tables(2, 5, 8, torch.float32)
+    gm = _trace(swapped, torch.randn(2, 5, 4, 16), torch.randn(2, 5, 2, 16), cos, sin)
+    assert _run_pass(gm) == 0
+
+
+@pytest.mark.parametrize("dtype", [BF, torch.float32])
+def test_deepseek_v3_interleaved_rope_fuses(dtype):
+    """DeepSeek-V3's q_rot [B, H, S, R] and k_rot [B, 1, S, R] through transformers'
+    apply_rotary_pos_emb_interleave -> one qk_norm_rope(interleaved=True), exact."""
+    pytest.importorskip("transformers")
+    ds_rope = _hf("deepseek_v3", "apply_rotary_pos_emb_interleave")
+    q = torch.randn(3, 7, 5, 30, dtype=dtype).transpose(1, 2)[..., 18:]  # as MLA has it: a split of a transposed view
+    k = torch.randn(3, 1, 7, 12, dtype=dtype)
+    cos, sin = _rope_tables(1, 7, 12, dtype)
+    gm = _fused(lambda q, k, c, s: ds_rope(q, k, c, s), q, k, cos, sin, count=1)
+    t = _targets(gm)
+    assert t.count(ag.qk_norm_rope.default) == 1 and aten.mul.Tensor not in t and aten.cat.default not in t
+    (node,) = [n for n in gm.graph.nodes if n.target is ag.qk_norm_rope.default]
+    assert node.args[8] is True  # interleaved
+
+
+def test_not_fused_interleaved_rope_of_mixed_dtypes():
+    ds_rope = pytest.importorskip("transformers") and _hf("deepseek_v3", "apply_rotary_pos_emb_interleave")
+    cos, sin = _rope_tables(1, 7, 12, torch.float32)  # fp32 tables against bf16 q/k: promotes
+    gm = _trace(lambda q, k, c, s: ds_rope(q, k, c, s), torch.randn(3, 5, 7, 12, dtype=BF), torch.randn(3, 1, 7, 12, dtype=BF), cos, sin)
+    assert _run_pass(gm) == 0
+
+
 # --- negatives --------------------------------------------------------------------------
 
 
@@ -183,19 +247,6 @@ def test_not_fused_mean_over_another_dim():
         return w * (h * torch.rsqrt(h.pow(2).mean(0, keepdim=True) + 1e-6)).to(x.dtype)
 
     gm = _trace(not_rms, torch.randn(4, 24, dtype=BF), torch.randn(24, dtype=BF))
-    assert _run_pass(gm) == 0
-
-
-def test_not_fused_rope_partial_rotary_tables():
-    # cos/sin narrower than the head: HF's partial rotary slices first; the neox row needs R == D
-    q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 2, 16)
-    cos, sin = _rope_tables(2, 5, 8, torch.float32)
-
-    def partial(q, k, c, s):
-        qr, kr = apply_rope(q.transpose(1, 2)[..., :8], k.transpose(1, 2)[..., :8], c, s)
-        return torch.cat((qr, q.transpose(1, 2)[..., 8:]), -1), torch.cat((kr, k.transpose(1, 2)[..., 8:]), -1)
-
-    gm = _trace(partial, q, k, cos, sin)
     assert _run_pass(gm) == 0
 
 
