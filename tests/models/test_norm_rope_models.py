@@ -71,3 +71,44 @@ def test_family_fuses_and_matches_eager(arch):
     stats = ascend_graph.stats()
     assert stats["graphs_compiled"] == 2
     assert stats["fusions"]["norm_rope"] == 2 * per_graph
+
+
+@pytest.mark.slow
+def test_static_cache_decode_fuses_in_front_of_the_index_copy(tmp_path):
+    """HF's StaticCache: each layer's q/k norm + RoPE feeds ``keys.index_copy_(2,
+    cache_position, k)``. The q/k norm + RoPE still fuses (the write stays as traced: no op
+    takes separate q/k/v into a heads-first position-indexed cache, see the family's
+    docstring); logits and the written caches equal eager's."""
+    import copy
+
+    from transformers import StaticCache
+
+    torch.manual_seed(0)
+    model = tiny_hf.build("qwen3").to(torch.bfloat16).eval()
+    ids = torch.randint(0, tiny_hf.VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    cache = StaticCache(config=model.config, max_cache_len=11)
+    with torch.no_grad():
+        first = model(ids, past_key_values=cache, use_cache=True)  # eager prefill fills (and allocates) the cache
+    ref_cache = copy.deepcopy(cache)
+    nxt = first.logits[:, -1:].argmax(-1)
+    pos = torch.tensor([5])
+    torch._dynamo.reset()
+    ascend_graph.reset_stats()
+    opts = {"codegen": "fx", "graphs": False, "fusions": ("norm_rope",), "dump_dir": str(tmp_path)}
+    compiled = torch.compile(model, backend="ascend", options=opts, dynamic=False)
+    with torch.no_grad():
+        ref = model(nxt, past_key_values=ref_cache, cache_position=pos, use_cache=True)
+        out = compiled(nxt, past_key_values=cache, cache_position=pos, use_cache=True)
+    torch.testing.assert_close(out.logits, ref.logits, atol=2e-2, rtol=1.6e-2)
+    for a, b in zip(cache.layers, ref_cache.layers):
+        # the fused op computes HF's ops rounding for rounding: the written keys are exact
+        torch.testing.assert_close(a.keys, b.keys, atol=0, rtol=0)
+        torch.testing.assert_close(a.values, b.values, atol=0, rtol=0)
+    stats = ascend_graph.stats()
+    assert stats["graphs_compiled"] == 1
+    assert stats["fusions"]["norm_rope"] == 9  # as with the DynamicCache: q/k norm + RoPE of both layers included
+    (after,) = tmp_path.glob("*fuse_norm_rope.after.py")
+    code = after.read_text()
+    # index_copy_ traces to index_put(cache, [None, None, cache_position], k) + copy_ back: k and v, two layers
+    assert code.count("ascend_graph.qk_norm_rope.default(") == 2 and code.count("aten.index_put.default(") == 4
+    assert "rsqrt" not in code

@@ -436,3 +436,94 @@ def test_cuda_inductor_keeps_the_fused_cache_write():
     assert torch.equal(layer.v_cache, ref_layer.v_cache)
     assert ascend_graph.stats()["fusions"]["norm_rope"] == 1
     assert "norm_rope" not in ascend_graph.stats()["skipped"]
+
+
+# --- HF's static-cache write: q/k norm + RoPE fuses in front of the index_copy_ -------------
+
+
+class _StaticCacheLayer(torch.nn.Module):
+    """Qwen3's attention input, then StaticLayer.update: ``keys.index_copy_(2, pos, k)``
+    into ``[B, Hk, S_max, D]`` (no op takes separate q/k/v into this cache: the family's
+    docstring says why; the write stays as traced, the q/k norm + RoPE in front fuses)."""
+
+    def __init__(self, b, hk, d, pre_rope_keys=False):
+        super().__init__()
+        self.pre_rope_keys = pre_rope_keys
+        self.qw, self.kw = torch.nn.Parameter(torch.randn(d, dtype=BF)), torch.nn.Parameter(torch.randn(d, dtype=BF))
+        self.register_buffer("k_cache", torch.zeros(b, hk, 9, d, dtype=BF))
+        self.register_buffer("v_cache", torch.zeros(b, hk, 9, d, dtype=BF))
+
+    def forward(self, q, k, v, cos, sin, pos):
+        qn, kn = llama_rms(q, self.qw).transpose(1, 2), llama_rms(k, self.kw).transpose(1, 2)
+        qr, kr = apply_rope(qn, kn, cos, sin)
+        self.k_cache.index_copy_(2, pos, kn if self.pre_rope_keys else kr)
+        self.v_cache.index_copy_(2, pos, v.transpose(1, 2))
+        return qr * 2, kr * 2
+
+
+def _compile_static_cache_layer(pre_rope_keys, dump_dir):
+    import copy
+
+    torch._dynamo.reset()
+    ascend_graph.reset_stats()
+    torch.manual_seed(0)
+    b, s, hq, hk, d = 2, 3, 5, 1, 24
+    layer = _StaticCacheLayer(b, hk, d, pre_rope_keys)
+    ref_layer = copy.deepcopy(layer)
+    cos, sin = _rope_tables(1, s, d, BF)
+    args = (torch.randn(b, s, hq, d, dtype=BF), torch.randn(b, s, hk, d, dtype=BF), torch.randn(b, s, hk, d, dtype=BF), cos, sin, torch.tensor([4, 5, 6]))
+    opts = {"codegen": "fx", "graphs": False, "fusions": ("norm_rope",), "dump_dir": str(dump_dir)}
+    compiled = torch.compile(layer, backend="ascend", options=opts, dynamic=False)
+    with torch.no_grad():
+        out, ref = compiled(*args), ref_layer(*args)
+    for a, r in zip(out + (layer.k_cache, layer.v_cache), ref + (ref_layer.k_cache, ref_layer.v_cache)):
+        torch.testing.assert_close(a, r, atol=0, rtol=0)
+    (after,) = dump_dir.glob("*fuse_norm_rope.after.py")
+    return ascend_graph.stats()["fusions"].get("norm_rope", 0), after.read_text()
+
+
+def test_static_cache_write_keeps_the_qk_norm_rope_fused(tmp_path):
+    n, code = _compile_static_cache_layer(False, tmp_path)
+    assert n == 1
+    # index_copy_ traces to index_put(cache, [None, None, pos], k) and a copy_ back
+    assert code.count("ascend_graph.qk_norm_rope.default(") == 1 and code.count("aten.index_put.default(") == 2
+    assert "rsqrt" not in code and "aten.neg" not in code
+
+
+def test_not_fused_qk_rope_when_the_cache_keeps_pre_rope_keys(tmp_path):
+    # the normed k before RoPE is also written: an intermediate of the q/k row escapes, so
+    # only the two norms fuse (q's and k's), the RoPE stays as traced
+    n, code = _compile_static_cache_layer(True, tmp_path)
+    assert n == 2
+    assert "qk_norm_rope" not in code and code.count("ascend_graph.rms_norm.default(") == 2 and "aten.neg" in code
+
+
+@pytest.mark.cuda
+def test_cuda_partial_and_interleaved_rows_fuse_and_match():
+    """The Triton kernel on the new rows' inputs: Qwen3-Next's partial rotary with its norm
+    (R = 64 of D = 256) and DeepSeek-V3's interleaved RoPE on MLA's strided q_rot/k_rot."""
+    pytest.importorskip("transformers")
+    dev, tol = "cuda", dict(atol=2e-2, rtol=2e-2)
+    next_rope, ds_rope = _hf("qwen3_next", "apply_rotary_pos_emb"), _hf("deepseek_v3", "apply_rotary_pos_emb_interleave")
+    q, k = torch.randn(3, 1, 16, 256, dtype=BF, device=dev), torch.randn(3, 1, 2, 256, dtype=BF, device=dev)
+    qw, kw = torch.randn(256, dtype=BF, device=dev), torch.randn(256, dtype=BF, device=dev)
+    ang = torch.randn(1, 1, 32, device=dev)
+    cos, sin = torch.cat((ang, ang), -1).cos().to(BF), torch.cat((ang, ang), -1).sin().to(BF)
+
+    def qwen3_next(q, k, qw, kw, c, s):
+        return next_rope(gemma_rms(q, qw).transpose(1, 2), gemma_rms(k, kw).transpose(1, 2), c, s)
+
+    gm = _trace(qwen3_next, q, k, qw, kw, cos, sin)
+    ref = gm(q, k, qw, kw, cos, sin)
+    assert _run_pass(gm, codegen="auto") == 1
+    for a, b in zip(gm(q, k, qw, kw, cos, sin), ref):
+        torch.testing.assert_close(a, b, **tol)
+    q_rot = torch.randn(3, 5, 16, 192, dtype=BF, device=dev).transpose(1, 2)[..., 128:]
+    k_rot = torch.randn(3, 5, 512 + 64, dtype=BF, device=dev)[..., 512:].view(3, 1, 5, 64)
+    ang = torch.randn(1, 5, 32, device=dev)
+    cos, sin = torch.cat((ang, ang), -1).cos().to(BF), torch.cat((ang, ang), -1).sin().to(BF)
+    gm = _trace(lambda q, k, c, s: ds_rope(q, k, c, s), q_rot, k_rot, cos, sin)
+    ref = gm(q_rot, k_rot, cos, sin)
+    assert _run_pass(gm, codegen="auto") == 1
+    for a, b in zip(gm(q_rot, k_rot, cos, sin), ref):
+        torch.testing.assert_close(a, b, **tol)
