@@ -34,11 +34,22 @@ def _gemma3():
     return Gemma3ForCausalLM(cfg)
 
 
+def _phi3_partial():
+    # partial rotary (R = 8 of D = 16): cat(rope(x[..., :R]), x[..., R:]); fused qkv and gate_up projections
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(vocab_size=tiny_hf.VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     max_position_embeddings=512, partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    return Phi3ForCausalLM(cfg)
+
+
 # per graph (prefill or decode): what fuses, counted from the models' code
 #   Qwen3/Llama (2 layers): input norm, 2 x (q/k norm + RoPE, residual add + norm, SiLU-mul),
 #   residual add + norm before the next layer and the final one -> 1 + 3*2 + 2 = 9
 #   Gemma3 (2 layers): 4 norms a layer (2 of them after a residual add), q/k norm + RoPE;
 #   the MLP is gelu -> 11
+#   Phi-3 (2 layers): as Llama, the RoPE partial and the MLP's chunk form (up * silu(gate)) -> 9
 #   DeepSeek-V3 (3 layers, MLA): the norms (q_a/kv_a included), residual adds + norms and
 #   SiLU-muls (18), plus the interleaved RoPE of q_rot/k_rot, one a layer -> 21
 CASES = {
@@ -46,6 +57,7 @@ CASES = {
     "llama": (_llama, 9),
     "gemma3": (_gemma3, 11),
     "deepseek_v3": (lambda: tiny_hf.build("deepseek_v3"), 21),
+    "phi3_partial_rotary": (_phi3_partial, 9),
 }
 
 

@@ -160,6 +160,14 @@ def test_silu_mul_two_linear_and_chunk_forms_fuse(dtype):
     assert ag.silu_and_mul.default in _targets(gm)
 
 
+    def phi3_mlp(x):  # Phi3MLP: the up half first in the product
+        gate, up = x.chunk(2, dim=-1)
+        return up * F.silu(gate)
+
+    gm = _fused(phi3_mlp, x, count=1, tol=tol)
+    assert ag.silu_and_mul.default in _targets(gm) and aten.exp.default not in _targets(gm)
+
+
 def _hf(module, name):
     import importlib
 
@@ -259,6 +267,16 @@ def test_not_fused_rope_of_mixed_dtypes():
 
 def test_not_fused_silu_mul_broadcast():
     gm = _trace(lambda g, u: F.silu(g) * u, torch.randn(3, 37), torch.randn(37))
+    assert _run_pass(gm) == 0
+
+
+def test_not_fused_silu_of_the_second_half():
+    # up, gate = x.chunk(2): silu of the second half is not silu_and_mul (silu of the first)
+    def swapped(x):
+        up, gate = x.chunk(2, dim=-1)
+        return up * F.silu(gate)
+
+    gm = _trace(swapped, torch.randn(3, 74))
     assert _run_pass(gm) == 0
 
 

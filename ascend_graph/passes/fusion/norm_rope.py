@@ -32,7 +32,8 @@ once with bf16/fp16 example inputs, where the fp32 upcasts appear as
   two-output pattern would pair q of one layer with k of another (its k half is
   anchored at the tables' users); one launch per tensor is the safe unit;
 - SiLU-and-mul: HF's two-linear ``silu(gate) * up`` -> ``silu_mul``; the chunk form
-  ``silu(x[..., :d]) * x[..., d:]`` (and ``x.chunk(2, -1)``) -> ``silu_and_mul``;
+  ``silu(x[..., :d]) * x[..., d:]`` (and ``x.chunk(2, -1)``, also Phi-3's ``up * silu(gate)``
+  order) -> ``silu_and_mul``;
 - the KV write: a fused qkv projection's output, split, q/k norm + RoPE (the halves form
   above) and ``reshape_and_cache(k, v, ...)`` (functionalized: ``auto_functionalized_v2``
   or v1) -> ``qk_norm_rope_cache``: one op from the projection's output to q and both
@@ -360,6 +361,13 @@ def _p_silu_and_mul_chunk(x):
     return F.silu(gate) * up
 
 
+def _p_silu_and_mul_chunk_up_first(x):
+    # Phi3MLP: gate, up_states = gate_up_proj(x).chunk(2, dim=-1); up_states * act_fn(gate)
+    # (the matcher does not commute a mul's operands: its own row)
+    gate, up = x.chunk(2, dim=-1)
+    return up * F.silu(gate)
+
+
 def _p_silu_and_mul_slice(x, half):
     return F.silu(x[..., :half]) * x[..., half:]
 
@@ -543,6 +551,7 @@ def _rows() -> tuple[pat.Fusion, ...]:
         # silu(x[:d]) * x[d:] -> silu_and_mul(x) (before the two-tensor row, which would
         # otherwise take the halves as two tensors); silu(g) * u -> silu_mul(g, u)
         rows.append(pat.Fusion(f"silu_and_mul_chunk_{tag}", _p_silu_and_mul_chunk, _r_silu_and_mul_chunk, _ex(dt, (_B, 2 * _N)), _check_silu))
+        rows.append(pat.Fusion(f"silu_and_mul_chunk_up_first_{tag}", _p_silu_and_mul_chunk_up_first, _r_silu_and_mul_chunk, _ex(dt, (_B, 2 * _N)), _check_silu))
         rows.append(pat.Fusion(f"silu_and_mul_slice_{tag}", _p_silu_and_mul_slice, _r_silu_and_mul_slice, _ex(dt, (_B, 2 * _N)), _check_silu, {"half": _N}))
         rows.append(pat.Fusion(f"silu_mul_{tag}", _p_silu_mul, _r_silu_mul, _ex(dt, x, x), _check_silu))
     # rope(q.T, k.T) -> qk_norm_rope(q, k).T: no upcast in the RoPE, one row for all dtypes
