@@ -226,7 +226,8 @@ def test_deepseek_v3_interleaved_rope_fuses(dtype):
 
 
 def test_not_fused_interleaved_rope_of_mixed_dtypes():
-    ds_rope = pytest.importorskip("transformers") and _hf("deepseek_v3", "apply_rotary_pos_emb_interleave")
+    pytest.importorskip("transformers")
+    ds_rope = _hf("deepseek_v3", "apply_rotary_pos_emb_interleave")
     cos, sin = _rope_tables(1, 7, 12, torch.float32)  # fp32 tables against bf16 q/k: promotes
     gm = _trace(lambda q, k, c, s: ds_rope(q, k, c, s), torch.randn(3, 5, 7, 12, dtype=BF), torch.randn(3, 1, 7, 12, dtype=BF), cos, sin)
     assert _run_pass(gm) == 0

@@ -23,7 +23,9 @@ once with bf16/fp16 example inputs, where the fp32 upcasts appear as
   even/odd slices, ``cat(x1*c - x2*s, x2*c + x1*s)`` with the tables' first half) on MLA's
   ``q_rot [B, H, S, R]`` / ``k_rot [B, 1, S, R]`` -> ``qk_norm_rope(interleaved=True)``,
   whose output keeps each pair in place, then a de-interleaving permutation of the last
-  dim (HF writes the pairs' first elements, then their second);
+  dim (HF writes the pairs' first elements, then their second). transformers 5.x writes
+  no model with the older de-interleaving ``view/transpose(4, 3)/reshape`` + rotate_half
+  form, so it has no row;
 - vLLM's native forms (``benchmarks/decode.py`` writes its model so): RMSNorm with the
   weight after the cast (``(h * rsqrt(..)).to(dt) * w``), with and without the residual
   add; RoPE over halves on flattened tokens (``x1, x2 = x.chunk(2); cat(x1*cos - x2*sin,
@@ -154,7 +156,8 @@ def _rope_interleave(q, k, cos, sin):
 def _deinterleave(x):
     # the op leaves each rotated pair in place (GPT-J, npu_rotary_mul "interleave"); HF's
     # DeepSeek form writes the pairs' first elements, then their second: a permutation
-    # of the last dim (a copy, which inductor folds into the consumer's cat/copy)
+    # of the last dim: a copy (under inductor a pointwise permutation it may fold into
+    # MLA's following cat / key-states copy; not measured on a GPU yet)
     return x.unflatten(-1, (x.shape[-1] // 2, 2)).transpose(-1, -2).flatten(-2)
 
 
