@@ -49,6 +49,9 @@ def _phi3_partial():
 #   residual add + norm before the next layer and the final one -> 1 + 3*2 + 2 = 9
 #   Gemma3 (2 layers): 4 norms a layer (2 of them after a residual add), q/k norm + RoPE;
 #   the MLP is gelu -> 11
+#   Qwen3-Next (4 layers, 2 of them full attention): every other row's rewrites (norms,
+#   residual adds + norms, SiLU-muls: 19) plus the partial q/k norm + RoPE of the two
+#   attention layers, each taking its q/k norms with it -> 21
 #   Phi-3 (2 layers): as Llama, the RoPE partial and the MLP's chunk form (up * silu(gate)) -> 9
 #   DeepSeek-V3 (3 layers, MLA): the norms (q_a/kv_a included), residual adds + norms and
 #   SiLU-muls (18), plus the interleaved RoPE of q_rot/k_rot, one a layer -> 21
@@ -58,6 +61,7 @@ CASES = {
     "gemma3": (_gemma3, 11),
     "deepseek_v3": (lambda: tiny_hf.build("deepseek_v3"), 21),
     "phi3_partial_rotary": (_phi3_partial, 9),
+    "qwen3_next": (lambda: tiny_hf.build("qwen3_next"), 21),
 }
 
 
