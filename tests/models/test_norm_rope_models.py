@@ -1,6 +1,8 @@
 """Whole HF models with the norm_rope family on: every norm, residual add + norm, q/k norm +
-RoPE and SiLU-mul of tiny random-weight Qwen3, Llama, Gemma3 and DeepSeek-V3 fuse, and
-the logits equal eager's (prefill and one decode step over a DynamicCache), in bf16.
+RoPE and SiLU-mul of tiny random-weight Qwen3, Llama, Gemma3, DeepSeek-V3 (interleaved
+RoPE), Phi-3 and Qwen3-Next (partial rotary) fuse, and the logits equal eager's (prefill
+and one decode step over a DynamicCache), in bf16; over a StaticCache, the q/k norm +
+RoPE fuses in front of the cache's index_copy_ and the written caches equal eager's.
 
 ``codegen: "fx"`` forces the family on the CPU (with inductor codegen the CPU policy
 skips it: test_norm_rope_fusion.py). The references compute what HF computes, op for
