@@ -160,6 +160,79 @@ def test_silu_mul_two_linear_and_chunk_forms_fuse(dtype):
     assert ag.silu_and_mul.default in _targets(gm)
 
 
+    def phi3_mlp(x):  # Phi3MLP: the up half first in the product
+        gate, up = x.chunk(2, dim=-1)
+        return up * F.silu(gate)
+
+    gm = _fused(phi3_mlp, x, count=1, tol=tol)
+    assert ag.silu_and_mul.default in _targets(gm) and aten.exp.default not in _targets(gm)
+
+
+def _hf(module, name):
+    import importlib
+
+    return getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
+
+
+@pytest.mark.parametrize("dtype", [BF, torch.float32])
+def test_partial_rotary_fuses_phi3_and_qwen3_next(dtype):
+    """cat(rope(x[..., :R]), x[..., R:]) with R = cos.shape[-1] < D, as transformers' own
+    apply_rotary_pos_emb writes it: Phi-3 (no norm) and Qwen3-Next (the 1 + w norm first)."""
+    pytest.importorskip("transformers")
+    phi3_rope = _hf("phi3", "apply_rotary_pos_emb")
+    next_rope = _hf("qwen3_next", "apply_rotary_pos_emb")
+    q, k = torch.randn(3, 5, 6, 20, dtype=dtype), torch.randn(3, 5, 2, 20, dtype=dtype)
+    cos, sin = _rope_tables(1, 5, 6, dtype)  # R = 6 of D = 20 (neither a power of two)
+    gm = _fused(lambda q, k, c, s: phi3_rope(q.transpose(1, 2), k.transpose(1, 2), c, s), q, k, cos, sin, count=1)
+    t = _targets(gm)
+    assert t.count(ag.qk_norm_rope.default) == 1 and aten.cat.default not in t and aten.mul.Tensor not in t
+    qw, kw = torch.randn(20, dtype=dtype), torch.randn(20, dtype=dtype)
+
+    def qwen3_next(q, k, qw, kw, c, s):
+        return next_rope(gemma_rms(q, qw).transpose(1, 2), gemma_rms(k, kw).transpose(1, 2), c, s)
+
+    gm = _fused(qwen3_next, q, k, qw, kw, cos, sin, count=1)
+    t = _targets(gm)
+    assert t.count(ag.qk_norm_rope.default) == 1 and aten.rsqrt.default not in t and aten.cat.default not in t
+
+
+def test_not_fused_partial_rotary_with_the_pass_through_first():
+    # cat(x[..., R:], rope(x[..., :R])): another layout, not HF's partial rotary
+    def swapped(q, k, c, s):
+        c, s = c.unsqueeze(1), s.unsqueeze(1)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        qr, kr = q[..., :8] * c + rotate_half(q[..., :8]) * s, k[..., :8] * c + rotate_half(k[..., :8]) * s
+        return torch.cat((q[..., 8:], qr), -1), torch.cat((k[..., 8:], kr), -1)
+
+    cos, sin = _rope_tables(2, 5, 8, torch.float32)
+    gm = _trace(swapped, torch.randn(2, 5, 4, 16), torch.randn(2, 5, 2, 16), cos, sin)
+    assert _run_pass(gm) == 0
+
+
+@pytest.mark.parametrize("dtype", [BF, torch.float32])
+def test_deepseek_v3_interleaved_rope_fuses(dtype):
+    """DeepSeek-V3's q_rot [B, H, S, R] and k_rot [B, 1, S, R] through transformers'
+    apply_rotary_pos_emb_interleave -> one qk_norm_rope(interleaved=True), exact."""
+    pytest.importorskip("transformers")
+    ds_rope = _hf("deepseek_v3", "apply_rotary_pos_emb_interleave")
+    q = torch.randn(3, 7, 5, 30, dtype=dtype).transpose(1, 2)[..., 18:]  # as MLA has it: a split of a transposed view
+    k = torch.randn(3, 1, 7, 12, dtype=dtype)
+    cos, sin = _rope_tables(1, 7, 12, dtype)
+    gm = _fused(lambda q, k, c, s: ds_rope(q, k, c, s), q, k, cos, sin, count=1)
+    t = _targets(gm)
+    assert t.count(ag.qk_norm_rope.default) == 1 and aten.mul.Tensor not in t and aten.cat.default not in t
+    (node,) = [n for n in gm.graph.nodes if n.target is ag.qk_norm_rope.default]
+    assert node.args[8] is True  # interleaved
+
+
+def test_not_fused_interleaved_rope_of_mixed_dtypes():
+    pytest.importorskip("transformers")
+    ds_rope = _hf("deepseek_v3", "apply_rotary_pos_emb_interleave")
+    cos, sin = _rope_tables(1, 7, 12, torch.float32)  # fp32 tables against bf16 q/k: promotes
+    gm = _trace(lambda q, k, c, s: ds_rope(q, k, c, s), torch.randn(3, 5, 7, 12, dtype=BF), torch.randn(3, 1, 7, 12, dtype=BF), cos, sin)
+    assert _run_pass(gm) == 0
+
+
 # --- negatives --------------------------------------------------------------------------
 
 
@@ -186,19 +259,6 @@ def test_not_fused_mean_over_another_dim():
     assert _run_pass(gm) == 0
 
 
-def test_not_fused_rope_partial_rotary_tables():
-    # cos/sin narrower than the head: HF's partial rotary slices first; the neox row needs R == D
-    q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 2, 16)
-    cos, sin = _rope_tables(2, 5, 8, torch.float32)
-
-    def partial(q, k, c, s):
-        qr, kr = apply_rope(q.transpose(1, 2)[..., :8], k.transpose(1, 2)[..., :8], c, s)
-        return torch.cat((qr, q.transpose(1, 2)[..., 8:]), -1), torch.cat((kr, k.transpose(1, 2)[..., 8:]), -1)
-
-    gm = _trace(partial, q, k, cos, sin)
-    assert _run_pass(gm) == 0
-
-
 def test_not_fused_rope_of_mixed_dtypes():
     q, k = torch.randn(2, 5, 4, 16, dtype=BF), torch.randn(2, 5, 2, 16, dtype=BF)
     cos, sin = _rope_tables(1, 5, 16, torch.float32)  # fp32 tables: q * cos promotes
@@ -208,6 +268,16 @@ def test_not_fused_rope_of_mixed_dtypes():
 
 def test_not_fused_silu_mul_broadcast():
     gm = _trace(lambda g, u: F.silu(g) * u, torch.randn(3, 37), torch.randn(37))
+    assert _run_pass(gm) == 0
+
+
+def test_not_fused_silu_of_the_second_half():
+    # up, gate = x.chunk(2): silu of the second half is not silu_and_mul (silu of the first)
+    def swapped(x):
+        up, gate = x.chunk(2, dim=-1)
+        return up * F.silu(gate)
+
+    gm = _trace(swapped, torch.randn(3, 74))
     assert _run_pass(gm) == 0
 
 
@@ -385,3 +455,94 @@ def test_cuda_inductor_keeps_the_fused_cache_write():
     assert torch.equal(layer.v_cache, ref_layer.v_cache)
     assert ascend_graph.stats()["fusions"]["norm_rope"] == 1
     assert "norm_rope" not in ascend_graph.stats()["skipped"]
+
+
+# --- HF's static-cache write: q/k norm + RoPE fuses in front of the index_copy_ -------------
+
+
+class _StaticCacheLayer(torch.nn.Module):
+    """Qwen3's attention input, then StaticLayer.update: ``keys.index_copy_(2, pos, k)``
+    into ``[B, Hk, S_max, D]`` (no op takes separate q/k/v into this cache: the family's
+    docstring says why; the write stays as traced, the q/k norm + RoPE in front fuses)."""
+
+    def __init__(self, b, hk, d, pre_rope_keys=False):
+        super().__init__()
+        self.pre_rope_keys = pre_rope_keys
+        self.qw, self.kw = torch.nn.Parameter(torch.randn(d, dtype=BF)), torch.nn.Parameter(torch.randn(d, dtype=BF))
+        self.register_buffer("k_cache", torch.zeros(b, hk, 9, d, dtype=BF))
+        self.register_buffer("v_cache", torch.zeros(b, hk, 9, d, dtype=BF))
+
+    def forward(self, q, k, v, cos, sin, pos):
+        qn, kn = llama_rms(q, self.qw).transpose(1, 2), llama_rms(k, self.kw).transpose(1, 2)
+        qr, kr = apply_rope(qn, kn, cos, sin)
+        self.k_cache.index_copy_(2, pos, kn if self.pre_rope_keys else kr)
+        self.v_cache.index_copy_(2, pos, v.transpose(1, 2))
+        return qr * 2, kr * 2
+
+
+def _compile_static_cache_layer(pre_rope_keys, dump_dir):
+    import copy
+
+    torch._dynamo.reset()
+    ascend_graph.reset_stats()
+    torch.manual_seed(0)
+    b, s, hq, hk, d = 2, 3, 5, 1, 24
+    layer = _StaticCacheLayer(b, hk, d, pre_rope_keys)
+    ref_layer = copy.deepcopy(layer)
+    cos, sin = _rope_tables(1, s, d, BF)
+    args = (torch.randn(b, s, hq, d, dtype=BF), torch.randn(b, s, hk, d, dtype=BF), torch.randn(b, s, hk, d, dtype=BF), cos, sin, torch.tensor([4, 5, 6]))
+    opts = {"codegen": "fx", "graphs": False, "fusions": ("norm_rope",), "dump_dir": str(dump_dir)}
+    compiled = torch.compile(layer, backend="ascend", options=opts, dynamic=False)
+    with torch.no_grad():
+        out, ref = compiled(*args), ref_layer(*args)
+    for a, r in zip(out + (layer.k_cache, layer.v_cache), ref + (ref_layer.k_cache, ref_layer.v_cache)):
+        torch.testing.assert_close(a, r, atol=0, rtol=0)
+    (after,) = dump_dir.glob("*fuse_norm_rope.after.py")
+    return ascend_graph.stats()["fusions"].get("norm_rope", 0), after.read_text()
+
+
+def test_static_cache_write_keeps_the_qk_norm_rope_fused(tmp_path):
+    n, code = _compile_static_cache_layer(False, tmp_path)
+    assert n == 1
+    # index_copy_ traces to index_put(cache, [None, None, pos], k) and a copy_ back
+    assert code.count("ascend_graph.qk_norm_rope.default(") == 1 and code.count("aten.index_put.default(") == 2
+    assert "rsqrt" not in code and "aten.neg" not in code
+
+
+def test_not_fused_qk_rope_when_the_cache_keeps_pre_rope_keys(tmp_path):
+    # the normed k before RoPE is also written: an intermediate of the q/k row escapes, so
+    # only the two norms fuse (q's and k's), the RoPE stays as traced
+    n, code = _compile_static_cache_layer(True, tmp_path)
+    assert n == 2
+    assert "qk_norm_rope" not in code and code.count("ascend_graph.rms_norm.default(") == 2 and "aten.neg" in code
+
+
+@pytest.mark.cuda
+def test_cuda_partial_and_interleaved_rows_fuse_and_match():
+    """The Triton kernel on the new rows' inputs: Qwen3-Next's partial rotary with its norm
+    (R = 64 of D = 256) and DeepSeek-V3's interleaved RoPE on MLA's strided q_rot/k_rot."""
+    pytest.importorskip("transformers")
+    dev, tol = "cuda", dict(atol=2e-2, rtol=2e-2)
+    next_rope, ds_rope = _hf("qwen3_next", "apply_rotary_pos_emb"), _hf("deepseek_v3", "apply_rotary_pos_emb_interleave")
+    q, k = torch.randn(3, 1, 16, 256, dtype=BF, device=dev), torch.randn(3, 1, 2, 256, dtype=BF, device=dev)
+    qw, kw = torch.randn(256, dtype=BF, device=dev), torch.randn(256, dtype=BF, device=dev)
+    ang = torch.randn(1, 1, 32, device=dev)
+    cos, sin = torch.cat((ang, ang), -1).cos().to(BF), torch.cat((ang, ang), -1).sin().to(BF)
+
+    def qwen3_next(q, k, qw, kw, c, s):
+        return next_rope(gemma_rms(q, qw).transpose(1, 2), gemma_rms(k, kw).transpose(1, 2), c, s)
+
+    gm = _trace(qwen3_next, q, k, qw, kw, cos, sin)
+    ref = gm(q, k, qw, kw, cos, sin)
+    assert _run_pass(gm, codegen="auto") == 1
+    for a, b in zip(gm(q, k, qw, kw, cos, sin), ref):
+        torch.testing.assert_close(a, b, **tol)
+    q_rot = torch.randn(3, 5, 16, 192, dtype=BF, device=dev).transpose(1, 2)[..., 128:]
+    k_rot = torch.randn(3, 5, 512 + 64, dtype=BF, device=dev)[..., 512:].view(3, 1, 5, 64)
+    ang = torch.randn(1, 5, 32, device=dev)
+    cos, sin = torch.cat((ang, ang), -1).cos().to(BF), torch.cat((ang, ang), -1).sin().to(BF)
+    gm = _trace(lambda q, k, c, s: ds_rope(q, k, c, s), q_rot, k_rot, cos, sin)
+    ref = gm(q_rot, k_rot, cos, sin)
+    assert _run_pass(gm, codegen="auto") == 1
+    for a, b in zip(gm(q_rot, k_rot, cos, sin), ref):
+        torch.testing.assert_close(a, b, **tol)

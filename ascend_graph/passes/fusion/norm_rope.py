@@ -15,6 +15,17 @@ once with bf16/fp16 example inputs, where the fp32 upcasts appear as
   unsqueezed at dim 1): Qwen3 (norm on ``[B, S, H, D]``, then ``transpose(1, 2)``),
   Gemma3 (transpose, then the Gemma norm), Llama (no norm) -> ``qk_norm_rope`` on the
   ``[B, S, H, D]`` views, transposed back (a view, free);
+- partial rotary as Phi-3 / StableLM (no norm) and Qwen3-Next (the ``1 + w`` norm on
+  ``[B, S, H, D]``, then the transpose) write it: ``R = cos.shape[-1] < D``,
+  ``cat(rope(x[..., :R]), x[..., R:])`` -> ``qk_norm_rope`` (``rotary_dim=0``: R is the
+  HF table's width);
+- DeepSeek-V3's interleaved RoPE (transformers 5.x ``apply_rotary_pos_emb_interleave``:
+  even/odd slices, ``cat(x1*c - x2*s, x2*c + x1*s)`` with the tables' first half) on MLA's
+  ``q_rot [B, H, S, R]`` / ``k_rot [B, 1, S, R]`` -> ``qk_norm_rope(interleaved=True)``,
+  whose output keeps each pair in place, then a de-interleaving permutation of the last
+  dim (HF writes the pairs' first elements, then their second). transformers 5.x writes
+  no model with the older de-interleaving ``view/transpose(4, 3)/reshape`` + rotate_half
+  form, so it has no row;
 - vLLM's native forms (``benchmarks/decode.py`` writes its model so): RMSNorm with the
   weight after the cast (``(h * rsqrt(..)).to(dt) * w``), with and without the residual
   add; RoPE over halves on flattened tokens (``x1, x2 = x.chunk(2); cat(x1*cos - x2*sin,
@@ -23,7 +34,8 @@ once with bf16/fp16 example inputs, where the fp32 upcasts appear as
   two-output pattern would pair q of one layer with k of another (its k half is
   anchored at the tables' users); one launch per tensor is the safe unit;
 - SiLU-and-mul: HF's two-linear ``silu(gate) * up`` -> ``silu_mul``; the chunk form
-  ``silu(x[..., :d]) * x[..., d:]`` (and ``x.chunk(2, -1)``) -> ``silu_and_mul``;
+  ``silu(x[..., :d]) * x[..., d:]`` (and ``x.chunk(2, -1)``, also Phi-3's ``up * silu(gate)``
+  order) -> ``silu_and_mul``;
 - the KV write: a fused qkv projection's output, split, q/k norm + RoPE (the halves form
   above) and ``reshape_and_cache(k, v, ...)`` (functionalized: ``auto_functionalized_v2``
   or v1) -> ``qk_norm_rope_cache``: one op from the projection's output to q and both
@@ -45,11 +57,12 @@ collective's output is the pattern's ``x``, so the graph becomes all_reduce ->
 ``add_rms_norm`` (tests/distributed/test_tp_norm.py).
 
 cos/sin computed in the graph from positions are matched as they are (the table nodes
-are the ops' inputs). Not matched yet (the ops exist and are tested, the rows do not):
-the interleaved RoPE as DeepSeek-V3 writes it (a de-interleaving reshape, then
-rotate_half), partial rotary (``cat(rope(x[..., :R]), x[..., R:])``), and HF's
-static-cache ``index_copy_`` write after RoPE (HF projects q, k, v separately, so there
-is no qkv tensor for ``qk_norm_rope_cache`` to start from; its q/k norm + RoPE fuses).
+are the ops' inputs). Not matched: HF's static-cache write after RoPE
+(``k_cache.index_copy_(2, cache_position, k)`` into ``[B, Hk, S_max, D]``):
+``qk_norm_rope_cache`` starts from one fused qkv projection and writes paged
+``[blocks, block_size, Hk, D]`` caches by flat slot, while HF projects q, k and v
+separately and indexes a heads-first cache by position; the q/k norm + RoPE in front of
+the ``index_copy`` fuses (tested), the write stays inductor's.
 
 Per device ("never slower", DESIGN.md): the ops' CPU implementations are their plain
 torch references, which inductor's fused C++ loops beat; so with inductor codegen on the
@@ -129,6 +142,39 @@ def _rope(q, k, cos, sin):
     cos = cos.unsqueeze(1)
     sin = sin.unsqueeze(1)
     return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+
+
+def _rope_partial(q, k, cos, sin):
+    # Qwen3-Next / Phi-3 / StableLM apply_rotary_pos_emb (partial_rotary_factor < 1): the
+    # first R = cos.shape[-1] dims rotate, the rest pass through, cat([rope(x[:R]), x[R:]])
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    r = cos.shape[-1]
+    q_rot, q_pass = q[..., :r], q[..., r:]
+    k_rot, k_pass = k[..., :r], k[..., r:]
+    q_embed = (q_rot * cos) + (_rotate_half(q_rot) * sin)
+    k_embed = (k_rot * cos) + (_rotate_half(k_rot) * sin)
+    return torch.cat([q_embed, q_pass], dim=-1), torch.cat([k_embed, k_pass], dim=-1)
+
+
+def _rope_interleave(q, k, cos, sin):
+    # DeepseekV3's apply_rotary_pos_emb_interleave (transformers 5.x): pairs (2i, 2i+1)
+    # rotate by angle i (the tables' first half), the evens' results first, then the odds'
+    cos = cos[..., : cos.shape[-1] // 2].unsqueeze(1)
+    sin = sin[..., : sin.shape[-1] // 2].unsqueeze(1)
+    q1, q2 = q[..., 0::2], q[..., 1::2]
+    k1, k2 = k[..., 0::2], k[..., 1::2]
+    q_embed = torch.cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin], dim=-1)
+    k_embed = torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1)
+    return q_embed, k_embed
+
+
+def _deinterleave(x):
+    # the op leaves each rotated pair in place (GPT-J, npu_rotary_mul "interleave"); HF's
+    # DeepSeek form writes the pairs' first elements, then their second: a permutation
+    # of the last dim: a copy (under inductor a pointwise permutation it may fold into
+    # MLA's following cat / key-states copy; not measured on a GPU yet)
+    return x.unflatten(-1, (x.shape[-1] // 2, 2)).transpose(-1, -2).flatten(-2)
 
 
 # -------------------------------------------------------------------------------------
@@ -287,6 +333,38 @@ def _r_qk_rope(q, k, cos, sin):
     return out[0].transpose(1, 2), out[1].transpose(1, 2)
 
 
+def _p_qk_rope_partial(q, k, cos, sin):
+    # Phi-3 / StableLM: q_proj(x).view(B, S, H, D).transpose(1, 2), partial RoPE (no q/k norm)
+    return _rope_partial(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+
+
+def _r_qk_rope_partial(q, k, cos, sin):
+    # rotary_dim=0: R is the HF table's width (both halves), which is < D here
+    out = ops.qk_norm_rope.default(q, k, None, None, cos, sin, _EPS, False, False, 0)
+    return out[0].transpose(1, 2), out[1].transpose(1, 2)
+
+
+def _p_qk_gemma_norm_rope_partial(q, k, qw, kw, cos, sin, eps):
+    # Qwen3-Next: q_norm (the 1 + w form) on [B, S, H, D], transpose(1, 2), partial RoPE
+    return _rope_partial(_gemma_rms(q, qw, eps).transpose(1, 2), _gemma_rms(k, kw, eps).transpose(1, 2), cos, sin)
+
+
+def _r_qk_gemma_norm_rope_partial(q, k, qw, kw, cos, sin, eps):
+    out = ops.qk_norm_rope.default(q, k, qw, kw, cos, sin, eps, True, False, 0)
+    return out[0].transpose(1, 2), out[1].transpose(1, 2)
+
+
+def _p_qk_rope_interleave(q, k, cos, sin):
+    # DeepSeek-V3 (MLA): q_rot [B, H, S, R] and k_rot [B, 1, S, R] as they come out of the
+    # split (no transpose to anchor on: the inputs are the rope's own operands)
+    return _rope_interleave(q, k, cos, sin)
+
+
+def _r_qk_rope_interleave(q, k, cos, sin):
+    out = ops.qk_norm_rope.default(q.transpose(1, 2), k.transpose(1, 2), None, None, cos, sin, _EPS, False, True, 0)
+    return _deinterleave(out[0]).transpose(1, 2), _deinterleave(out[1]).transpose(1, 2)
+
+
 def _p_silu_mul(gate, up):
     # LlamaMLP: act_fn(gate_proj(x)) * up_proj(x)
     return F.silu(gate) * up
@@ -300,6 +378,13 @@ def _p_silu_and_mul_chunk(x):
     # Phi-3 style: gate, up = gate_up_proj(x).chunk(2, dim=-1); silu(gate) * up
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def _p_silu_and_mul_chunk_up_first(x):
+    # Phi3MLP: gate, up_states = gate_up_proj(x).chunk(2, dim=-1); up_states * act_fn(gate)
+    # (the matcher does not commute a mul's operands: its own row)
+    gate, up = x.chunk(2, dim=-1)
+    return up * F.silu(gate)
 
 
 def _p_silu_and_mul_slice(x, half):
@@ -317,7 +402,7 @@ def _r_silu_and_mul_slice(x, half):
 # -------------------------------------------------------------------------------------
 # example inputs (odd sizes; the matcher generalises them) and checks
 
-_B, _S, _H, _HK, _D, _N = 2, 3, 4, 2, 8, 24
+_B, _S, _H, _HK, _D, _N, _R = 2, 3, 4, 2, 8, 24, 4
 
 #: q and k must be different nodes: the k half of a two-output pattern is otherwise
 #: free to match the q chain again (the matcher anchors it at the shared cos/sin users)
@@ -362,6 +447,41 @@ def _check_rope(match: pat.Match) -> bool:
             if w is None or w.dtype != q.dtype or tuple(w.shape) != (q.shape[-1],):
                 return False
     return True
+
+
+def _check_rope_partial(match: pat.Match) -> bool:
+    """As :func:`_check_rope` with the tables narrower than the head: ``R = cos.shape[-1]``
+    even and ``< D`` (``R == D`` would be the full row's form with an empty pass-through)."""
+    q, k, cos, sin = (_val(match, n) for n in ("q", "k", "cos", "sin"))
+    if any(t is None for t in (q, k, cos, sin)) or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
+        return False
+    if not q.is_floating_point() or len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1:
+        return False
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1] or cos.shape != sin.shape:
+        return False
+    r = cos.shape[-1]
+    if cos.shape[0] not in (1, q.shape[0]) or cos.shape[1] not in (1, q.shape[1]) or r % 2 or not 0 < r < q.shape[-1]:
+        return False
+    for name in ("qw", "kw"):
+        if name in match.kwargs:
+            w = _val(match, name)
+            if w is None or w.dtype != q.dtype or tuple(w.shape) != (q.shape[-1],):
+                return False
+    return True
+
+
+def _check_rope_interleave(match: pat.Match) -> bool:
+    """q [B, Hq, S, R] and k [B, Hk, S, R] (heads before positions, as HF's attention has
+    them); cos/sin [B or 1, S or 1, R] (HF's duplicated halves) in q's dtype, R even."""
+    q, k, cos, sin = (_val(match, n) for n in ("q", "k", "cos", "sin"))
+    if any(t is None for t in (q, k, cos, sin)) or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
+        return False
+    if not q.is_floating_point() or len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1 or cos.shape != sin.shape:
+        return False
+    b, _, s, r = q.shape
+    if k.shape[0] != b or k.shape[2] != s or k.shape[-1] != r or r % 2:
+        return False
+    return cos.shape[0] in (1, b) and cos.shape[1] in (1, s) and cos.shape[-1] == r
 
 
 def _check_rope_halves(match: pat.Match) -> bool:
@@ -428,6 +548,8 @@ def _rows() -> tuple[pat.Fusion, ...]:
         # rope(rms(q).T, rms(k).T) -> qk_norm_rope(q, k).T
         rows.append(pat.Fusion(f"qk_norm_rope_{tag}", _p_qk_norm_rope, _r_qk_norm_rope, _ex(dt, q, k, (_D,), (_D,), (_B, _S, _D), (_B, _S, _D)), _check_rope, eps, _QK))
         rows.append(pat.Fusion(f"qk_gemma_norm_rope_{tag}", _p_qk_gemma_norm_rope, _r_qk_gemma_norm_rope, _ex(dt, q, k, (_D,), (_D,), (_B, _S, _D), (_B, _S, _D)), _check_rope, eps, _QK))
+        # rope(gemma_rms(q).T[..., :R]) ++ q.T[..., R:] -> qk_norm_rope(q, k, R < D).T (Qwen3-Next)
+        rows.append(pat.Fusion(f"qk_gemma_norm_rope_partial_{tag}", _p_qk_gemma_norm_rope_partial, _r_qk_gemma_norm_rope_partial, _ex(dt, q, k, (_D,), (_D,), (_B, _S, _R), (_B, _S, _R)), _check_rope_partial, eps, _QK))
         # vLLM's forms (and benchmarks/decode.py's): the weight after the cast; tokens
         # flattened to [T], RoPE tables [T, 1, D/2]
         xt, qt, ct = (_B * _S, _N), (_B * _S, _H, _D), (_B * _S, 1, _D // 2)
@@ -448,10 +570,15 @@ def _rows() -> tuple[pat.Fusion, ...]:
         # silu(x[:d]) * x[d:] -> silu_and_mul(x) (before the two-tensor row, which would
         # otherwise take the halves as two tensors); silu(g) * u -> silu_mul(g, u)
         rows.append(pat.Fusion(f"silu_and_mul_chunk_{tag}", _p_silu_and_mul_chunk, _r_silu_and_mul_chunk, _ex(dt, (_B, 2 * _N)), _check_silu))
+        rows.append(pat.Fusion(f"silu_and_mul_chunk_up_first_{tag}", _p_silu_and_mul_chunk_up_first, _r_silu_and_mul_chunk, _ex(dt, (_B, 2 * _N)), _check_silu))
         rows.append(pat.Fusion(f"silu_and_mul_slice_{tag}", _p_silu_and_mul_slice, _r_silu_and_mul_slice, _ex(dt, (_B, 2 * _N)), _check_silu, {"half": _N}))
         rows.append(pat.Fusion(f"silu_mul_{tag}", _p_silu_mul, _r_silu_mul, _ex(dt, x, x), _check_silu))
     # rope(q.T, k.T) -> qk_norm_rope(q, k).T: no upcast in the RoPE, one row for all dtypes
     rows.append(pat.Fusion("qk_rope", _p_qk_rope, _r_qk_rope, _ex(torch.float32, (_B, _S, _H, _D), (_B, _S, _HK, _D), (_B, _S, _D), (_B, _S, _D)), _check_rope, {}, _QK))
+    # cat(rope(q.T[..., :R]), q.T[..., R:]) -> qk_norm_rope(q, k, R < D).T (Phi-3, StableLM)
+    rows.append(pat.Fusion("qk_rope_partial", _p_qk_rope_partial, _r_qk_rope_partial, _ex(torch.float32, (_B, _S, _H, _D), (_B, _S, _HK, _D), (_B, _S, _R), (_B, _S, _R)), _check_rope_partial, {}, _QK))
+    # cat(q[0::2]*c - q[1::2]*s, q[1::2]*c + q[0::2]*s) -> deinterleave(qk_norm_rope(q, k, interleaved)) (DeepSeek-V3)
+    rows.append(pat.Fusion("qk_rope_interleave", _p_qk_rope_interleave, _r_qk_rope_interleave, _ex(torch.float32, (_B, _H, _S, _D), (_B, _HK, _S, _D), (_B, _S, _D), (_B, _S, _D)), _check_rope_interleave, {}, _QK))
     rows.append(pat.Fusion("rope_halves", _p_rope_halves, _r_rope_halves, _ex(torch.float32, (_B * _S, _H, _D), (_B * _S, 1, _D // 2), (_B * _S, 1, _D // 2)), _check_rope_halves))
     return tuple(rows)
 
