@@ -89,7 +89,10 @@ def test_options_from_vllm_reads_capture_sizes():
     # The CPU platform clears cudagraph sizes (no graphs on CPU); set them as a GPU run has them.
     config.compilation_config.cudagraph_capture_sizes = [8, 1, 4, 2]
     config.compilation_config.max_cudagraph_capture_size = 8
-    assert agv.options_from_vllm(config) == {"buckets": [1, 2, 4, 8], "max_batch": 8}
+    options = agv.options_from_vllm(config)
+    assert (options["buckets"], options["max_batch"]) == ([1, 2, 4, 8], 8)
+    # on the CPU, the inductor settings vLLM's CPU platform gives its own compile
+    assert options.get("inductor_config", agv.VLLM_CPU_INDUCTOR) == agv._cpu_inductor_settings()
     with set_current_vllm_config(config):
         assert agv.options_from_vllm()["buckets"] == [1, 2, 4, 8]
         assert ascend_graph.AscendConfig.from_options(agv.options_from_vllm()).buckets == (1, 2, 4, 8)

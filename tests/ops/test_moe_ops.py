@@ -154,7 +154,8 @@ def test_errors_say_expected_and_got():
 
     with pytest.raises(DistributedError) as e:
         ops.moe_dispatch_ffn_combine(x, w, ids, torch.randn(3, 8, 8), torch.randn(3, 8, 4), "silu", None, None, None, None, "ep", 2, 0)
-    assert "group" in e.value.expected and e.value.got == "ep"
+    # no process group at all, or (after another test in this process made one) none named "ep"
+    assert "init_process_group" in e.value.expected or ("group name" in e.value.expected and "ep" in str(e.value.got))
 
 
 def test_mc2_buffer_requirement_and_error():
