@@ -8,12 +8,26 @@ this project's machines. torch_npu is imported only inside :func:`register_all`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
+from typing import Any, Callable
 
 log = logging.getLogger("ascend_graph.ops.npu")
 
 FAMILIES = ("attention", "causal_conv", "gated_delta", "moe", "norm_rope", "comm_norm")
+
+
+def with_torch_npu(call: Callable[..., Any]) -> Callable[..., Any]:
+    """``call(torch_npu, *args)`` as a kernel: torch_npu is imported when the kernel runs."""
+
+    @functools.wraps(call)
+    def kernel(*args: Any) -> Any:
+        import torch_npu
+
+        return call(torch_npu, *args)
+
+    return kernel
 
 
 def torch_npu_available() -> bool:

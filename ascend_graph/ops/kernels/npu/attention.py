@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from ....errors import UnsupportedError
 from ....runtime import npu_updates
 from ....runtime.kv_layout import cross_layer_block_stride
+from . import with_torch_npu
 
 __all__ = ["register", "META_CHECKS"]
 
@@ -312,23 +313,13 @@ def _cache_call(torch_npu: Any, k, v, k_cache, v_cache, slot_mapping) -> None:
     torch_npu.npu_scatter_pa_kv_cache(k, v, key_cache, value_cache, slots, cache_mode="Norm")
 
 
-def _with_torch_npu(call: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(call)
-    def kernel(*args: Any) -> Any:
-        import torch_npu
-
-        return call(torch_npu, *args)
-
-    return kernel
-
-
 def register() -> None:
     """Attach the NPU kernels (needs torch_npu: the "npu" device must exist)."""
     from ... import attention as ops
 
-    ops.attention.register_kernel("npu", _with_torch_npu(_dense_call))
-    ops.paged_attention.register_kernel("npu", _with_torch_npu(_paged_call))
-    ops.reshape_and_cache.register_kernel("npu", _with_torch_npu(_cache_call))
+    ops.attention.register_kernel("npu", with_torch_npu(_dense_call))
+    ops.paged_attention.register_kernel("npu", with_torch_npu(_paged_call))
+    ops.reshape_and_cache.register_kernel("npu", with_torch_npu(_cache_call))
 
 
 # --------------------------------------------------------------------------- contract rows

@@ -27,11 +27,11 @@ torch-npu 2.13.0 by ``tests/ops/test_npu_contract.py`` (``META_CHECKS`` below).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from . import with_torch_npu
 
 __all__ = ["register", "META_CHECKS"]
 
@@ -102,27 +102,17 @@ def _qk_cache_call(torch_npu: Any, qkv, q_weight, k_weight, cos, sin, k_cache, v
     return q
 
 
-def _with_torch_npu(call: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(call)
-    def kernel(*args: Any) -> Any:
-        import torch_npu
-
-        return call(torch_npu, *args)
-
-    return kernel
-
-
 def register() -> None:
     """Attach the NPU kernels (needs torch_npu: the "npu" device must exist)."""
     from ... import norm_rope as ops
 
-    ops.rms_norm.register_kernel("npu", _with_torch_npu(_norm_call))
-    ops.add_rms_norm.register_kernel("npu", _with_torch_npu(_add_norm_call))
-    ops.silu_and_mul.register_kernel("npu", _with_torch_npu(_swiglu_call))
-    ops.silu_mul.register_kernel("npu", _with_torch_npu(_silu_mul_call))
-    ops.qk_norm_rope.register_kernel("npu", _with_torch_npu(_qk_call))
-    ops.qk_norm_rope_cache.register_kernel("npu", _with_torch_npu(_qk_cache_call))
-    ops.norm_rope.register_kernel("npu", _with_torch_npu(_one_call))
+    ops.rms_norm.register_kernel("npu", with_torch_npu(_norm_call))
+    ops.add_rms_norm.register_kernel("npu", with_torch_npu(_add_norm_call))
+    ops.silu_and_mul.register_kernel("npu", with_torch_npu(_swiglu_call))
+    ops.silu_mul.register_kernel("npu", with_torch_npu(_silu_mul_call))
+    ops.qk_norm_rope.register_kernel("npu", with_torch_npu(_qk_call))
+    ops.qk_norm_rope_cache.register_kernel("npu", with_torch_npu(_qk_cache_call))
+    ops.norm_rope.register_kernel("npu", with_torch_npu(_one_call))
 
 
 # --------------------------------------------------------------------------- contract rows
