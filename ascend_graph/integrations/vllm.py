@@ -52,7 +52,6 @@ rotary embedding is plain ATen ops: no qk-norm + rope op exists in ``ascend_grap
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import sys
@@ -68,7 +67,7 @@ from ..errors import CaptureError
 from ..passes.base import GraphPass
 from ..passes.manager import PassManager, build_pass_manager
 from ..ops import norm_rope as _norm_rope_ops  # noqa: F401  (registers the ops the rows produce)
-from ..passes.pattern import Fusion, PatternPass
+from ..passes.pattern import Fusion
 from ..plugins import HostCompile
 from ..runtime import graphs as device_graphs
 

@@ -27,7 +27,7 @@ torch-npu 2.13.0 by ``tests/ops/test_npu_contract.py`` (``META_CHECKS`` below).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
