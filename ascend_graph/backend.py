@@ -183,11 +183,10 @@ def custom_op_modules(gm: torch.fx.GraphModule) -> tuple[str, ...]:
 
 def _codegen(ctx: CompileContext, gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
     if ctx.codegen == "inductor":
-        from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx_inner
 
-        with inductor_config.patch(dict(ctx.config.inductor_config)):
-            return compile_fx_inner(gm, list(inputs), is_inference=True)
+        # config.inductor_config is patched in by compile_graph, around the trace as well
+        return compile_fx_inner(gm, list(inputs), is_inference=True)
     if ctx.codegen == "fx":
         return make_boxed_func(gm.forward)
     return plugins.codegen(ctx.codegen)(gm, inputs, ctx.config)
@@ -229,6 +228,22 @@ def compile_graph(
         with keyed(aot_cache_tag):
             return aot_trace(gm, example_inputs, serializable(fw_compiler))
 
+    with _inductor_patches(config):
+        compiled, aot_precompile = _build(gm, example_inputs, ctx, fw_compiler, build)
+    seconds = time.perf_counter() - start
+    return _finish(compiled, ctx, shapes, seconds, wrap_runtime, aot_precompile)
+
+
+def _inductor_patches(config: AscendConfig) -> Any:
+    # around the AOT trace too, not only inductor's lowering: some settings act while
+    # AOTAutograd functionalizes (enable_auto_functionalized_v2, which vLLM turns off)
+    from torch._inductor import config as inductor_config
+
+    return inductor_config.patch(dict(config.inductor_config))
+
+
+def _build(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], ctx: CompileContext, fw_compiler: Callable[..., Any], build: Callable[..., Any]) -> tuple[Callable[..., Any], bool]:
+    config = ctx.config
     aot_precompile = precompile.requested()
     if aot_precompile:
         # torch's aot_compile (vLLM's default on torch >= 2.10) saves what we return:
@@ -247,18 +262,18 @@ def compile_graph(
     else:
         compiled = aot_trace(gm, example_inputs, fw_compiler)
     # --- end cache hook ---
-    seconds = time.perf_counter() - start
+    return compiled, aot_precompile
+
+
+def _finish(compiled: Callable[..., Any], ctx: CompileContext, shapes: ShapeInfo, seconds: float, wrap_runtime: bool, aot_precompile: bool) -> Callable[..., Any]:
     _stats.record_compile(seconds)
     log.info("compiled %s (%s, batch symbol %s) in %.2f s; rewrites %s", ctx.graph_id, ctx.codegen, shapes.batch_symbol, seconds, {k: v for k, v in ctx.pass_counts.items() if v})
     ctx.wrap_runtime = wrap_runtime
-    if not wrap_runtime:
-        if aot_precompile:
-            _stats.record_precompiled("built")
-            return precompile.PrecompiledGraph(compiled, ctx.state(), compiled)
-        return compiled
-    from .runtime.runner import make_runner
+    runner = compiled
+    if wrap_runtime:
+        from .runtime.runner import make_runner
 
-    runner = make_runner(compiled, ctx)
+        runner = make_runner(compiled, ctx)
     if aot_precompile:
         _stats.record_precompiled("built")
         return precompile.PrecompiledGraph(compiled, ctx.state(), runner)

@@ -159,8 +159,9 @@ def options_from_vllm(vllm_config: Any = None) -> dict[str, Any]:
     if mode is not None and mode.has_full_cudagraphs():
         options["graphs"] = False
     device = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
-    if device == "cpu":
-        options["inductor_config"] = _cpu_inductor_settings()
+    inductor = _inductor_settings(cc.inductor_compile_config or {}, cpu=device == "cpu")
+    if inductor:
+        options["inductor_config"] = inductor
     return options
 
 
@@ -172,11 +173,16 @@ def options_from_vllm(vllm_config: Any = None) -> dict[str, Any]:
 VLLM_CPU_INDUCTOR = {"dce": True, "size_asserts": False, "nan_asserts": False, "epilogue_fusion": True, "cpp.dynamic_threads": True}
 
 
-def _cpu_inductor_settings() -> dict[str, Any]:
+def _inductor_settings(vllm_inductor: dict[str, Any], cpu: bool) -> dict[str, Any]:
+    """vLLM's own inductor settings (``CompilationConfig.inductor_compile_config``: e.g.
+    ``enable_auto_functionalized_v2=False``, which keeps its mutating C ops reinplaceable),
+    plus, on the CPU, what its CPU platform adds for its default compile. Only plain keys
+    inductor knows; applied around our AOT trace and inductor's lowering."""
     from torch._inductor import config as inductor_config
 
     known = inductor_config.get_config_copy()
-    return {k: v for k, v in VLLM_CPU_INDUCTOR.items() if k in known}
+    wanted = {**(VLLM_CPU_INDUCTOR if cpu else {}), **{k: v for k, v in vllm_inductor.items() if _is_plain_inductor_key(k, v)}}
+    return {k: v for k, v in wanted.items() if k in known}
 
 
 def host_compile() -> HostCompile | None:

@@ -83,6 +83,7 @@ import vllm.model_executor.layers.fused_moe.runner.moe_runner  # noqa: F401  (re
 from vllm.utils.torch_utils import LayerName
 
 from .. import ops as _ops  # noqa: F401  (registers ascend_graph::paged_attention, moe_*)
+from .. import _stats
 from ..config import AscendConfig
 from ..errors import UnsupportedError
 from ..passes.base import GraphPass
@@ -113,9 +114,11 @@ MOE_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Devices where ``vllm_paged_attention`` runs vLLM's own attention kernels, not our paged
 #: TND op: "never slower than what it replaces". On the CPU ours is a plain-torch loop
-#: (about half of vLLM's CPU_ATTN throughput in the engine); on CUDA our Triton decode
-#: kernel has not been measured against vLLM's FlashAttention inside the engine (the GPU
-#: machine has no vLLM). On the NPU the op is FIA (the point of the rewrite).
+#: (about half of vLLM's CPU_ATTN throughput in the engine), and the rewrite itself is left
+#: out there (ATTENTION_SKIPPED_ON); on CUDA our Triton decode kernel has not been measured
+#: against vLLM's FlashAttention inside the engine (the GPU machine has no vLLM), and inside
+#: a captured graph the extra op layer costs nothing at replay. On the NPU the op is FIA
+#: (the point of the rewrite).
 VLLM_KERNEL_DEVICES = ("cpu", "cuda")
 HEAD_DIM_ALIGN = 16  # FIA: head dims in multiples of 16 elements (as passes/fusion/attention.py)
 MAX_HEAD_DIM = 256
@@ -615,11 +618,36 @@ ATTENTION_FUSIONS: tuple[Fusion, ...] = _attention_rows()
 MOE_FUSIONS: tuple[Fusion, ...] = _moe_rows()
 
 
+#: Devices where the attention rewrite is left out, and why (``stats()["skipped"]``).
+ATTENTION_SKIPPED_ON = {
+    # measured in vLLM's CPU engine (benchmarks/vllm_engine.py, BENCHMARKS.md): the rewritten
+    # op runs vLLM's own CPU_ATTN kernels, so it only adds a custom-op dispatch per layer,
+    # outside any device graph: 503 vs 548 tokens/s at 1 request (-9%)
+    "cpu": "cpu: the rewritten op would call vLLM's own CPU attention kernels through one more op dispatch a layer (-9% tokens/s in the engine); vLLM's ops are kept",
+}
+
+
+class VllmAttentionPass(PatternPass):
+    """vLLM's KV update + attention -> ``vllm_paged_attention``, where that is not slower."""
+
+    def __init__(self, config: AscendConfig) -> None:
+        super().__init__("vllm_attention", "attention", ATTENTION_FUSIONS, explain_node=config.explain_node)
+
+    def __call__(self, graph: torch.fx.Graph) -> int:
+        from ..passes.fusion.norm_rope import _graph_device
+
+        reason = ATTENTION_SKIPPED_ON.get(_graph_device(graph) or "")
+        if reason is not None:
+            _stats.record_skip("attention", reason)
+            return 0
+        return super().__call__(graph)
+
+
 def vllm_op_passes(config: AscendConfig) -> list[GraphPass]:
     """The passes over vLLM's attention and MoE ops, each gated by its fusion family."""
     out: list[GraphPass] = []
     if "attention" in config.fusions:
-        out.append(PatternPass("vllm_attention", "attention", ATTENTION_FUSIONS, explain_node=config.explain_node))
+        out.append(VllmAttentionPass(config))
     if "moe" in config.fusions:
         out.append(PatternPass("vllm_moe", "moe", MOE_FUSIONS, explain_node=config.explain_node))
     return out

@@ -62,6 +62,7 @@ def main() -> None:
         "fusions": s["fusions"],
         "rewrites": {name: p["rewrites"] for name, p in s["passes"].items()},
         "precompiled": s["precompiled"],
+        "skipped": s["skipped"],
         "buckets_captured": s["buckets_captured"],
         "replays": s["replays"],
         "host_options": host_options[:1],

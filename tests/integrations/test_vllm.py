@@ -92,7 +92,8 @@ def test_options_from_vllm_reads_capture_sizes():
     options = agv.options_from_vllm(config)
     assert (options["buckets"], options["max_batch"]) == ([1, 2, 4, 8], 8)
     # on the CPU, the inductor settings vLLM's CPU platform gives its own compile
-    assert options.get("inductor_config", agv.VLLM_CPU_INDUCTOR) == agv._cpu_inductor_settings()
+    assert options["inductor_config"] == agv._inductor_settings(config.compilation_config.inductor_compile_config, cpu=True)
+    assert options["inductor_config"]["enable_auto_functionalized_v2"] is False  # vLLM's own setting, kept
     with set_current_vllm_config(config):
         assert agv.options_from_vllm()["buckets"] == [1, 2, 4, 8]
         assert ascend_graph.AscendConfig.from_options(agv.options_from_vllm()).buckets == (1, 2, 4, 8)

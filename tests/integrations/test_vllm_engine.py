@@ -80,6 +80,14 @@ def run_engine(model: str, llm: dict | None = None, *, cache_root: Path, extra_e
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def assert_attention_kept_on_cpu(result: dict) -> None:
+    """On the CPU the attention rewrite is left out by its per-device policy (it would run
+    vLLM's own kernels through one more op dispatch a layer: -9% tokens/s), and says so."""
+    assert result["rewrites"]["vllm_attention"] == 0
+    (reason,) = result["skipped"]["attention"]
+    assert reason.startswith("cpu:")
+
+
 @pytest.fixture(scope="module")
 def dense_runs(checkpoints, tmp_path_factory) -> dict[str, dict]:
     """vLLM's default compile, then ours cold, then ours warm (same cache root, new process)."""
@@ -96,9 +104,7 @@ def test_dense_model_starts_with_vllm_defaults_fuses_and_matches_vllm(dense_runs
     assert (cold["mode"], cold["backend"]) == ("DYNAMO_TRACE_ONCE", "ascend")
     assert cold["tokens"] == default["tokens"]
     assert cold["graphs_compiled"] == 1
-    # one rewrite per layer: vLLM's KV update + attention op -> our paged attention op
-    assert cold["rewrites"]["vllm_attention"] == LAYERS
-    assert cold["fusions"]["attention"] == LAYERS
+    assert_attention_kept_on_cpu(cold)
     assert cold["precompiled"] == {"built": 1, "loaded": 0}
 
 
@@ -107,15 +113,15 @@ def test_second_engine_start_loads_our_compiled_graph_from_vllm_aot_artifact(den
     assert warm["precompiled"] == {"built": 0, "loaded": 1}
     assert warm["graphs_compiled"] == 0  # nothing traced, no pass ran, no inductor
     assert warm["tokens"] == cold["tokens"]
-    # the rewrites the build made are counted again from the artifact
-    assert warm["rewrites"]["vllm_attention"] == LAYERS
+    # the passes the build ran are counted again from the artifact
+    assert warm["rewrites"] == cold["rewrites"]
 
 
 def test_moe_model_matches_vllm(checkpoints, tmp_path):
     default = run_engine(checkpoints["moe"], cache_root=tmp_path / "default")
     ours = run_engine(checkpoints["moe"], {"compilation_config": ASCEND}, cache_root=tmp_path / "ours")
     assert ours["tokens"] == default["tokens"]
-    assert ours["rewrites"]["vllm_attention"] == LAYERS
+    assert_attention_kept_on_cpu(ours)
 
 
 def test_hybrid_linear_attention_model_matches_vllm(hybrid_checkpoint, tmp_path):
@@ -128,7 +134,7 @@ def test_hybrid_linear_attention_model_matches_vllm(hybrid_checkpoint, tmp_path)
     # prefill's token of every prompt is compared, and most of the sequences
     assert [t[0] for t in ours["tokens"]] == [t[0] for t in default["tokens"]]
     assert sum(o == d for o, d in zip(ours["tokens"], default["tokens"])) >= len(PROMPTS) - 1
-    assert ours["rewrites"]["vllm_attention"] == 2  # the two full-attention layers
+    assert_attention_kept_on_cpu(ours)
 
 
 def test_speculative_decoding_ngram_tokens_equal_the_plain_run(checkpoints, tmp_path):
@@ -137,7 +143,7 @@ def test_speculative_decoding_ngram_tokens_equal_the_plain_run(checkpoints, tmp_
     plain = run_engine(checkpoints["dense"], {"compilation_config": ASCEND}, cache_root=tmp_path / "plain", extra_env={"VLLM_DISABLE_COMPILE_CACHE": "1"})
     spec_run = run_engine(checkpoints["dense"], {"compilation_config": ASCEND, "speculative_config": spec}, cache_root=tmp_path / "spec", record_host_options=True)
     assert spec_run["tokens"] == plain["tokens"]
-    assert spec_run["rewrites"]["vllm_attention"] == LAYERS
+    assert_attention_kept_on_cpu(spec_run)
     # our backend is told k by the engine; its buckets are then multiples of 1+k
     (options,) = spec_run["host_options"]
     assert options["num_speculative_tokens"] == k

@@ -52,11 +52,12 @@ def _config(tmp_path, hf) -> VllmConfig:
 
 @pytest.fixture(autouse=True)
 def _our_attention_path_on_cpu(monkeypatch):
-    """The rewritten op runs vLLM's own kernels on CPU/CUDA (VLLM_KERNEL_DEVICES: never slower,
-    proven in the real engine by test_vllm_engine.py). These tests build vLLM layers outside
-    an engine and check our paged TND path (the NPU's) against plain-torch references, so
-    they take that path on the CPU."""
+    """In the engine the rewrite is left out on the CPU and its op runs vLLM's own kernels on
+    CUDA (ATTENTION_SKIPPED_ON, VLLM_KERNEL_DEVICES: never slower, measured in the real
+    engine). These tests build vLLM layers outside an engine and check the rewrite and our
+    paged TND path (the NPU's) against plain-torch references, so they take both on the CPU."""
     monkeypatch.setattr(vllm_ops, "VLLM_KERNEL_DEVICES", ())
+    monkeypatch.setattr(vllm_ops, "ATTENTION_SKIPPED_ON", {})
 
 
 @pytest.fixture(scope="module")
