@@ -82,6 +82,8 @@ RoPE tables of q's dtype with ``R == D`` and the q/k leading dims.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from typing import Any, Callable
 
@@ -583,7 +585,19 @@ def _rows() -> tuple[pat.Fusion, ...]:
     return tuple(rows)
 
 
-FUSIONS: tuple[pat.Fusion, ...] = _rows()
+def _eps_is_a_number(match: "pm.Match") -> bool:
+    # Under dynamic shapes a model's eps can reach the graph as a 0-dim tensor (seen with
+    # DeepSeek-V3 in a dynamic graph); the ops take a float: leave such a norm unfused
+    eps = match.kwargs.get("eps")
+    return eps is None or (isinstance(eps, (int, float)) and not isinstance(eps, bool))
+
+
+def _with_scalar_eps(row: pat.Fusion) -> pat.Fusion:
+    check = row.extra_check
+    return dataclasses.replace(row, extra_check=lambda match: _eps_is_a_number(match) and check(match))
+
+
+FUSIONS: tuple[pat.Fusion, ...] = tuple(_with_scalar_eps(row) for row in _rows())
 
 
 # -------------------------------------------------------------------------------------
