@@ -432,44 +432,52 @@ def _check_norm(match: pat.Match) -> bool:
     return w.shape[0] == x.shape[-1]
 
 
-def _check_rope(match: pat.Match) -> bool:
-    """q [B, S, H, D] and k [B, S, Hk, D]; cos/sin [B or 1, S or 1, D] in q's dtype (full rotary)."""
+def _rope_tensors(match: pat.Match) -> tuple[torch.Tensor, ...] | None:
+    """q, k, cos, sin when q/k are 4-D, cos/sin 3-D, one float dtype, matching batch, positions,
+    head size and tables; else None (shared by the full and partial rotary checks)."""
     q, k, cos, sin = (_val(match, n) for n in ("q", "k", "cos", "sin"))
     if any(t is None for t in (q, k, cos, sin)) or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
-        return False
+        return None
     if not q.is_floating_point() or len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1:
-        return False
+        return None
     if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1] or cos.shape != sin.shape:
-        return False
-    if cos.shape[0] not in (1, q.shape[0]) or cos.shape[1] not in (1, q.shape[1]) or cos.shape[-1] != q.shape[-1] or q.shape[-1] % 2:
-        return False
+        return None
+    if cos.shape[0] not in (1, q.shape[0]) or cos.shape[1] not in (1, q.shape[1]):
+        return None
+    return q, k, cos, sin
+
+
+def _norm_weights_ok(match: pat.Match, q: torch.Tensor) -> bool:
     for name in ("qw", "kw"):
         if name in match.kwargs:
             w = _val(match, name)
             if w is None or w.dtype != q.dtype or tuple(w.shape) != (q.shape[-1],):
                 return False
     return True
+
+
+def _check_rope(match: pat.Match) -> bool:
+    """q [B, S, H, D] and k [B, S, Hk, D]; cos/sin [B or 1, S or 1, D] in q's dtype (full rotary)."""
+    found = _rope_tensors(match)
+    if found is None:
+        return False
+    q, _, cos, _ = found
+    if cos.shape[-1] != q.shape[-1] or q.shape[-1] % 2:
+        return False
+    return _norm_weights_ok(match, q)
 
 
 def _check_rope_partial(match: pat.Match) -> bool:
     """As :func:`_check_rope` with the tables narrower than the head: ``R = cos.shape[-1]``
     even and ``< D`` (``R == D`` would be the full row's form with an empty pass-through)."""
-    q, k, cos, sin = (_val(match, n) for n in ("q", "k", "cos", "sin"))
-    if any(t is None for t in (q, k, cos, sin)) or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
+    found = _rope_tensors(match)
+    if found is None:
         return False
-    if not q.is_floating_point() or len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1:
-        return False
-    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1] or cos.shape != sin.shape:
-        return False
+    q, _, cos, _ = found
     r = cos.shape[-1]
-    if cos.shape[0] not in (1, q.shape[0]) or cos.shape[1] not in (1, q.shape[1]) or r % 2 or not 0 < r < q.shape[-1]:
+    if r % 2 or not 0 < r < q.shape[-1]:
         return False
-    for name in ("qw", "kw"):
-        if name in match.kwargs:
-            w = _val(match, name)
-            if w is None or w.dtype != q.dtype or tuple(w.shape) != (q.shape[-1],):
-                return False
-    return True
+    return _norm_weights_ok(match, q)
 
 
 def _check_rope_interleave(match: pat.Match) -> bool:
