@@ -316,6 +316,128 @@ def vllm_ops_pass(config: AscendConfig) -> GraphPass | None:
     return NormRopePass(config, name="vllm_norm_rope", rows=vllm_fusions())
 
 
+# --------------------------------------------------------------------------------------
+# vLLM's opaque rotary op -> plain ATen, where inductor generates the code
+# --------------------------------------------------------------------------------------
+#
+# vLLM picks its CustomOp implementations when it builds the model: with
+# ``backend="inductor"`` its ``custom_ops`` default is "none" (native torch forms, which
+# inductor fuses), with any other backend string "all". So under ``backend="ascend"``
+# RotaryEmbedding runs ``_C.rotary_embedding``, an in-place C op inductor can only call:
+# each layer pays an extern call, and the q/k norm before it can no longer share one loop
+# with the rotation (seen in vLLM's CPU engine: 4 extern calls and 2 kernels a layer where
+# vLLM's default compile has one). Where our codegen is inductor, this pass puts back what
+# ``RotaryEmbedding.forward_static`` computes, so the graph inductor sees is the one
+# vLLM's own default compile sees. Elsewhere (fx codegen, NPU) the op is left alone.
+
+_ROPE_HEAD = 48  # sample head size: generalised by scalar_workaround (unique among the sample sizes)
+
+
+def _rope_native(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, head_size: int, cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_C.rotary_embedding``'s result as new tensors (vLLM's ``forward_static``):
+    rotary dim = the cache's last dim, cos/sin in the query's dtype."""
+    positions = positions.flatten()
+    cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+    rot = cos_sin_cache.shape[-1]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(positions.shape[0], -1, head_size)
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        c, s_ = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+        if is_neox:
+            x1, x2 = torch.chunk(x_rot, 2, dim=-1)
+            x_rot = torch.cat((x1 * c - x2 * s_, x2 * c + x1 * s_), dim=-1)
+        else:
+            x1, x2 = x_rot[..., ::2], x_rot[..., 1::2]
+            x_rot = torch.stack((x1 * c - x2 * s_, x2 * c + x1 * s_), dim=-1).flatten(-2)
+        return torch.cat((x_rot, x_pass), dim=-1).reshape(shape)
+
+    return rotate(query), rotate(key)
+
+
+def _rope_rows_for(neox: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized
+
+    def pattern(positions, query, key, head_size, cos_sin_cache):
+        af = auto_functionalized(
+            torch.ops._C.rotary_embedding.default, positions=positions, query=query, key=key,
+            head_size=head_size, cos_sin_cache=cos_sin_cache, is_neox=neox, rope_dim_offset=0, inverse=False,
+        )
+        return af[1], af[2]
+
+    def replacement(positions, query, key, head_size, cos_sin_cache):
+        return _rope_native(positions, query, key, head_size, cos_sin_cache, neox)
+
+    pattern.__name__ = replacement.__name__ = f"vllm_rope_{'neox' if neox else 'gptj'}"
+    return pattern, replacement
+
+
+def _rope_inputs() -> list[Any]:
+    t, h = 5, _ROPE_HEAD
+    return [torch.arange(t), torch.randn(t, 4 * h), torch.randn(t, 2 * h), torch.randn(64, h)]
+
+
+def _rope_check(match: Any) -> bool:
+    vals = {k: (v.meta.get("val") if isinstance(v, torch.fx.Node) else None) for k, v in match.kwargs.items()}
+    q, k, cache, pos, hs = vals.get("query"), vals.get("key"), vals.get("cos_sin_cache"), vals.get("positions"), match.kwargs.get("head_size")
+    if any(v is None for v in (q, k, cache, pos)) or not isinstance(hs, int) or hs <= 0:
+        return False
+    if not (q.is_floating_point() and k.dtype == q.dtype and cache.is_floating_point() and cache.dim() == 2):
+        return False
+    rot = cache.shape[-1]
+    # what forward_static assumes: [T, heads*head_size] rows, an even rotary dim within the head
+    return bool(q.shape[-1] % hs == 0 and k.shape[-1] % hs == 0 and rot % 2 == 0 and rot <= hs)
+
+
+_ROPE_ROWS: tuple[Fusion, ...] = ()
+
+
+def vllm_rope_rows() -> tuple[Fusion, ...]:
+    """The two rows (NeoX and GPT-J style); () where vLLM's ``_C.rotary_embedding`` is not
+    registered (no vLLM C extension loaded)."""
+    global _ROPE_ROWS
+    if not _ROPE_ROWS:
+        try:
+            torch.ops._C.rotary_embedding.default
+        except (AttributeError, RuntimeError):
+            return ()
+        # retrace=False: the head size is a scalar of the op, not a size the re-trace may infer
+        _ROPE_ROWS = tuple(
+            Fusion(f"vllm_rope_native_{'neox' if neox else 'gptj'}", *_rope_rows_for(neox), _rope_inputs, _rope_check, scalar_workaround={"head_size": _ROPE_HEAD}, retrace=False)
+            for neox in (True, False)
+        )
+    return _ROPE_ROWS
+
+
+class VllmRopeNativePass(GraphPass):
+    """``auto_functionalized(_C.rotary_embedding)`` -> plain ATen, only where our codegen
+    is inductor (see above). Its rewrites count under ``stats()["passes"]``, not as a fusion."""
+
+    name = "vllm_rope_native"
+    family = None
+
+    def __init__(self, config: AscendConfig) -> None:
+        self.codegen = config.codegen
+        self.explain_node = config.explain_node
+
+    def __call__(self, graph: torch.fx.Graph) -> int:
+        from ..passes.fusion.norm_rope import _graph_device
+        from ..passes.pattern import PatternPass
+
+        device = _graph_device(graph)
+        codegen = self.codegen if self.codegen != "auto" else ("fx" if device == "npu" else "inductor")
+        rows = vllm_rope_rows()
+        if codegen != "inductor" or not rows:
+            return 0
+        return PatternPass(self.name, "norm_rope", rows, explain_node=self.explain_node)(graph)
+
+
+def vllm_first_passes(config: AscendConfig) -> list[GraphPass]:
+    """Passes that run before the fusion families (``build_pass_manager(first=...)``)."""
+    return [VllmRopeNativePass(config)]
+
+
 def vllm_ops_passes(config: AscendConfig) -> list[GraphPass]:
     """Every pass over vLLM's own ops that ``config.fusions`` turns on.
 
@@ -343,8 +465,9 @@ def _has_vllm_layer_ops() -> bool:
 
 
 def vllm_pass_manager(config: AscendConfig) -> PassManager:
-    """cleanup -> fusion families -> vLLM op fusions (attention, MoE, norm/act) -> cleanup."""
-    return build_pass_manager(config, extra=vllm_ops_passes(config))
+    """cleanup -> vLLM rotary op to ATen (inductor codegen) -> fusion families -> vLLM op
+    fusions (attention, MoE, norm/act) -> padding -> cleanup."""
+    return build_pass_manager(config, extra=vllm_ops_passes(config), first=vllm_first_passes(config))
 
 
 def _versions() -> dict[str, str]:
@@ -492,8 +615,16 @@ def _build_wrapper_cls() -> type:
         other than this wrapper's, calls the runnable directly (so a FULL wrapper nests
         with PIECEWISE ones); otherwise the first call per descriptor captures (through
         ``ascend_graph.runtime.graphs``: CUDA graph, NPU graph, or NoGraph on the CPU)
-        into one pool shared by every wrapper, and later calls replay. Like vLLM's, it
-        owns no input buffers: vLLM keeps input addresses stable.
+        into the device's one pool (``runtime/pool.py``: the pool every ascend-graph
+        runner of the process captures into too), and later calls replay. Like vLLM's,
+        it owns no input buffers: vLLM keeps input addresses stable.
+
+        Graph memory before the KV cache is sized: every wrapper registers itself where
+        vLLM's ``profile_cudagraph_memory`` looks for graph wrappers
+        (``CUDAGraphWrapper._all_instances``). vLLM then points each one's
+        ``graph_pool`` at a throw-away pool, has the largest descriptors captured, reads
+        the memory they took, calls :meth:`clear_graphs` and puts the pool back, so our
+        graphs are in the estimate vLLM subtracts before sizing the KV cache.
         """
 
         def __init__(self, runnable: Callable[..., Any], vllm_config: Any, runtime_mode: Any, cudagraph_options: Any = None) -> None:
@@ -506,9 +637,27 @@ def _build_wrapper_cls() -> type:
             self.runtime_mode = runtime_mode
             self.cudagraph_options = cudagraph_options
             self.device = torch.device(current_platform.device_type)
-            self.graph_pool = current_platform.get_global_graph_pool() if device_graphs.supports_graphs(self.device) else None
+            self._pool_override: Any = None  # set by vLLM's memory profiling (see above)
             self.entries: dict[Any, device_graphs.DeviceGraph] = {}
             self.uncapturable: set[Any] = set()  # descriptors whose capture raised CaptureError
+            _register_with_vllm_profiler(self)
+
+        @property
+        def graph_pool(self) -> Any:
+            """The pool captures go into: the device's shared pool (made on first use),
+            or the one vLLM's memory profiling set. None without device graphs."""
+            if self._pool_override is not None:
+                return self._pool_override
+            if not device_graphs.supports_graphs(self.device):
+                return None
+            from ..runtime.pool import device_pool
+
+            pool = device_pool(self.device)
+            return pool.handle if pool is not None else None
+
+        @graph_pool.setter
+        def graph_pool(self, pool: Any) -> None:
+            self._pool_override = pool
 
         def __getattr__(self, key: str) -> Any:
             if key == "runnable":
@@ -520,6 +669,8 @@ def _build_wrapper_cls() -> type:
             return runnable.unwrap() if hasattr(runnable, "unwrap") else runnable
 
         def clear_graphs(self) -> None:
+            """Drop every captured graph (their pool memory goes back to the pool); vLLM
+            calls this after profiling graph memory. Later calls capture again."""
             self.entries.clear()
 
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -560,6 +711,18 @@ def _build_wrapper_cls() -> type:
             return output
 
     return AscendGraphWrapper
+
+
+def _register_with_vllm_profiler(wrapper: Any) -> None:
+    """Add ``wrapper`` to the set vLLM's graph-memory profiling walks (a WeakSet of
+    ``CUDAGraphWrapper``; vLLM reads and sets ``graph_pool`` and calls ``clear_graphs``)."""
+    try:
+        from vllm.compilation.cuda_graph import CUDAGraphWrapper
+    except ImportError:  # pragma: no cover - a vLLM without it has no such profiling
+        return
+    instances = getattr(CUDAGraphWrapper, "_all_instances", None)
+    if instances is not None:
+        instances.add(wrapper)
 
 
 _LAZY = {

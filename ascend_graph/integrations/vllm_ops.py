@@ -73,6 +73,7 @@ Invariants
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Optional
 
 import torch
@@ -264,11 +265,19 @@ def vllm_paged_attention(
 
 
 def _vllm_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_name: LayerName) -> torch.Tensor:
-    # the two ops the rewrite replaced, called as vLLM's Attention.forward calls them
+    # What the two replaced ops run, called as Python functions: the functions vLLM
+    # registered as ``vllm::unified_kv_cache_update`` / ``unified_attention_with_output``,
+    # decorators included (KV-transfer connector hooks, breakable-capture breaks), without
+    # a dispatcher round trip each. The rewritten graph thus makes one op call a layer
+    # where vLLM's makes two.
     output = query.new_empty(query.shape)
-    dep = torch.ops.vllm.unified_kv_cache_update(key, value, layer_name)
-    torch.ops.vllm.unified_attention_with_output(query, key, value, output, layer_name, kv_cache_dummy_dep=dep)
+    dep = _vllm_attention_module().unified_kv_cache_update(key, value, layer_name)
+    _vllm_attention_module().unified_attention_with_output(query, key, value, output, layer_name, kv_cache_dummy_dep=dep)
     return output
+
+
+def _vllm_attention_module() -> Any:
+    return sys.modules["vllm.model_executor.layers.attention.attention"]  # imported above
 
 
 @vllm_paged_attention.register_fake

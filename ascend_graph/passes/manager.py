@@ -132,11 +132,16 @@ def fusion_passes(config: AscendConfig) -> list[GraphPass]:
     return out
 
 
-def build_pass_manager(config: AscendConfig, extra: Sequence[GraphPass] = ()) -> PassManager:
-    """The ordered list: cleanup -> fusion -> ``extra`` (padding) -> cleanup."""
+def build_pass_manager(config: AscendConfig, extra: Sequence[GraphPass] = (), first: Sequence[GraphPass] = ()) -> PassManager:
+    """The ordered list: cleanup -> ``first`` -> fusion -> ``extra`` -> padding -> cleanup.
+
+    ``first``: an adapter's passes that put its host's ops into forms the families see
+    (e.g. vLLM's opaque rotary op into plain ATen for inductor).
+    """
     passes: list[GraphPass] = []
     if config.cleanup:
         passes += [NoOpElimination(), DeadCodeElimination()]
+    passes += list(first)
     passes += fusion_passes(config)
     passes += list(extra)
     passes += [p for p in [importlib.import_module("ascend_graph.passes.padding").make_pass(config)] if p is not None]

@@ -182,8 +182,9 @@ def contained_capture(api: Any, device: torch.device, graph: Any, fn: Callable[[
     - the current stream is restored (the stream context's exit, which always runs);
     - a capture still open is ended (``capture_end``, so its pool and RNG bookkeeping run);
     - a capture that cannot be ended has its allocator routing removed
-      (``endAllocateToPool``) and the RNG state put back by one trivial capture, whose
-      ``capture_end`` takes the generators out of capture mode;
+      (``endAllocateToPool``) and, back on the caller's stream, its RNG state repaired
+      (:func:`_restore_rng`: a trivial capture, checked by a probe, else the generator's
+      state saved before the capture put back);
     - the original error is raised; the caller discards the graph. The pool stays usable:
       its keeper graph (``runtime/pool.py``) holds it.
 
@@ -195,34 +196,45 @@ def contained_capture(api: Any, device: torch.device, graph: Any, fn: Callable[[
     begin: dict[str, Any] = {"capture_error_mode": error_mode}
     if pool is not None:
         begin["pool"] = pool
+    saved_rng = _save_rng(api, device)
+    unended: BaseException | None = None  # capture_end's error, for a capture it could not end
     with api.stream(stream):
         graph.capture_begin(**begin)
         try:
             outputs = fn()
-        except BaseException:
-            _end_failed_capture(api, device, graph, stream, pool)
-            raise
-        try:
-            graph.capture_end()
-        except BaseException as e:
-            _restore_after_unended_capture(api, device, graph, pool, e)
-            raise
+        except BaseException as first:
+            unended = _end_failed_capture(api, device, graph, stream, pool)
+            error: BaseException | None = first
+        else:
+            error = None
+            try:
+                graph.capture_end()
+            except BaseException as e:
+                unended = error = e
+                _unroute_pool(api, device, graph, pool, e)
+    if unended is not None:
+        _restore_rng(api, device, saved_rng)
+    if error is not None:
+        raise error
     prev.wait_stream(stream)
     return outputs
 
 
-def _end_failed_capture(api: Any, device: torch.device, graph: Any, stream: Any, pool: Any) -> None:
+def _end_failed_capture(api: Any, device: torch.device, graph: Any, stream: Any, pool: Any) -> BaseException | None:
     """End a capture whose function raised, as ``torch.cuda.graph.__exit__`` would, but
-    without letting a second error hide the first or leave state behind."""
+    without letting a second error hide the first or leave state behind. Returns
+    ``capture_end``'s error where the capture could not be ended cleanly."""
     try:
         if hasattr(api, "set_stream") and api.current_stream(device) != stream:
             api.set_stream(stream)  # capture_end checks it runs on the capture stream
         graph.capture_end()
+        return None
     except BaseException as e:  # the driver invalidated the capture: it has ended without bookkeeping
-        _restore_after_unended_capture(api, device, graph, pool, e)
+        _unroute_pool(api, device, graph, pool, e)
+        return e
 
 
-def _restore_after_unended_capture(api: Any, device: torch.device, graph: Any, pool: Any, error: BaseException) -> None:
+def _unroute_pool(api: Any, device: torch.device, graph: Any, pool: Any, error: BaseException) -> None:
     log.warning("a failed capture could not be ended cleanly (%s: %s); restoring the allocator and RNG state", type(error).__name__, error)
     capturing = getattr(api, "is_current_stream_capturing", None)
     if capturing is not None and capturing():
@@ -239,10 +251,63 @@ def _restore_after_unended_capture(api: Any, device: torch.device, graph: Any, p
             end_allocate(_index(api, device), tuple(pool) if pool is not None else graph.pool())
         except Exception:  # capture_end got as far as its own endAllocateToPool
             pass
+
+
+def _default_generator(api: Any, device: torch.device) -> Any:
+    gens = getattr(api, "default_generators", None)
+    if not gens:
+        return None
+    gen = gens[_index(api, device)]
+    return gen if hasattr(gen, "clone_state") and hasattr(gen, "graphsafe_set_state") else None
+
+
+def _save_rng(api: Any, device: torch.device) -> Any:
+    """A copy of the default generator's state (seed, offset; not in capture mode), taken
+    before a capture, to put back if the capture leaves the generator in capture mode."""
+    gen = _default_generator(api, device)
+    if gen is None:
+        return None
+    try:
+        return gen.clone_state()
+    except Exception:  # pragma: no cover - a generator that cannot be copied: the trivial capture remains
+        return None
+
+
+def _rng_stuck(api: Any, device: torch.device) -> bool:
+    """Whether the device's default generator is still in capture mode: one random draw
+    outside any capture raises exactly then (CUDAGeneratorState::increase)."""
+    if api is not torch.cuda:
+        return False  # no probe for other devices: the trivial capture is all there is
+    try:
+        torch.empty(1, device=device).uniform_()
+    except RuntimeError as e:
+        if "Offset increment outside graph capture" in str(e):
+            return True
+        raise
+    return False
+
+
+def _restore_rng(api: Any, device: torch.device, saved: Any) -> None:
+    """Take the default generator out of capture mode after a capture whose end failed.
+
+    First one trivial capture (its prologue and epilogue run on the generator's own state,
+    so graphs captured earlier keep sharing that state); if a probe still finds the
+    generator in capture mode, the state copied before the capture is put in its place
+    (``graphsafe_set_state``: same seed and offset, not capturing; graphs captured earlier
+    then advance their own copy). If neither works, device graphs are turned off."""
     try:
         _reset_rng_capture_state(api, device)
     except Exception as e:
-        _disable_device(device, f"RNG state could not be restored after a failed capture ({type(e).__name__}: {e})")
+        log.warning("the trivial capture meant to reset the RNG state failed (%s: %s)", type(e).__name__, e)
+    if not _rng_stuck(api, device):
+        return
+    gen = _default_generator(api, device)
+    if saved is not None and gen is not None:
+        gen.graphsafe_set_state(saved)
+        if not _rng_stuck(api, device):
+            log.warning("RNG state of %s put back from its copy taken before the failed capture", device)
+            return
+    _disable_device(device, "the RNG generator stayed in capture mode after a failed capture")
 
 
 def _reset_rng_capture_state(api: Any, device: torch.device) -> None:

@@ -375,6 +375,39 @@ def test_graph_wrapper_runs_without_a_graph_when_capture_raises_capture_error(mo
     assert "not one of the runner's static input buffers" in next(v["failed"] for v in s["buckets"].values() if "failed" in v)
 
 
+def test_graph_wrapper_takes_part_in_vllm_graph_memory_profiling():
+    """vLLM sizes the KV cache after ``profile_cudagraph_memory``: it walks
+    ``CUDAGraphWrapper._all_instances``, points each ``graph_pool`` at a throw-away pool,
+    captures, then ``clear_all_graphs()`` and puts each pool back. Our wrapper is in that
+    set and follows the same protocol (on the CPU the pool is None: no device graphs)."""
+    from vllm.compilation.cuda_graph import CUDAGraphWrapper
+    from vllm.compilation.monitor import set_cudagraph_capturing_enabled
+
+    config = _vllm_config()
+    runnable = _Counting()
+    wrapper = agv.AscendGraphWrapper(runnable, config, CUDAGraphMode.PIECEWISE)
+    assert wrapper in CUDAGraphWrapper._all_instances
+    original = wrapper.graph_pool
+    assert original is None  # the CPU has no graph pool
+    profiling_pool = object()
+    wrapper.graph_pool = profiling_pool  # as vLLM's profiling does
+    assert wrapper.graph_pool is profiling_pool
+    set_cudagraph_capturing_enabled(True)
+    try:
+        with set_forward_context(None, config, cudagraph_runtime_mode=CUDAGraphMode.PIECEWISE, num_tokens=4):
+            wrapper(torch.randn(4, 3))
+        assert len(wrapper.entries) == 1
+        CUDAGraphWrapper.clear_all_graphs()
+        assert wrapper.entries == {}
+        wrapper.graph_pool = original
+        assert wrapper.graph_pool is None
+        with set_forward_context(None, config, cudagraph_runtime_mode=CUDAGraphMode.PIECEWISE, num_tokens=4):
+            wrapper(torch.randn(4, 3))  # captured again after the profiling's clear
+    finally:
+        set_cudagraph_capturing_enabled(False)
+    assert len(wrapper.entries) == 1 and runnable.calls == 2
+
+
 def test_graph_wrapper_refuses_capture_outside_vllm_capture_window():
     config = _vllm_config()
     wrapper = agv.AscendGraphWrapper(_Counting(), config, CUDAGraphMode.FULL)
@@ -391,7 +424,9 @@ def test_graph_wrapper_captures_and_replays_cuda_graphs():
     w = torch.randn(16, 16, device="cuda")
     static_x = torch.randn(4, 16, device="cuda")
     wrapper = agv.AscendGraphWrapper(lambda x: torch.relu(x @ w), config, CUDAGraphMode.FULL)
-    assert wrapper.graph_pool is not None
+    from ascend_graph.runtime.pool import device_pool
+
+    assert wrapper.graph_pool is not None and wrapper.graph_pool == device_pool(torch.device("cuda")).handle  # the shared pool
     set_cudagraph_capturing_enabled(True)
     try:
         with set_forward_context(None, config, cudagraph_runtime_mode=CUDAGraphMode.FULL, num_tokens=4):

@@ -424,3 +424,61 @@ def test_vllm_grouped_topk_routing(dist, tmp_path):
     order, rorder = ids.sort(-1), rids.long().sort(-1)
     assert torch.equal(order.values, rorder.values)
     torch.testing.assert_close(w.gather(1, order.indices), rw.gather(1, rorder.indices).to(w.dtype), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- rotary op
+
+
+class _RopeModule(torch.nn.Module):
+    """q/k of a fused qkv projection, scaled (as a q/k norm would), rotated in place by
+    vLLM's ``_C.rotary_embedding`` (what ``RotaryEmbedding.forward_cpu`` calls when vLLM's
+    ``custom_ops`` is "all", its default for any backend but inductor)."""
+
+    def __init__(self, head, neox):
+        super().__init__()
+        self.head, self.neox = head, neox
+
+    def forward(self, qkv, positions, cos_sin_cache):
+        from vllm import _custom_ops as ops
+
+        h = self.head
+        q, k, v = qkv.split([4 * h, 2 * h, 2 * h], dim=-1)
+        q, k = q * 1.5, k * 0.5
+        ops.rotary_embedding(positions, q, k, h, cos_sin_cache, self.neox)
+        return q + 1, k * 2, v
+
+
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("rot", [32, 16], ids=["full", "partial"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vllm_rotary_op_becomes_aten_for_inductor(neox, rot, dtype):
+    """Under ``backend="ascend"`` vLLM keeps its C rotary op (custom_ops "all"); with inductor
+    codegen the pass puts back vLLM's native form, equal to the C op run eagerly."""
+    pytest.importorskip("vllm._C", reason="vLLM's C extension (rotary_embedding) is not built here")
+    head, t = 32, 7
+    g = torch.Generator().manual_seed(rot + neox)
+    qkv = torch.randn(t, 8 * head, generator=g).to(dtype)
+    positions = torch.randint(0, 60, (t,), generator=g)
+    cache = torch.randn(64, rot, generator=g).to(dtype)
+    m = _RopeModule(head, neox)
+    gm = _aten_graph(m, (qkv, positions, cache), v2=False)  # vLLM's inductor config: v1
+    assert any("auto_functionalized" in str(t) for t in _targets(gm))
+    assert _run([agv.VllmRopeNativePass(ascend_graph.AscendConfig())], gm) == {"vllm_rope_native": 1}
+    assert not any("auto_functionalized" in str(t) or "rotary" in str(t) for t in _targets(gm))
+    by_shape = {tuple(x.shape): x for x in (qkv, positions, cache)}
+    out = gm(*[by_shape[tuple(n.meta["val"].shape)] for n in gm.graph.nodes if n.op == "placeholder"])
+    ref = m(qkv, positions, cache)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * 4)
+
+
+def test_vllm_rotary_op_kept_where_codegen_is_not_inductor():
+    pytest.importorskip("vllm._C", reason="vLLM's C extension (rotary_embedding) is not built here")
+    qkv, positions, cache = torch.randn(5, 256), torch.arange(5), torch.randn(64, 32)
+    gm = _aten_graph(_RopeModule(32, True), (qkv, positions, cache), v2=False)
+    assert _run([agv.VllmRopeNativePass(ascend_graph.AscendConfig(codegen="fx"))], gm) == {"vllm_rope_native": 0}
+    assert any("auto_functionalized" in str(t) for t in _targets(gm))
+    # and in the pass manager vLLM's engine uses, it runs before the fusion families
+    names = agv.vllm_pass_manager(ascend_graph.AscendConfig()).names
+    assert names.index("vllm_rope_native") < names.index("fuse_norm_rope")

@@ -173,6 +173,48 @@ def test_an_invalidated_capture_gets_its_allocator_routing_and_rng_state_back(fn
     assert api.routing == [] and not api.rng_capture_mode
 
 
+class Generator:
+    """The default generator's state swap (``clone_state`` / ``graphsafe_set_state``)."""
+
+    def __init__(self, api: "FakeApi") -> None:
+        self.api = api
+
+    def clone_state(self):
+        self.api.log.append(("clone_state",))
+        return ("state", self.api.rng_capture_mode)
+
+    def graphsafe_set_state(self, state):
+        self.api.log.append(("set_state", state))
+        self.api.rng_capture_mode = state[1]
+
+
+def test_rng_left_in_capture_mode_by_the_trivial_capture_gets_the_saved_state_back(monkeypatch):
+    """Seen on torch 2.11 (H200): after a capture the driver invalidated, the generator was
+    still in capture mode after the trivial capture. A probe finds that, and the state
+    copied before the capture (not capturing) is put in its place."""
+    api = FakeApi()
+    api.default_generators = (Generator(api),)
+    monkeypatch.setattr(graphs, "_rng_stuck", lambda api_, device: api_.rng_capture_mode)
+    monkeypatch.setattr(graphs, "_reset_rng_capture_state", lambda api_, device: api_.log.append(("trivial_no_effect",)))
+    g = Graph(api, "g", end_fails=True)
+    with pytest.raises(RuntimeError, match="invalidated"):
+        contained_capture(api, CPU, g, lambda: torch.ones(1), pool=("shared",), stream=side(api))
+    kinds = [x[0] for x in api.log if x[0] != "stream"]
+    assert kinds == ["clone_state", "begin", "end_failed", "end_allocate", "trivial_no_effect", "set_state"]
+    assert not api.rng_capture_mode and api.routing == [] and api.current is api.default
+
+
+def test_rng_that_nothing_repairs_turns_graphs_off(monkeypatch):
+    api = FakeApi()
+    disabled = []
+    monkeypatch.setattr(graphs, "_disable_device", lambda device, reason: disabled.append(reason))
+    monkeypatch.setattr(graphs, "_rng_stuck", lambda api_, device: True)
+    monkeypatch.setattr(graphs, "_reset_rng_capture_state", lambda api_, device: None)
+    with pytest.raises(RuntimeError):
+        contained_capture(api, CPU, Graph(api, "g", end_fails=True), lambda: torch.ones(1), stream=side(api))
+    assert disabled == ["the RNG generator stayed in capture mode after a failed capture"]
+
+
 def test_a_capture_that_cannot_be_ended_turns_graphs_off_for_the_device(monkeypatch):
     api = FakeApi()
     disabled = []
