@@ -35,6 +35,9 @@ and counted in ``stats()["skipped"]``, on the CPU with inductor codegen, where i
 fused loops beat the ops' plain-torch references). vLLM's CPU graphs hold the native
 forms (no ``vllm_ir`` ops): the family's own rows match those.
 
+- ``_C.rotary_embedding`` (in place; vLLM's op under any backend string but "inductor")
+  -> vLLM's native rope math, only where our codegen is inductor (pass
+  ``vllm_rope_native``, before the families: see :class:`VllmRopeNativePass`);
 - ``vllm::unified_kv_cache_update`` + ``vllm::unified_attention_with_output`` (family
   ``attention``) -> ``ascend_graph::vllm_attention_context`` (the layer's KV cache and
   metadata from vLLM's forward context at run time) + ``reshape_and_cache`` +
