@@ -73,7 +73,7 @@ from ...ops import moe as _moe_ops  # noqa: F401  (registers the ops)
 from ..base import GraphPass
 from ..pattern import Fusion, Match, PatternPass
 
-__all__ = ["make_pass", "MoEFusion", "ROUTER_FUSIONS", "LOOP_FORMS", "expert_fusions", "expert_variants", "loop_fusion", "loop_variants", "drop_nonzero_size_asserts", "shared_fusions", "shared_variants"]
+__all__ = ["make_pass", "MoEFusion", "ROUTER_FUSIONS", "LOOP_FORMS", "expert_fusions", "expert_variants", "loop_fusion", "loop_variants", "list_loop_fusion", "list_loop_variants", "drop_nonzero_size_asserts", "shared_fusions", "shared_variants"]
 
 log = logging.getLogger("ascend_graph.passes.fusion.moe")
 
@@ -266,7 +266,11 @@ def expert_fusions(mm: str, histc_float: bool, dtype: torch.dtype) -> list[Fusio
 
 
 def _expert_ffn(h, w13_e, w2_e, act):
-    gate, up = F.linear(h, w13_e).chunk(2, dim=-1)
+    if isinstance(w13_e, tuple):
+        # a ModuleList expert's own gate and up weights (Mixtral's w1, w3): see the list rows
+        gate, up = F.linear(h, w13_e[0]), F.linear(h, w13_e[1])
+    else:
+        gate, up = F.linear(h, w13_e).chunk(2, dim=-1)
     return F.linear(act(gate) * up, w2_e)
 
 
@@ -401,16 +405,34 @@ def loop_variants(graph: torch.fx.Graph) -> set[tuple[str, int, int, str, torch.
     the mask ops of each form, the activations' marker ops, the top-k value dtypes.
     """
     aten = torch.ops.aten
-    stacked, forms, targets, weight_dtypes = [], set(), set(), set()
+    stacked = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is aten.select.int and node.args[1] == 0:
+            val = _val(node.args[0])
+            if val is not None and val.dim() == 3 and val.is_floating_point() and all(isinstance(d, int) for d in val.shape):
+                stacked.append(val)
+    forms, acts, weight_dtypes = _loop_markers(graph)
+    if not forms or not stacked:
+        return set()
+    pairs = set()
+    for a in stacked:
+        for b in stacked:
+            e, two_i, h = a.shape
+            if b.shape == (e, h, two_i // 2) and two_i % 2 == 0 and a.dtype == b.dtype:
+                pairs.add((e, two_i // 2, a.dtype))
+    return {(form, e, i, act, dtype, wd) for form in forms for e, i, dtype in pairs for act in acts for wd in weight_dtypes | {dtype}}
+
+
+def _loop_markers(graph: torch.fx.Graph) -> tuple[set[str], list[str], set[torch.dtype]]:
+    """(loop forms, activations, top-k value dtypes) an unrolled expert loop of ``graph`` may have:
+    the mask ops of each form, the activations' marker ops, the top-k nodes."""
+    aten = torch.ops.aten
+    forms, targets, weight_dtypes = set(), set(), set()
     for node in graph.nodes:
         if node.op != "call_function":
             continue
         targets.add(node.target)
-        if node.target is aten.select.int and node.args[1] == 0:
-            val = _val(node.args[0])
-            if val is not None and val.dim() == 3 and val.is_floating_point() and all(isinstance(d, int) for d in val.shape):
-                stacked.append(val)
-        elif node.target is aten.nonzero.default and isinstance(node.args[0], torch.fx.Node):
+        if node.target is aten.nonzero.default and isinstance(node.args[0], torch.fx.Node):
             if node.args[0].target is aten.select.int:
                 forms.add("onehot_where")
             elif node.args[0].target is aten.eq.Scalar:
@@ -425,16 +447,8 @@ def loop_variants(graph: torch.fx.Graph) -> set[tuple[str, int, int, str, torch.
             val = _val(node)
             if val is not None and val[0].is_floating_point():
                 weight_dtypes.add(val[0].dtype)
-    if not forms or not stacked:
-        return set()
-    pairs = set()
-    for a in stacked:
-        for b in stacked:
-            e, two_i, h = a.shape
-            if b.shape == (e, h, two_i // 2) and two_i % 2 == 0 and a.dtype == b.dtype:
-                pairs.add((e, two_i // 2, a.dtype))
     acts = ["silu"] + (["gelu"] if aten.erf.default in targets else []) + (["gelu_tanh"] if aten.tanh.default in targets else [])
-    return {(form, e, i, act, dtype, wd) for form in forms for e, i, dtype in pairs for act in acts for wd in weight_dtypes | {dtype}}
+    return forms, acts, weight_dtypes
 
 
 def drop_nonzero_size_asserts(graph: torch.fx.Graph) -> int:
@@ -471,6 +485,164 @@ def drop_nonzero_size_asserts(graph: torch.fx.Graph) -> int:
             if not size.users:
                 graph.erase_node(size)
     return erased
+
+
+# -- experts as a loop over a ModuleList of experts ---------------------------------
+#
+# The same unrolled loops with each expert's weights its own tensors (``self.experts[e].w1``
+# ...: one graph input per expert and projection) instead of ``w13[e]`` of a stacked one.
+# A row's pattern takes the E experts' weights as separate arguments, so the exact match
+# binds copy ``e``'s weights to ``w1_e`` / ``w3_e`` / ``w2_e`` (whatever order the graph has
+# its inputs in); the replacement hands them to ``moe_dispatch_ffn_combine_list`` as lists,
+# never stacked. Two expert layouts: separate gate and up (Mixtral's ``w1``/``w3``,
+# ``gate_proj``/``up_proj``; ``split``) or one ``[gate; up]`` weight per expert.
+
+
+def _list_weight_names(num_experts: int, split: bool) -> list[str]:
+    names = [f"w1_{e}" for e in range(num_experts)]
+    if split:
+        names += [f"w3_{e}" for e in range(num_experts)]
+    return names + [f"w2_{e}" for e in range(num_experts)]
+
+
+def _unpack_weights(weights: tuple[Any, ...], num_experts: int, split: bool) -> tuple[list[Any], list[Any], list[Any]]:
+    e = num_experts
+    w1, rest = list(weights[:e]), list(weights[e:])
+    w3, w2 = (rest[:e], rest[e:]) if split else ([], rest)
+    return w1, w3, w2
+
+
+def _with_signature(fn: Callable[..., Any], num_experts: int, split: bool, name: str) -> Callable[..., Any]:
+    # the matcher names a pattern's inputs by its signature: one name per expert weight
+    import inspect
+
+    params = ["acc", "x", "topk_weights", "topk_ids", *_list_weight_names(num_experts, split)]
+    fn.__signature__ = inspect.Signature([inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params])
+    fn.__name__ = fn.__qualname__ = name
+    return fn
+
+
+def _make_list_loop_pattern(form: str, num_experts: int, split: bool, activation: str):
+    body, act = LOOP_FORMS[form][0], _ACT_FNS[activation]
+
+    def pattern(acc, x, topk_weights, topk_ids, *weights):
+        w1, w3, w2 = _unpack_weights(weights, num_experts, split)
+        # the loop bodies index w13[e]: a list of (gate, up) pairs selects _expert_ffn's split form
+        return body(acc, x, topk_weights, topk_ids, list(zip(w1, w3)) if split else w1, w2, num_experts, act)
+
+    return _with_signature(pattern, num_experts, split, f"_list_loop_{form}_{activation}_e{num_experts}{'_split' if split else ''}")
+
+
+def _make_list_loop_replacement(form: str, num_experts: int, split: bool, activation: str):
+    index_add = LOOP_FORMS[form][1]
+
+    def replacement(acc, x, topk_weights, topk_ids, *weights):
+        w1, w3, w2 = _unpack_weights(weights, num_experts, split)
+        out = _ops.moe_dispatch_ffn_combine_list(x, topk_weights, topk_ids, w1, w3, w2, activation)
+        return out.to(acc.dtype if index_add else torch.promote_types(acc.dtype, topk_weights.dtype))
+
+    return _with_signature(replacement, num_experts, split, f"_list_loop_{form}_fused_{activation}_e{num_experts}{'_split' if split else ''}")
+
+
+def _list_loop_inputs(num_experts: int, inter: int, split: bool, dtype: torch.dtype, weights_dtype: torch.dtype) -> Callable[[], list[torch.Tensor]]:
+    def build():
+        # real tensors (the exact trace runs nonzero), as _loop_inputs; T=5, k=2, H=8
+        g = torch.Generator().manual_seed(0)
+        ids = torch.stack([torch.randperm(num_experts, generator=g)[:2] for _ in range(5)]) if num_experts >= 2 else torch.zeros(5, 1, dtype=torch.int64)
+        gate_rows = inter if split else 2 * inter
+        weights = [torch.randn(gate_rows, 8, generator=g).to(dtype) for _ in range(num_experts)]
+        if split:
+            weights += [torch.randn(inter, 8, generator=g).to(dtype) for _ in range(num_experts)]
+        weights += [torch.randn(8, inter, generator=g).to(dtype) for _ in range(num_experts)]
+        return [torch.zeros(5, 8, dtype=dtype), torch.randn(5, 8, generator=g).to(dtype), torch.rand(5, ids.shape[1], generator=g).to(weights_dtype), ids, *weights]
+
+    return build
+
+
+def _list_loop_check(num_experts: int, split: bool) -> Callable[[Match], bool]:
+    names = _list_weight_names(num_experts, split)
+
+    def check(match: Match) -> bool:
+        x, w, ids = (_val(match.kwargs[n]) for n in ("x", "topk_weights", "topk_ids"))
+        weights = [_val(match.kwargs[n]) for n in names]
+        if x is None or w is None or ids is None or any(v is None for v in weights):
+            return False
+        w1, w3, w2 = _unpack_weights(tuple(weights), num_experts, split)
+        # one shape per projection across the experts (the op's contract), x's dtype and device
+        same = all(len({tuple(v.shape) for v in group}) == 1 for group in (w1, w3, w2) if group)
+        typed = all(v.dim() == 2 and v.dtype == x.dtype and v.device == x.device for v in weights)
+        return (
+            same
+            and typed
+            and x.dim() == 2
+            and ids.dim() == 2
+            and not ids.dtype.is_floating_point
+            and w.is_floating_point()
+            and _is_zeros_like(match.kwargs["acc"], x)
+        )
+
+    return check
+
+
+def list_loop_fusion(form: str, num_experts: int, inter: int, split: bool, activation: str, dtype: torch.dtype, weights_dtype: torch.dtype) -> Fusion:
+    """The row for one unrolled loop over per-expert weights (see the section comment)."""
+    pattern = _make_list_loop_pattern(form, num_experts, split, activation)
+    name = f"{pattern.__name__}_i{inter}_{str(dtype).removeprefix('torch.')}_{str(weights_dtype).removeprefix('torch.')}"
+    return Fusion(
+        name, pattern, _make_list_loop_replacement(form, num_experts, split, activation),
+        _list_loop_inputs(num_experts, inter, split, dtype, weights_dtype), _list_loop_check(num_experts, split), exact=True,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _list_loop_pass(form: str, num_experts: int, inter: int, split: bool, activation: str, dtype: torch.dtype, weights_dtype: torch.dtype, explain_node: str | None) -> PatternPass:
+    return PatternPass(f"moe_list_loop_{form}", "moe", [list_loop_fusion(form, num_experts, inter, split, activation, dtype, weights_dtype)], explain_node)
+
+
+_TRANSPOSES = (torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
+
+
+def list_loop_variants(graph: torch.fx.Graph) -> set[tuple[str, int, int, bool, str, torch.dtype, torch.dtype]]:
+    """(form, E, I, split, activation, dtype, weights dtype) of each list-loop row worth trying.
+
+    Only selects which rows to build (the exact match decides what fuses): the expert
+    count from the masks (``ids == e`` literals up to E - 1, or the one_hot mask's
+    ``[E, k, T]``), the intermediate size from the 2-D weight inputs read transposed by a
+    linear (at least E down weights ``[H, I]`` and E gate(-up) weights ``[I, H]`` twice,
+    or ``[2I, H]``), the markers of :func:`_loop_markers`.
+    """
+    aten = torch.ops.aten
+    experts: set[int] = set()
+    eq_max: dict[torch.fx.Node, int] = {}
+    weights: dict[tuple[int, int, torch.dtype], int] = {}
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is aten.eq.Scalar and isinstance(node.args[1], int) and not isinstance(node.args[1], bool):
+            eq_max[node.args[0]] = max(eq_max.get(node.args[0], -1), node.args[1])
+        elif node.target is aten.select.int and node.args[1] == 0:
+            val = _val(node.args[0])
+            if val is not None and val.dim() == 3 and not val.is_floating_point() and isinstance(val.shape[0], int):
+                experts.add(val.shape[0])
+        elif node.target in _TRANSPOSES and isinstance(node.args[0], torch.fx.Node) and node.args[0].op in ("placeholder", "get_attr"):
+            val = _val(node.args[0])
+            if val is not None and val.dim() == 2 and val.is_floating_point() and all(isinstance(d, int) for d in val.shape):
+                key = (val.shape[0], val.shape[1], val.dtype)
+                weights[key] = weights.get(key, 0) + 1
+    experts |= {m + 1 for m in eq_max.values() if m >= 1}
+    forms, acts, weight_dtypes = _loop_markers(graph)
+    if not forms or not experts:
+        return set()
+    layouts = set()
+    for (h, i, dtype), n_down in weights.items():
+        for e in experts:
+            if n_down < e:
+                continue
+            if weights.get((i, h, dtype), 0) >= 2 * e:
+                layouts.add((e, i, True, dtype))
+            if weights.get((2 * i, h, dtype), 0) >= e:
+                layouts.add((e, i, False, dtype))
+    return {(form, e, i, split, act, dtype, wd) for form in forms for e, i, split, dtype in layouts for act in acts for wd in weight_dtypes | {dtype}}
 
 
 # -- routers ------------------------------------------------------------------------
@@ -844,6 +1016,11 @@ class MoEFusion(GraphPass):
             drop_nonzero_size_asserts(graph)
         for variant in sorted(loops, key=str):
             n_experts += _loop_pass(*variant, self.explain_node)(graph)
+        list_loops = list_loop_variants(graph)
+        if list_loops and not loops and any(n.target is torch.ops.aten.nonzero.default for n in graph.nodes):
+            drop_nonzero_size_asserts(graph)
+        for variant in sorted(list_loops, key=str):
+            n_experts += _list_loop_pass(*variant, self.explain_node)(graph)
         has_topk = any(n.target is torch.ops.aten.topk.default for n in graph.nodes)
         n_routers = self.routers(graph) if has_topk else 0
         # shared experts fold into an experts op already counted: not counted again

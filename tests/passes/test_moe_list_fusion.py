@@ -1,0 +1,226 @@
+"""MoE experts held as a ``ModuleList`` (one ``nn.Linear`` per expert and projection) fuse
+to ``moe_dispatch_ffn_combine_list``, the weights handed over as lists, never stacked."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ascend_graph
+from ascend_graph.passes.fusion.moe import LOOP_FORMS, list_loop_variants
+
+ops = torch.ops.ascend_graph
+
+_E, _K, _H, _I = 5, 2, 24, 12
+
+
+class _Expert(torch.nn.Module):
+    """Mixtral's reference expert (``MixtralBlockSparseTop2MLP``): w2(act(w1 x) * w3 x)."""
+
+    def __init__(self, inter=_I, act=F.silu, fused_gate_up=False):
+        super().__init__()
+        self.act, self.fused = act, fused_gate_up
+        if fused_gate_up:  # one [gate; up] linear per expert
+            self.gate_up = torch.nn.Linear(_H, 2 * inter, bias=False)
+        else:
+            self.w1 = torch.nn.Linear(_H, inter, bias=False)
+            self.w3 = torch.nn.Linear(_H, inter, bias=False)
+        self.w2 = torch.nn.Linear(inter, _H, bias=False)
+
+    def forward(self, h):
+        if self.fused:
+            gate, up = self.gate_up(h).chunk(2, dim=-1)
+            return self.w2(self.act(gate) * up)
+        return self.w2(self.act(self.w1(h)) * self.w3(h))
+
+
+class _ListMoE(torch.nn.Module):
+    """Softmax top-k router and a ModuleList of experts, run as one of the loop forms.
+
+    ``form`` names a body of ``LOOP_FORMS`` (run over ``self.experts[e]``, as a user writes
+    it), or a look-alike below.
+    """
+
+    def __init__(self, form, act=F.silu, inters=None, fused_gate_up=False):
+        super().__init__()
+        self.form = form
+        self.router = torch.nn.Linear(_H, _E, bias=False)
+        self.experts = torch.nn.ModuleList(_Expert(i, act, fused_gate_up) for i in (inters or [_I] * _E))
+        torch.manual_seed(0)
+        for p in self.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+
+    def forward(self, x):
+        probs = torch.softmax(self.router(x), dim=-1, dtype=torch.float32)
+        w, ids = torch.topk(probs, _K, dim=-1)
+        w = (w / w.sum(dim=-1, keepdim=True)).to(x.dtype)
+        return getattr(self, self.form)(x, w, ids)
+
+    # the four forms of LOOP_FORMS, written over the ModuleList
+
+    def onehot_where(self, x, w, ids):
+        # Mixtral / HF eager: one_hot mask, torch.where per expert, index_add_
+        out = torch.zeros_like(x)
+        mask = F.one_hot(ids, num_classes=_E).permute(2, 1, 0)
+        for e in range(_E):
+            pos, tok = torch.where(mask[e])
+            y = self.experts[e](x[tok]) * w[tok, pos, None]
+            out.index_add_(0, tok, y.to(x.dtype))
+        return out
+
+    def eq_where(self, x, w, ids):
+        # the Mistral reference: torch.where(ids == e)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, pos = torch.where(ids == e)
+            out.index_add_(0, tok, (expert(x[tok]) * w[tok, pos, None]).to(x.dtype))
+        return out
+
+    def dense_mul(self, x, w, ids):
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + expert(x) * (w * (ids == e)).sum(dim=-1, keepdim=True)
+        return out
+
+    def dense_where(self, x, w, ids):
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + expert(x) * torch.where(ids == e, w, 0.0).sum(dim=-1, keepdim=True)
+        return out
+
+    # look-alikes that must stay as written
+
+    def into_residual(self, x, w, ids):
+        # index_add_ into a copy of x (the residual), not into zeros
+        out = x.clone()
+        for e, expert in enumerate(self.experts):
+            tok, pos = torch.where(ids == e)
+            out.index_add_(0, tok, expert(x[tok]) * w[tok, pos, None])
+        return out
+
+    def threshold_mask(self, x, w, ids):
+        # per-expert token sets from a probability threshold, not from top-k ids
+        probs = torch.softmax(self.router(x), dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            (tok,) = torch.where(probs[:, e] > 0.2)
+            out.index_add_(0, tok, expert(x[tok]) * probs[tok, e, None])
+        return out
+
+    def shifted_experts(self, x, w, ids):
+        # routing id e runs self.experts[(e + 1) % E]: still MoE, with a rotated expert table
+        out = torch.zeros_like(x)
+        for e in range(_E):
+            out = out + self.experts[(e + 1) % _E](x) * (w * (ids == e)).sum(dim=-1, keepdim=True)
+        return out
+
+
+def _compile(module, x, tmp_path, dynamic=False):
+    torch._dynamo.reset()
+    options = {"codegen": "fx", "fusions": ["moe"], "graphs": False, "dump_dir": str(tmp_path), "debug": True}
+    compiled = torch.compile(module, backend="ascend", options=options, dynamic=dynamic, fullgraph=True)
+    # the torch.where(mask) forms have data-dependent row counts: one graph only with this
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), torch.no_grad():
+        out, ref = compiled(x), module(x)
+    before = next(tmp_path.glob("*moe_fusion.before.py")).read_text()
+    after = next(tmp_path.glob("*moe_fusion.after.py")).read_text()
+    return out, ref, before, after
+
+
+def _fused(after):
+    return [line.split(";")[0] for line in after.splitlines() if "ascend_graph.moe_dispatch_ffn_combine_list" in line]
+
+
+def test_loop_forms_are_the_stacked_rows_forms():
+    # every form the stacked loop rows match has a ModuleList twin here (and in the rows)
+    assert set(LOOP_FORMS) <= set(vars(_ListMoE))
+
+
+@pytest.mark.parametrize("form", sorted(LOOP_FORMS))
+def test_modulelist_expert_loop_fuses(form, tmp_path):
+    module = _ListMoE(form).eval()
+    x = torch.randn(13, _H)
+    out, ref, before, after = _compile(module, x, tmp_path)
+    assert ascend_graph.stats()["fusions"]["moe"] == 1
+    # E unrolled experts (3 GEMMs each) and the router's GEMM before; none after
+    assert before.count("aten.mm.default(") == 3 * _E + 1 and after.count("aten.mm.default(") == 0
+    (fused,) = _fused(after)
+    assert "ascend_graph.moe_dispatch_ffn_combine.default" not in after
+    for op in ("aten.nonzero", "aten.index_put", "aten.eq.Scalar", "aten.index_add"):
+        assert op not in after
+    # the weights go over as lists of graph inputs: no stack/cat of expert weights anywhere
+    assert fused.count("[") == 3 and fused.endswith("])")  # three lists, silu (the default)
+    for op in ("aten.stack", "aten.cat"):
+        assert op not in after
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["eq_where", "dense_where"])
+def test_modulelist_expert_loop_fuses_bf16_gelu_odd_tokens(form, tmp_path):
+    module = _ListMoE(form, act=F.gelu).to(torch.bfloat16).eval()
+    x = torch.randn(11, _H, dtype=torch.bfloat16)
+    out, ref, before, after = _compile(module, x, tmp_path)
+    assert ascend_graph.stats()["fusions"]["moe"] == 1
+    (fused,) = _fused(after)
+    assert "'gelu'" in fused and "aten.erf" in before and "aten.erf" not in after
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
+
+
+def test_fused_gate_up_per_expert_fuses_with_an_empty_up_list(tmp_path):
+    module = _ListMoE("eq_where", fused_gate_up=True).eval()
+    x = torch.randn(7, _H)
+    out, ref, before, after = _compile(module, x, tmp_path)
+    assert ascend_graph.stats()["fusions"]["moe"] == 1
+    (fused,) = _fused(after)
+    assert ", [], [" in fused  # w3 empty: w1[e] holds [gate; up]
+    assert before.count("aten.mm.default(") == 2 * _E + 1 and after.count("aten.mm.default(") == 0
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_table_order_comes_from_the_routing(tmp_path):
+    # each unrolled copy's weights bind to the id it is masked with, so a rotated table
+    # fuses with rotated lists (the stacked rows' w13[e] cannot express this; lists can)
+    module = _ListMoE("shifted_experts").eval()
+    x = torch.randn(13, _H)
+    out, ref, before, after = _compile(module, x, tmp_path)
+    assert len(_fused(after)) == 1 and after.count("aten.mm.default(") == 0
+    # a wrong binding (lists in graph-input order, which follows first use) would change the values
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["into_residual", "threshold_mask", "ragged_inter"])
+def test_modulelist_look_alikes_do_not_fuse(kind, tmp_path):
+    if kind == "ragged_inter":
+        # experts of different intermediate sizes: the op takes one shape per projection
+        module = _ListMoE("eq_where", inters=[_I, _I, _I + 4, _I, _I]).eval()
+    else:
+        module = _ListMoE(kind).eval()
+    x = torch.randn(13, _H)
+    out, ref, before, after = _compile(module, x, tmp_path)
+    assert not _fused(after) and "moe_dispatch_ffn_combine" not in after
+    # the experts stay as written (3 GEMMs each); only the router (a real top-k router) may fuse
+    assert after.count("aten.mm.default(") >= 3 * _E and after.count("aten.mm.default(") >= before.count("aten.mm.default(") - 1
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_symbolic_batch_one_graph(tmp_path):
+    module = _ListMoE("dense_mul").eval()
+    torch._dynamo.reset()
+    options = {"codegen": "fx", "fusions": ["moe"], "graphs": False, "dump_dir": str(tmp_path)}
+    compiled = torch.compile(module, backend="ascend", options=options, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        for tokens in (13, 17):
+            x = torch.randn(tokens, _H)
+            torch.testing.assert_close(compiled(x), module(x), atol=1e-5, rtol=1e-5)
+    assert ascend_graph.stats()["graphs_compiled"] == 1
+    assert len(_fused(next(tmp_path.glob("*moe_fusion.after.py")).read_text())) == 1
+
+
+def test_variants_read_the_expert_count_and_sizes_from_the_graph():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    module = _ListMoE("dense_where").eval()
+    params = dict(module.named_parameters())
+    gm = make_fx(lambda p, x: torch.func.functional_call(module, p, (x,)), tracing_mode="fake")(params, torch.randn(5, _H))
+    variants = list_loop_variants(gm.graph)
+    assert {(v[0], v[1], v[2], v[3], v[4]) for v in variants} == {("dense_where", _E, _I, True, "silu")}
