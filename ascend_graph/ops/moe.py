@@ -63,7 +63,9 @@ w3: Tensor[], w2: Tensor[], activation, active_mask[T]?) -> out[T, H]``
 The output shapes depend on input shapes only, so one captured graph serves any routing.
 Implementations: the CPU reference here (ground truth, any device), CUDA in
 ``kernels/triton/moe.py`` (``torch._grouped_mm``, or Triton where it is missing), NPU in
-``kernels/npu/moe.py``.
+``kernels/npu/moe.py``. The list op: CUDA in ``kernels/triton/moe_list.py`` (Triton
+reading each expert through a cached device table of the weights' addresses), NPU through
+``npu_grouped_matmul``'s TensorList form, the CPU loop here.
 """
 
 from __future__ import annotations
@@ -494,3 +496,14 @@ def moe_dispatch_ffn_combine_list(
 def _experts_list_fake(x, topk_weights, topk_ids, w1, w3, w2, activation="silu", active_mask=None):
     _check_expert_lists(x, topk_weights, topk_ids, w1, w3, w2, activation, active_mask)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@moe_dispatch_ffn_combine_list.register_kernel("cuda")
+def _experts_list_cuda(x, topk_weights, topk_ids, w1, w3, w2, activation="silu", active_mask=None):
+    _check_expert_lists(x, topk_weights, topk_ids, w1, w3, w2, activation, active_mask)
+    from .kernels.triton import moe_list  # device pointer tables: the weights are never stacked
+
+    if moe_list.list_supported(x, w1, w3, w2):
+        return moe_list.list_experts(x, topk_weights, topk_ids, w1, w3, w2, activation, active_mask)
+    log.debug("moe_dispatch_ffn_combine_list: per-expert strides differ; the reference loop runs")
+    return experts_list_reference(x, topk_weights, topk_ids, w1, w3, w2, activation, active_mask)
