@@ -407,7 +407,12 @@ def _check_expert_lists(x, topk_weights, topk_ids, w1, w3, w2, activation, activ
     i = w2[0].shape[1] if w2[0].dim() == 2 else -1
     gate_rows = i if w3 else 2 * i
     want = {"w1": (gate_rows, h), "w3": (i, h), "w2": (h, i)}
-    for name, ws in (("w1", w1), ("w3", w3), ("w2", w2)):
+    # one pass over the E tensors per list when all is well (this runs on every call);
+    # the loop below names the first offending tensor
+    fine = {tuple(w.shape) for w in w1} == {want["w1"]} and {tuple(w.shape) for w in w2} == {want["w2"]}
+    fine = fine and (not w3 or {tuple(w.shape) for w in w3} == {want["w3"]})
+    fine = fine and {(w.dtype, w.device) for ws in (w1, w3, w2) for w in ws} == {(x.dtype, x.device)}
+    for name, ws in () if fine else (("w1", w1), ("w3", w3), ("w2", w2)):
         for idx, w in enumerate(ws):
             if w.dim() != 2 or tuple(w.shape) != want[name]:
                 raise UnsupportedError(

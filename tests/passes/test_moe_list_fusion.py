@@ -224,3 +224,27 @@ def test_variants_read_the_expert_count_and_sizes_from_the_graph():
     gm = make_fx(lambda p, x: torch.func.functional_call(module, p, (x,)), tracing_mode="fake")(params, torch.randn(5, _H))
     variants = list_loop_variants(gm.graph)
     assert {(v[0], v[1], v[2], v[3], v[4]) for v in variants} == {("dense_where", _E, _I, True, "silu")}
+
+
+def test_policy_skips_cpu_inductor_only():
+    from ascend_graph.passes.fusion.moe import LIST_LOOP_CPU_INDUCTOR_SKIP, list_loop_policy
+
+    assert list_loop_policy("cpu", "auto") == list_loop_policy("cpu", "inductor") == LIST_LOOP_CPU_INDUCTOR_SKIP
+    assert list_loop_policy("cpu", "fx") is None
+    assert list_loop_policy("cuda", "auto") is None and list_loop_policy("npu", "auto") is None
+
+
+def test_cpu_inductor_keeps_the_loop_and_says_why(tmp_path):
+    # inductor's compiled loop is as fast on the CPU (measured): the rows stand aside, counted
+    from ascend_graph.passes.fusion.moe import LIST_LOOP_CPU_INDUCTOR_SKIP
+
+    module = _ListMoE("dense_mul").eval()
+    torch._dynamo.reset()
+    options = {"fusions": ["moe"], "graphs": False, "dump_dir": str(tmp_path), "debug": True}
+    compiled = torch.compile(module, backend="ascend", options=options, dynamic=False, fullgraph=True)
+    x = torch.randn(9, _H)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), module(x), atol=1e-5, rtol=1e-5)
+    stats = ascend_graph.stats()
+    assert stats["skipped"]["moe"][LIST_LOOP_CPU_INDUCTOR_SKIP] == 1
+    assert not _fused(next(tmp_path.glob("*moe_fusion.after.py")).read_text())

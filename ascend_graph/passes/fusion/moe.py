@@ -68,12 +68,13 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ... import _stats
 from ...config import AscendConfig
 from ...ops import moe as _moe_ops  # noqa: F401  (registers the ops)
 from ..base import GraphPass
 from ..pattern import Fusion, Match, PatternPass
 
-__all__ = ["make_pass", "MoEFusion", "ROUTER_FUSIONS", "LOOP_FORMS", "expert_fusions", "expert_variants", "loop_fusion", "loop_variants", "list_loop_fusion", "list_loop_variants", "drop_nonzero_size_asserts", "shared_fusions", "shared_variants"]
+__all__ = ["make_pass", "MoEFusion", "ROUTER_FUSIONS", "LOOP_FORMS", "expert_fusions", "expert_variants", "loop_fusion", "loop_variants", "list_loop_fusion", "list_loop_variants", "list_loop_policy", "drop_nonzero_size_asserts", "shared_fusions", "shared_variants"]
 
 log = logging.getLogger("ascend_graph.passes.fusion.moe")
 
@@ -599,6 +600,34 @@ def _list_loop_pass(form: str, num_experts: int, inter: int, split: bool, activa
     return PatternPass(f"moe_list_loop_{form}", "moe", [list_loop_fusion(form, num_experts, inter, split, activation, dtype, weights_dtype)], explain_node)
 
 
+#: why the ModuleList rows leave a CPU graph alone where inductor compiles it (stats()["skipped"]["moe"])
+LIST_LOOP_CPU_INDUCTOR_SKIP = (
+    "ModuleList experts on cpu+inductor: inductor's compiled expert loop is as fast or faster "
+    "than the list op's CPU loop (benchmarks/moe_list.py --compiled)"
+)
+
+
+def list_loop_policy(device_type: str | None, codegen: str) -> str | None:
+    """None where the ModuleList rows apply; else the reason they are skipped (goes to stats()).
+
+    Measured (``benchmarks/moe_list.py --compiled``, one CPU thread, E=8, k=2): with the
+    FX graph run as is, the fused block is 1.03-1.67x faster; under inductor the compiled
+    loop ties it at 17-128 tokens and beats it at 1 token (0.63-0.79x), so on the CPU the
+    rows apply only where the graph is not handed to inductor. CUDA (Triton pointer-table
+    kernels) and the NPU (grouped matmul over the list) apply them.
+    """
+    resolved = codegen if codegen != "auto" else ("fx" if device_type == "npu" else "inductor")
+    if device_type == "cpu" and resolved == "inductor":
+        return LIST_LOOP_CPU_INDUCTOR_SKIP
+    return None
+
+
+def _graph_device(graph: torch.fx.Graph) -> str | None:
+    kinds = {v.device.type for n in graph.nodes if n.op == "placeholder" and isinstance(v := n.meta.get("val"), torch.Tensor)}
+    accel = sorted(kinds - {"cpu"})
+    return accel[0] if accel else ("cpu" if kinds else None)
+
+
 _TRANSPOSES = (torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
 
 
@@ -1003,9 +1032,10 @@ class MoEFusion(GraphPass):
     name = "moe_fusion"
     family = "moe"
 
-    def __init__(self, routers: PatternPass, explain_node: str | None = None):
+    def __init__(self, routers: PatternPass, explain_node: str | None = None, codegen: str = "auto"):
         self.routers = routers
         self.explain_node = explain_node
+        self.codegen = codegen  # the ModuleList rows' per-device policy (list_loop_policy)
 
     def __call__(self, graph: torch.fx.Graph) -> int:
         n_experts = 0
@@ -1017,6 +1047,10 @@ class MoEFusion(GraphPass):
         for variant in sorted(loops, key=str):
             n_experts += _loop_pass(*variant, self.explain_node)(graph)
         list_loops = list_loop_variants(graph)
+        reason = list_loop_policy(_graph_device(graph), self.codegen) if list_loops else None
+        if reason is not None:
+            _stats.record_skip("moe", reason)
+            list_loops = set()
         if list_loops and not loops and any(n.target is torch.ops.aten.nonzero.default for n in graph.nodes):
             drop_nonzero_size_asserts(graph)
         for variant in sorted(list_loops, key=str):
@@ -1036,4 +1070,4 @@ class MoEFusion(GraphPass):
 def make_pass(config: AscendConfig) -> GraphPass | None:
     if "moe" not in config.fusions:
         return None
-    return MoEFusion(PatternPass("moe_routers", "moe", ROUTER_FUSIONS, config.explain_node), config.explain_node)
+    return MoEFusion(PatternPass("moe_routers", "moe", ROUTER_FUSIONS, config.explain_node), config.explain_node, config.codegen)
