@@ -1,4 +1,4 @@
-"""MoE fusion: routers -> ``moe_gating_topk``, experts -> ``moe_dispatch_ffn_combine``.
+"""MoE fusion: routers -> ``moe_gating_topk``, experts -> ``moe_dispatch_ffn_combine`` (or ``_list``).
 
 Entry point: :func:`make_pass` (family ``"moe"``), a :class:`MoEFusion` pass that runs these
 pattern tables (``passes/pattern.py`` rows) over the functional ATen graph, in the
@@ -39,9 +39,18 @@ order 1, 3, 2, 4:
    are dropped first (:func:`drop_nonzero_size_asserts`). The dense forms are one graph
    either way. HF's own eager experts (``for expert_idx in expert_hit``, iterating a
    ``nonzero()`` result) never are: iterating a tensor of data-dependent length breaks
-   the graph even with that flag, so it cannot reach any backend whole. Experts held as
-   a ``ModuleList`` of separate ``nn.Linear`` are not fused: the op takes stacked
-   weights, and stacking would copy every expert's weights on every call.
+   the graph even with that flag, so it cannot reach any backend whole.
+   **Experts held as a ModuleList** (:func:`list_loop_fusion`): the same four forms with
+   each expert's own ``nn.Linear`` weights (one graph input per expert and projection;
+   separate gate/up as Mixtral's ``w1``/``w3``, or one ``[gate; up]`` per expert) fuse
+   to ``moe_dispatch_ffn_combine_list``, which takes the weights as lists: stacking them
+   for the stacked op would copy every expert's weights on every call. A row's pattern
+   takes the E experts' weights as separate arguments, so the exact match binds copy
+   ``e``'s weights to the id it is masked with (a table in any order fuses, in that
+   order). Rows are built per (form, E, I, layout, activation, dtypes) found in the graph
+   (:func:`list_loop_variants`); they apply where :func:`list_loop_policy` allows (not on
+   the CPU under inductor, whose compiled loop is as fast there: counted in
+   ``stats()["skipped"]``).
 4. **shared experts** (:func:`shared_fusions`), after the rows above: where the graph
    adds a shared-expert MLP of the same input to a routed-only experts op (DeepSeek-V3's
    plain ``routed + shared(x)`` on 3-D states; Qwen2-MoE / Qwen3-Next's ``routed +
