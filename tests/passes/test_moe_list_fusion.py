@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import ascend_graph
-from ascend_graph.passes.fusion.moe import LOOP_FORMS, list_loop_variants
+from ascend_graph.passes.fusion.moe import LIST_LOOP_FORMS, LOOP_FORMS, list_loop_variants
 
 ops = torch.ops.ascend_graph
 
@@ -66,6 +66,18 @@ class _ListMoE(torch.nn.Module):
             y = self.experts[e](x[tok]) * w[tok, pos, None]
             out.index_add_(0, tok, y.to(x.dtype))
         return out
+
+    def onehot_where_hf4(self, x, w, ids):
+        # transformers 4.x MixtralSparseMoeBlock's loop, as written there
+        final_hidden_states = torch.zeros((x.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
+        expert_mask = F.one_hot(ids, num_classes=_E).permute(2, 1, 0)
+        for expert_idx in range(_E):
+            expert_layer = self.experts[expert_idx]
+            idx, top_x = torch.where(expert_mask[expert_idx])
+            current_state = x[None, top_x].reshape(-1, x.shape[-1])
+            current_hidden_states = expert_layer(current_state) * w[top_x, idx, None]
+            final_hidden_states.index_add_(0, top_x, current_hidden_states.to(x.dtype))
+        return final_hidden_states
 
     def eq_where(self, x, w, ids):
         # the Mistral reference: torch.where(ids == e)
@@ -131,11 +143,11 @@ def _fused(after):
 
 
 def test_loop_forms_are_the_stacked_rows_forms():
-    # every form the stacked loop rows match has a ModuleList twin here (and in the rows)
-    assert set(LOOP_FORMS) <= set(vars(_ListMoE))
+    # every form the stacked loop rows match has a ModuleList row, and a module here
+    assert set(LOOP_FORMS) < set(LIST_LOOP_FORMS) <= set(vars(_ListMoE))
 
 
-@pytest.mark.parametrize("form", sorted(LOOP_FORMS))
+@pytest.mark.parametrize("form", sorted(LIST_LOOP_FORMS))
 def test_modulelist_expert_loop_fuses(form, tmp_path):
     module = _ListMoE(form).eval()
     x = torch.randn(13, _H)
@@ -154,7 +166,7 @@ def test_modulelist_expert_loop_fuses(form, tmp_path):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("form", ["eq_where", "dense_where"])
+@pytest.mark.parametrize("form", ["eq_where", "dense_where", "onehot_where_hf4"])
 def test_modulelist_expert_loop_fuses_bf16_gelu_odd_tokens(form, tmp_path):
     module = _ListMoE(form, act=F.gelu).to(torch.bfloat16).eval()
     x = torch.randn(11, _H, dtype=torch.bfloat16)
@@ -223,7 +235,7 @@ def test_variants_read_the_expert_count_and_sizes_from_the_graph():
     params = dict(module.named_parameters())
     gm = make_fx(lambda p, x: torch.func.functional_call(module, p, (x,)), tracing_mode="fake")(params, torch.randn(5, _H))
     variants = list_loop_variants(gm.graph)
-    assert {(v[0], v[1], v[2], v[3], v[4]) for v in variants} == {("dense_where", _E, _I, True, "silu")}
+    assert {(form, e, i, split, act) for form, e, i, _h, split, act, _d, _wd in variants} == {("dense_where", _E, _I, True, "silu")}
 
 
 def test_policy_skips_cpu_inductor_only():

@@ -83,7 +83,7 @@ from ...ops import moe as _moe_ops  # noqa: F401  (registers the ops)
 from ..base import GraphPass
 from ..pattern import Fusion, Match, PatternPass
 
-__all__ = ["make_pass", "MoEFusion", "ROUTER_FUSIONS", "LOOP_FORMS", "expert_fusions", "expert_variants", "loop_fusion", "loop_variants", "list_loop_fusion", "list_loop_variants", "list_loop_policy", "drop_nonzero_size_asserts", "shared_fusions", "shared_variants"]
+__all__ = ["make_pass", "MoEFusion", "ROUTER_FUSIONS", "LOOP_FORMS", "expert_fusions", "expert_variants", "loop_fusion", "loop_variants", "LIST_LOOP_FORMS", "list_loop_fusion", "list_loop_variants", "list_loop_policy", "drop_nonzero_size_asserts", "shared_fusions", "shared_variants"]
 
 log = logging.getLogger("ascend_graph.passes.fusion.moe")
 
@@ -508,6 +508,22 @@ def drop_nonzero_size_asserts(graph: torch.fx.Graph) -> int:
 # ``gate_proj``/``up_proj``; ``split``) or one ``[gate; up]`` weight per expert.
 
 
+def _loop_onehot_where_hf4(acc, x, topk_weights, topk_ids, w13, w2, num_experts, act):
+    # transformers 4.x MixtralSparseMoeBlock (and the remote-code MoE blocks copied from it):
+    # the one_hot form with ``hidden_states[None, top_x].reshape(-1, hidden_dim)``. The
+    # reshape records H as a literal, so these rows are built per hidden size.
+    mask = F.one_hot(topk_ids, num_classes=num_experts).permute(2, 1, 0)
+    for e in range(num_experts):
+        pos, tok = torch.where(mask[e])
+        y = _expert_ffn(x[None, tok].reshape(-1, x.shape[-1]), w13[e], w2[e], act) * topk_weights[tok, pos, None]
+        acc = acc.index_add(0, tok, y.to(acc.dtype))
+    return acc
+
+
+#: the ModuleList rows' forms: the stacked rows' forms and Mixtral's 4.x block
+LIST_LOOP_FORMS: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {**LOOP_FORMS, "onehot_where_hf4": (_loop_onehot_where_hf4, True)}
+
+
 def _list_weight_names(num_experts: int, split: bool) -> list[str]:
     names = [f"w1_{e}" for e in range(num_experts)]
     if split:
@@ -533,7 +549,7 @@ def _with_signature(fn: Callable[..., Any], num_experts: int, split: bool, name:
 
 
 def _make_list_loop_pattern(form: str, num_experts: int, split: bool, activation: str):
-    body, act = LOOP_FORMS[form][0], _ACT_FNS[activation]
+    body, act = LIST_LOOP_FORMS[form][0], _ACT_FNS[activation]
 
     def pattern(acc, x, topk_weights, topk_ids, *weights):
         w1, w3, w2 = _unpack_weights(weights, num_experts, split)
@@ -544,7 +560,7 @@ def _make_list_loop_pattern(form: str, num_experts: int, split: bool, activation
 
 
 def _make_list_loop_replacement(form: str, num_experts: int, split: bool, activation: str):
-    index_add = LOOP_FORMS[form][1]
+    index_add = LIST_LOOP_FORMS[form][1]
 
     def replacement(acc, x, topk_weights, topk_ids, *weights):
         w1, w3, w2 = _unpack_weights(weights, num_experts, split)
@@ -554,17 +570,19 @@ def _make_list_loop_replacement(form: str, num_experts: int, split: bool, activa
     return _with_signature(replacement, num_experts, split, f"_list_loop_{form}_fused_{activation}_e{num_experts}{'_split' if split else ''}")
 
 
-def _list_loop_inputs(num_experts: int, inter: int, split: bool, dtype: torch.dtype, weights_dtype: torch.dtype) -> Callable[[], list[torch.Tensor]]:
+def _list_loop_inputs(num_experts: int, inter: int, hidden: int, split: bool, dtype: torch.dtype, weights_dtype: torch.dtype) -> Callable[[], list[torch.Tensor]]:
     def build():
-        # real tensors (the exact trace runs nonzero), as _loop_inputs; T=5, k=2, H=8
+        # real tensors (the exact trace runs nonzero), as _loop_inputs; T=5, k=2; H is the
+        # graph's own (the hf4 form records it), the other forms use 8
+        h = hidden
         g = torch.Generator().manual_seed(0)
         ids = torch.stack([torch.randperm(num_experts, generator=g)[:2] for _ in range(5)]) if num_experts >= 2 else torch.zeros(5, 1, dtype=torch.int64)
         gate_rows = inter if split else 2 * inter
-        weights = [torch.randn(gate_rows, 8, generator=g).to(dtype) for _ in range(num_experts)]
+        weights = [torch.randn(gate_rows, h, generator=g).to(dtype) for _ in range(num_experts)]
         if split:
-            weights += [torch.randn(inter, 8, generator=g).to(dtype) for _ in range(num_experts)]
-        weights += [torch.randn(8, inter, generator=g).to(dtype) for _ in range(num_experts)]
-        return [torch.zeros(5, 8, dtype=dtype), torch.randn(5, 8, generator=g).to(dtype), torch.rand(5, ids.shape[1], generator=g).to(weights_dtype), ids, *weights]
+            weights += [torch.randn(inter, h, generator=g).to(dtype) for _ in range(num_experts)]
+        weights += [torch.randn(h, inter, generator=g).to(dtype) for _ in range(num_experts)]
+        return [torch.zeros(5, h, dtype=dtype), torch.randn(5, h, generator=g).to(dtype), torch.rand(5, ids.shape[1], generator=g).to(weights_dtype), ids, *weights]
 
     return build
 
@@ -594,19 +612,19 @@ def _list_loop_check(num_experts: int, split: bool) -> Callable[[Match], bool]:
     return check
 
 
-def list_loop_fusion(form: str, num_experts: int, inter: int, split: bool, activation: str, dtype: torch.dtype, weights_dtype: torch.dtype) -> Fusion:
+def list_loop_fusion(form: str, num_experts: int, inter: int, hidden: int, split: bool, activation: str, dtype: torch.dtype, weights_dtype: torch.dtype) -> Fusion:
     """The row for one unrolled loop over per-expert weights (see the section comment)."""
     pattern = _make_list_loop_pattern(form, num_experts, split, activation)
-    name = f"{pattern.__name__}_i{inter}_{str(dtype).removeprefix('torch.')}_{str(weights_dtype).removeprefix('torch.')}"
+    name = f"{pattern.__name__}_i{inter}_h{hidden}_{str(dtype).removeprefix('torch.')}_{str(weights_dtype).removeprefix('torch.')}"
     return Fusion(
         name, pattern, _make_list_loop_replacement(form, num_experts, split, activation),
-        _list_loop_inputs(num_experts, inter, split, dtype, weights_dtype), _list_loop_check(num_experts, split), exact=True,
+        _list_loop_inputs(num_experts, inter, hidden, split, dtype, weights_dtype), _list_loop_check(num_experts, split), exact=True,
     )
 
 
 @functools.lru_cache(maxsize=None)
-def _list_loop_pass(form: str, num_experts: int, inter: int, split: bool, activation: str, dtype: torch.dtype, weights_dtype: torch.dtype, explain_node: str | None) -> PatternPass:
-    return PatternPass(f"moe_list_loop_{form}", "moe", [list_loop_fusion(form, num_experts, inter, split, activation, dtype, weights_dtype)], explain_node)
+def _list_loop_pass(form: str, num_experts: int, inter: int, hidden: int, split: bool, activation: str, dtype: torch.dtype, weights_dtype: torch.dtype, explain_node: str | None) -> PatternPass:
+    return PatternPass(f"moe_list_loop_{form}", "moe", [list_loop_fusion(form, num_experts, inter, hidden, split, activation, dtype, weights_dtype)], explain_node)
 
 
 #: why the ModuleList rows leave a CPU graph alone where inductor compiles it (stats()["skipped"]["moe"])
@@ -640,8 +658,8 @@ def _graph_device(graph: torch.fx.Graph) -> str | None:
 _TRANSPOSES = (torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
 
 
-def list_loop_variants(graph: torch.fx.Graph) -> set[tuple[str, int, int, bool, str, torch.dtype, torch.dtype]]:
-    """(form, E, I, split, activation, dtype, weights dtype) of each list-loop row worth trying.
+def list_loop_variants(graph: torch.fx.Graph) -> set[tuple[str, int, int, int, bool, str, torch.dtype, torch.dtype]]:
+    """(form, E, I, H, split, activation, dtype, weights dtype) of each list-loop row worth trying.
 
     Only selects which rows to build (the exact match decides what fuses): the expert
     count from the masks (``ids == e`` literals up to E - 1, or the one_hot mask's
@@ -653,10 +671,13 @@ def list_loop_variants(graph: torch.fx.Graph) -> set[tuple[str, int, int, bool, 
     experts: set[int] = set()
     eq_max: dict[torch.fx.Node, int] = {}
     weights: dict[tuple[int, int, torch.dtype], int] = {}
+    hf4 = False  # x[None, tok]: an index of an unsqueeze at dim 0 (Mixtral 4.x's gather)
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target is aten.eq.Scalar and isinstance(node.args[1], int) and not isinstance(node.args[1], bool):
+        if node.target is aten.index.Tensor and isinstance(node.args[0], torch.fx.Node) and node.args[0].target is aten.unsqueeze.default and node.args[0].args[1] == 0:
+            hf4 = True
+        elif node.target is aten.eq.Scalar and isinstance(node.args[1], int) and not isinstance(node.args[1], bool):
             eq_max[node.args[0]] = max(eq_max.get(node.args[0], -1), node.args[1])
         elif node.target is aten.select.int and node.args[1] == 0:
             val = _val(node.args[0])
@@ -677,10 +698,16 @@ def list_loop_variants(graph: torch.fx.Graph) -> set[tuple[str, int, int, bool, 
             if n_down < e:
                 continue
             if weights.get((i, h, dtype), 0) >= 2 * e:
-                layouts.add((e, i, True, dtype))
+                layouts.add((e, i, h, True, dtype))
             if weights.get((2 * i, h, dtype), 0) >= e:
-                layouts.add((e, i, False, dtype))
-    return {(form, e, i, split, act, dtype, wd) for form in forms for e, i, split, dtype in layouts for act in acts for wd in weight_dtypes | {dtype}}
+                layouts.add((e, i, h, False, dtype))
+    if "onehot_where" in forms and hf4:
+        forms.add("onehot_where_hf4")
+    # H matters to the hf4 rows only (the others' example H is 8 whatever the graph's)
+    return {
+        (form, e, i, h if form == "onehot_where_hf4" else 8, split, act, dtype, wd)
+        for form in forms for e, i, h, split, dtype in layouts for act in acts for wd in weight_dtypes | {dtype}
+    }
 
 
 # -- routers ------------------------------------------------------------------------
