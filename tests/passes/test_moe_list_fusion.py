@@ -279,3 +279,50 @@ def test_modulelist_moe_fuses_on_cuda_with_graphs(form, tmp_path):
     after = next(tmp_path.glob("*moe_fusion.after.py")).read_text()
     assert len(_fused(after)) == 1 and "aten.stack" not in after
     assert ascend_graph.stats()["fusions"]["moe"] >= 1
+
+
+class _Mixtral4Block(torch.nn.Module):
+    """transformers 4.x ``MixtralSparseMoeBlock.forward``, as written there (3-D states in,
+    router logits out too), over a ModuleList of ``MixtralBlockSparseTop2MLP``."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts, self.top_k = _E, _K
+        self.gate = torch.nn.Linear(_H, _E, bias=False)
+        self.experts = torch.nn.ModuleList(_Expert() for _ in range(_E))
+        torch.manual_seed(0)
+        for p in self.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+
+    def forward(self, hidden_states):
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.view(-1, hidden_dim)
+        router_logits = self.gate(hidden_states)
+        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+        routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+        routing_weights = routing_weights.to(hidden_states.dtype)
+        final_hidden_states = torch.zeros((batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype, device=hidden_states.device)
+        expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
+        for expert_idx in range(self.num_experts):
+            expert_layer = self.experts[expert_idx]
+            idx, top_x = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)
+            current_hidden_states = expert_layer(current_state) * routing_weights[top_x, idx, None]
+            final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+        final_hidden_states = final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+        return final_hidden_states, router_logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixtral_4x_block_as_written_fuses(dtype, tmp_path):
+    block = _Mixtral4Block().to(dtype).eval()
+    x = torch.randn(2, 7, _H, dtype=dtype)  # 14 tokens in a batch of 2
+    (out, logits), (ref, ref_logits), before, after = _compile(block, x, tmp_path)
+    assert ascend_graph.stats()["fusions"]["moe"] == 1
+    assert len(_fused(after)) == 1 and "aten.nonzero" not in after
+    # the router's logits are an output: its GEMM stays, the experts' 3 * E are gone
+    assert before.count("aten.mm.default(") == 3 * _E + 1 and after.count("aten.mm.default(") == 1
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
