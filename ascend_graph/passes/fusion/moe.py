@@ -83,6 +83,7 @@ from ...config import AscendConfig
 from ...ops import moe as _moe_ops  # noqa: F401  (registers the ops)
 from ..base import GraphPass
 from ..pattern import Fusion, Match, PatternPass
+from .norm_rope import _graph_device as graph_device  # the device a graph runs on, as that family's policy reads it
 
 __all__ = ["make_pass", "MoEFusion", "ROUTER_FUSIONS", "LOOP_FORMS", "expert_fusions", "expert_variants", "loop_fusion", "loop_variants", "LIST_LOOP_FORMS", "list_loop_fusion", "list_loop_variants", "list_loop_policy", "drop_nonzero_size_asserts", "shared_fusions", "shared_variants"]
 
@@ -650,12 +651,6 @@ def list_loop_policy(device_type: str | None, codegen: str) -> str | None:
     return None
 
 
-def _graph_device(graph: torch.fx.Graph) -> str | None:
-    kinds = {v.device.type for n in graph.nodes if n.op == "placeholder" and isinstance(v := n.meta.get("val"), torch.Tensor)}
-    accel = sorted(kinds - {"cpu"})
-    return accel[0] if accel else ("cpu" if kinds else None)
-
-
 _TRANSPOSES = (torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
 
 
@@ -1084,7 +1079,7 @@ class MoEFusion(GraphPass):
         for variant in sorted(loops, key=str):
             n_experts += _loop_pass(*variant, self.explain_node)(graph)
         list_loops = list_loop_variants(graph)
-        reason = list_loop_policy(_graph_device(graph), self.codegen) if list_loops else None
+        reason = list_loop_policy(graph_device(graph), self.codegen) if list_loops else None
         if reason is not None:
             _stats.record_skip("moe", reason)
             list_loops = set()
