@@ -639,11 +639,12 @@ LIST_LOOP_CPU_INDUCTOR_SKIP = (
 def list_loop_policy(device_type: str | None, codegen: str) -> str | None:
     """None where the ModuleList rows apply; else the reason they are skipped (goes to stats()).
 
-    Measured (``benchmarks/moe_list.py --compiled``, one CPU thread, E=8, k=2): with the
-    FX graph run as is, the fused block is 1.03-1.67x faster; under inductor the compiled
-    loop ties it at 17-128 tokens and beats it at 1 token (0.63-0.79x), so on the CPU the
-    rows apply only where the graph is not handed to inductor. CUDA (Triton pointer-table
-    kernels) and the NPU (grouped matmul over the list) apply them.
+    Measured (``benchmarks/moe_list.py --compiled``, one CPU thread, fp32, E=8, k=2, 1-128
+    tokens): with the FX graph run as is, the fused block is 1.03-1.67x faster than the
+    unfused one; under inductor it is 0.63-0.75x at H=256/I=512 and 0.79x (1 token) to
+    0.97-1.01x (17-128 tokens) at H=1024/I=3584, so on the CPU the rows apply only where
+    the graph is not handed to inductor. CUDA (Triton pointer-table kernels) and the NPU
+    (grouped matmul over the list) apply them.
     """
     resolved = codegen if codegen != "auto" else ("fx" if device_type == "npu" else "inductor")
     if device_type == "cpu" and resolved == "inductor":
