@@ -42,8 +42,9 @@ order 1, 3, 2, 4:
    the graph even with that flag, so it cannot reach any backend whole.
    **Experts held as a ModuleList** (:func:`list_loop_fusion`, :data:`LIST_LOOP_FORMS`):
    the same four forms, and transformers 4.x ``MixtralSparseMoeBlock``'s own loop
-   (``hidden_states[None, top_x].reshape(-1, hidden_dim)``), with each expert's own ``nn.Linear`` weights (one graph input per expert and projection;
-   separate gate/up as Mixtral's ``w1``/``w3``, or one ``[gate; up]`` per expert) fuse
+   (``hidden_states[None, top_x].reshape(-1, hidden_dim)``), with each expert's own
+   ``nn.Linear`` weights (one graph input per expert and projection; separate gate/up
+   as Mixtral's ``w1``/``w3``, or one ``[gate; up]`` per expert) fuse
    to ``moe_dispatch_ffn_combine_list``, which takes the weights as lists: stacking them
    for the stacked op would copy every expert's weights on every call. A row's pattern
    takes the E experts' weights as separate arguments, so the exact match binds copy
