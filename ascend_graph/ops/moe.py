@@ -51,10 +51,21 @@ w2_bias[E, H]?, swiglu_alpha, swiglu_limit) -> out[T, H]``
     experts and ``ids`` are global: the NPU binding runs MC2 dispatch/combine over
     ``ep_group``, elsewhere ``distributed/ep.py`` runs all-to-alls over torch.distributed.
 
+``moe_dispatch_ffn_combine_list(x[T, H], topk_weights[T, k], topk_ids[T, k], w1: Tensor[],
+w3: Tensor[], w2: Tensor[], activation, active_mask[T]?) -> out[T, H]``
+    The same routed experts (one device, no shared experts, no biases) with one weight
+    tensor per expert, as a ``ModuleList`` of expert MLPs holds them: ``w1[e]`` the gate
+    ``[I, H]``, ``w3[e]`` the up ``[I, H]``, ``w2[e]`` the down ``[H, I]`` (``nn.Linear``
+    layout); an empty ``w3`` means ``w1[e]`` stacks ``[gate; up]`` (``[2I, H]``). Every
+    expert has the same shapes, dtype (x's) and device. Never stacked: stacking per call
+    would copy all the experts' weights. ``activation`` is silu, gelu or gelu_tanh.
+
 The output shapes depend on input shapes only, so one captured graph serves any routing.
 Implementations: the CPU reference here (ground truth, any device), CUDA in
 ``kernels/triton/moe.py`` (``torch._grouped_mm``, or Triton where it is missing), NPU in
-``kernels/npu/moe.py``.
+``kernels/npu/moe.py``. The list op: CUDA in ``kernels/triton/moe_list.py`` (Triton
+reading each expert through a cached device table of the weights' addresses), NPU through
+``npu_grouped_matmul``'s TensorList form, the CPU loop here.
 """
 
 from __future__ import annotations
@@ -68,7 +79,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedError
 from .kernels.triton import moe as _cuda
 
-__all__ = ["moe_gating_topk", "moe_dispatch_ffn_combine", "ACTIVATIONS", "SCORINGS", "apply_activation", "gating_reference", "router_logits", "experts_reference"]
+__all__ = ["moe_gating_topk", "moe_dispatch_ffn_combine", "moe_dispatch_ffn_combine_list", "experts_list_reference", "expert_mlp", "ACTIVATIONS", "SCORINGS", "apply_activation", "gating_reference", "router_logits", "experts_reference"]
 
 log = logging.getLogger("ascend_graph.ops.moe")
 
@@ -361,3 +372,143 @@ def _experts_cuda(x, topk_weights, topk_ids, w13, w2, activation="silu", active_
     if shared_gate is not None:
         out = (out.float() + shared_experts_reference(x, shared_gate, shared_up, shared_down, activation, shared_expert_gate).float()).to(x.dtype)
     return out
+
+
+# -- experts held as per-expert tensors (a ModuleList of experts) ----------------------
+#
+# ``moe_dispatch_ffn_combine_list``: the same experts as ``moe_dispatch_ffn_combine`` (one
+# device, no shared experts) with the weights given as one tensor per expert, the
+# TensorList form of the NPU's grouped matmul. A model whose experts are a ``ModuleList``
+# of MLPs (Mixtral's reference ``w1``/``w3``/``w2``, DeepSeek's original ``gate_proj``/
+# ``up_proj``/``down_proj``) keeps each weight in its own allocation: stacking them into
+# ``[E, 2I, H]`` would copy every expert's weights on every call. Gate and up come as two
+# lists because that is how those modules hold them (concatenating them would be the same
+# copy); an empty ``w3`` means ``w1[e]`` already stacks ``[gate; up]`` (a per-expert fused
+# ``gate_up_proj``).
+
+
+def _check_expert_lists(x, topk_weights, topk_ids, w1, w3, w2, activation, active_mask) -> None:
+    if x.dim() != 2 or topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != x.shape[0]:
+        raise UnsupportedError(
+            "moe_dispatch_ffn_combine_list shapes",
+            expected="x [T, H], topk_weights and topk_ids [T, k]",
+            got=f"x {tuple(x.shape)}, topk_weights {tuple(topk_weights.shape)}, topk_ids {tuple(topk_ids.shape)}",
+        )
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise UnsupportedError("topk_ids must be integers", expected="int32 or int64", got=str(topk_ids.dtype))
+    e = len(w1)
+    if e < 1 or len(w2) != e or len(w3) not in (0, e):
+        raise UnsupportedError(
+            "one weight per expert in every list",
+            expected="len(w1) == len(w2) >= 1 and len(w3) in (0, len(w1))",
+            got=f"len(w1)={len(w1)}, len(w3)={len(w3)}, len(w2)={len(w2)}",
+        )
+    h = x.shape[1]
+    i = w2[0].shape[1] if w2[0].dim() == 2 else -1
+    gate_rows = i if w3 else 2 * i
+    want = {"w1": (gate_rows, h), "w3": (i, h), "w2": (h, i)}
+    # one pass over the E tensors per list when all is well (this runs on every call);
+    # the loop below names the first offending tensor
+    fine = {tuple(w.shape) for w in w1} == {want["w1"]} and {tuple(w.shape) for w in w2} == {want["w2"]}
+    fine = fine and (not w3 or {tuple(w.shape) for w in w3} == {want["w3"]})
+    fine = fine and {(w.dtype, w.device) for ws in (w1, w3, w2) for w in ws} == {(x.dtype, x.device)}
+    for name, ws in () if fine else (("w1", w1), ("w3", w3), ("w2", w2)):
+        for idx, w in enumerate(ws):
+            if w.dim() != 2 or tuple(w.shape) != want[name]:
+                raise UnsupportedError(
+                    f"expert weights must all have one shape ({name}[{idx}])",
+                    expected=f"w1[e] {list(want['w1'])}" + (f", w3[e] {list(want['w3'])}" if w3 else " ([gate; up] rows, w3 empty)") + f", w2[e] {list(want['w2'])}",
+                    got=f"{name}[{idx}] {list(w.shape)}",
+                )
+            if w.dtype != x.dtype or w.device != x.device:
+                raise UnsupportedError(
+                    f"expert weights must have x's dtype and device ({name}[{idx}])",
+                    expected=f"{x.dtype} on {x.device}",
+                    got=f"{w.dtype} on {w.device}",
+                )
+    if activation not in ("silu", "gelu", "gelu_tanh"):
+        # clipped_swiglu needs interleaved gate/up rows and the expert biases: stacked op only
+        raise UnsupportedError("unknown activation for per-expert weights", expected="silu, gelu or gelu_tanh", got=repr(activation))
+    if active_mask is not None and (active_mask.dim() != 1 or active_mask.shape[0] != x.shape[0]):
+        raise UnsupportedError("active_mask must be [T]", expected=f"[{x.shape[0]}] bool", got=tuple(active_mask.shape))
+
+
+def expert_mlp(h: torch.Tensor, w1: torch.Tensor, w3: Optional[torch.Tensor], w2: torch.Tensor, activation: str) -> torch.Tensor:
+    """One expert's gated MLP on rows ``h``: ``w2(act(w1 h) * w3 h)`` (``w1`` = ``[gate; up]`` when ``w3`` is None)."""
+    if w3 is None:
+        return F.linear(apply_activation(F.linear(h, w1), activation), w2)
+    return F.linear(_GATES[activation](F.linear(h, w1)) * F.linear(h, w3), w2)
+
+
+#: the gate functions of the gated activations (``apply_activation`` on [gate | up] without the cat)
+_GATES = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}
+
+
+def experts_list_reference(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w1: list[torch.Tensor],
+    w3: list[torch.Tensor],
+    w2: list[torch.Tensor],
+    activation: str = "silu",
+    active_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Per-expert weights: a loop over the experts that were hit, each reading its own tensors (no stack)."""
+    t, h = x.shape
+    e, k = len(w1), topk_ids.shape[1]
+    valid = (topk_ids >= 0) & (topk_ids < e)
+    if active_mask is not None:
+        valid = valid & active_mask.bool().unsqueeze(1)
+    flat_ids = torch.where(valid, topk_ids, e).reshape(-1).long()
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=e + 1).tolist()  # one host sync for all experts
+    flat_w = topk_weights.reshape(-1)
+    out = torch.zeros(t, h, dtype=torch.float32, device=x.device)
+    start = 0
+    for expert, n in enumerate(counts[:e]):
+        if n:
+            rows = order[start : start + n]
+            tokens = rows // k
+            y = expert_mlp(x[tokens], w1[expert], w3[expert] if w3 else None, w2[expert], activation)
+            out.index_add_(0, tokens, y.float() * flat_w[rows].float().unsqueeze(1))
+        start += n
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("ascend_graph::moe_dispatch_ffn_combine_list", mutates_args=())
+def moe_dispatch_ffn_combine_list(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w1: list[torch.Tensor],
+    w3: list[torch.Tensor],
+    w2: list[torch.Tensor],
+    activation: str = "silu",
+    active_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Routed experts with one weight tensor per expert. See the comment above :func:`expert_mlp`.
+
+    ``out[t] = sum_j w[t, j] * w2[e](act(w1[e] x[t]) * w3[e] x[t])`` with ``e = ids[t, j]``,
+    accumulated in float32 and cast to ``x.dtype``; ids outside ``[0, E)`` and tokens with
+    ``active_mask`` False contribute nothing (as ``moe_dispatch_ffn_combine``).
+    """
+    _check_expert_lists(x, topk_weights, topk_ids, w1, w3, w2, activation, active_mask)
+    return experts_list_reference(x, topk_weights, topk_ids, w1, w3, w2, activation, active_mask)
+
+
+@moe_dispatch_ffn_combine_list.register_fake
+def _experts_list_fake(x, topk_weights, topk_ids, w1, w3, w2, activation="silu", active_mask=None):
+    _check_expert_lists(x, topk_weights, topk_ids, w1, w3, w2, activation, active_mask)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@moe_dispatch_ffn_combine_list.register_kernel("cuda")
+def _experts_list_cuda(x, topk_weights, topk_ids, w1, w3, w2, activation="silu", active_mask=None):
+    _check_expert_lists(x, topk_weights, topk_ids, w1, w3, w2, activation, active_mask)
+    from .kernels.triton import moe_list  # device pointer tables: the weights are never stacked
+
+    if moe_list.list_supported(x, w1, w3, w2):
+        return moe_list.list_experts(x, topk_weights, topk_ids, w1, w3, w2, activation, active_mask)
+    log.debug("moe_dispatch_ffn_combine_list: per-expert strides differ; the reference loop runs")
+    return experts_list_reference(x, topk_weights, topk_ids, w1, w3, w2, activation, active_mask)

@@ -131,6 +131,20 @@ def _moe_dispatch_ffn_combine_cases():
     yield "biases_clipped_swiglu", (x, w, ids, _r(e, h, 2 * i, seed=11).transpose(1, 2), _r(e, i, h, seed=12).transpose(1, 2), "clipped_swiglu", active, None, None, None, "", 1, 0, None, _r(e, 2 * i, seed=13), _r(e, h, seed=14), 1.702, 7.0)
 
 
+def _moe_dispatch_ffn_combine_list_cases():
+    # per-expert weights (a ModuleList of experts): separate gate/up lists, or [gate; up] rows
+    t, h, e, i, k = 8, 16, 4, 8, 2
+    x = _r(t, h, seed=1)
+    w = torch.rand(t, k, generator=_g(2))
+    ids = torch.randint(0, e, (t, k), generator=_g(3))
+    w1, w3, w2 = [_r(i, h, seed=10 + j) for j in range(e)], [_r(i, h, seed=20 + j) for j in range(e)], [_r(h, i, seed=30 + j) for j in range(e)]
+    active = torch.tensor([True] * 5 + [False] * 3)
+    yield "gate_up_lists", (x, w, ids, w1, w3, w2, "silu")
+    yield "padded_rows", (x, w, ids, w1, w3, w2, "gelu", active)
+    yield "stacked_rows_per_expert", (x, w, ids, [_r(2 * i, h, seed=40 + j) for j in range(e)], [], w2, "silu", active)
+    yield "bf16", (x.bfloat16(), w.bfloat16(), ids, [v.bfloat16() for v in w1], [v.bfloat16() for v in w3], [v.bfloat16() for v in w2], "gelu_tanh")
+
+
 def _norm_cases():
     x, w = _r(3, 7, 40, seed=1), _r(40, seed=2)
     yield "plain", (x, w, 1e-5, False)
@@ -187,6 +201,7 @@ CASES = {
     "recurrent_gated_delta_rule": _recurrent_gated_delta_rule_cases,
     "moe_gating_topk": _moe_gating_topk_cases,
     "moe_dispatch_ffn_combine": _moe_dispatch_ffn_combine_cases,
+    "moe_dispatch_ffn_combine_list": _moe_dispatch_ffn_combine_list_cases,
     "rms_norm": _norm_cases,
     "add_rms_norm": _add_rms_norm_cases,
     "silu_and_mul": _silu_and_mul_cases,

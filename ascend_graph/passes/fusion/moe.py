@@ -1,4 +1,4 @@
-"""MoE fusion: routers -> ``moe_gating_topk``, experts -> ``moe_dispatch_ffn_combine``.
+"""MoE fusion: routers -> ``moe_gating_topk``, experts -> ``moe_dispatch_ffn_combine`` (or ``_list``).
 
 Entry point: :func:`make_pass` (family ``"moe"``), a :class:`MoEFusion` pass that runs these
 pattern tables (``passes/pattern.py`` rows) over the functional ATen graph, in the
@@ -39,9 +39,20 @@ order 1, 3, 2, 4:
    are dropped first (:func:`drop_nonzero_size_asserts`). The dense forms are one graph
    either way. HF's own eager experts (``for expert_idx in expert_hit``, iterating a
    ``nonzero()`` result) never are: iterating a tensor of data-dependent length breaks
-   the graph even with that flag, so it cannot reach any backend whole. Experts held as
-   a ``ModuleList`` of separate ``nn.Linear`` are not fused: the op takes stacked
-   weights, and stacking would copy every expert's weights on every call.
+   the graph even with that flag, so it cannot reach any backend whole.
+   **Experts held as a ModuleList** (:func:`list_loop_fusion`, :data:`LIST_LOOP_FORMS`):
+   the same four forms, and transformers 4.x ``MixtralSparseMoeBlock``'s own loop
+   (``hidden_states[None, top_x].reshape(-1, hidden_dim)``), with each expert's own
+   ``nn.Linear`` weights (one graph input per expert and projection; separate gate/up
+   as Mixtral's ``w1``/``w3``, or one ``[gate; up]`` per expert) fuse
+   to ``moe_dispatch_ffn_combine_list``, which takes the weights as lists: stacking them
+   for the stacked op would copy every expert's weights on every call. A row's pattern
+   takes the E experts' weights as separate arguments, so the exact match binds copy
+   ``e``'s weights to the id it is masked with (a table in any order fuses, in that
+   order). Rows are built per (form, E, I, layout, activation, dtypes) found in the graph
+   (:func:`list_loop_variants`); they apply where :func:`list_loop_policy` allows (not on
+   the CPU under inductor, whose compiled loop is as fast there: counted in
+   ``stats()["skipped"]``).
 4. **shared experts** (:func:`shared_fusions`), after the rows above: where the graph
    adds a shared-expert MLP of the same input to a routed-only experts op (DeepSeek-V3's
    plain ``routed + shared(x)`` on 3-D states; Qwen2-MoE / Qwen3-Next's ``routed +
@@ -68,12 +79,14 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ... import _stats
 from ...config import AscendConfig
 from ...ops import moe as _moe_ops  # noqa: F401  (registers the ops)
 from ..base import GraphPass
 from ..pattern import Fusion, Match, PatternPass
+from .norm_rope import _graph_device as graph_device  # the device a graph runs on, as that family's policy reads it
 
-__all__ = ["make_pass", "MoEFusion", "ROUTER_FUSIONS", "LOOP_FORMS", "expert_fusions", "expert_variants", "loop_fusion", "loop_variants", "drop_nonzero_size_asserts", "shared_fusions", "shared_variants"]
+__all__ = ["make_pass", "MoEFusion", "ROUTER_FUSIONS", "LOOP_FORMS", "expert_fusions", "expert_variants", "loop_fusion", "loop_variants", "LIST_LOOP_FORMS", "list_loop_fusion", "list_loop_variants", "list_loop_policy", "drop_nonzero_size_asserts", "shared_fusions", "shared_variants"]
 
 log = logging.getLogger("ascend_graph.passes.fusion.moe")
 
@@ -266,7 +279,11 @@ def expert_fusions(mm: str, histc_float: bool, dtype: torch.dtype) -> list[Fusio
 
 
 def _expert_ffn(h, w13_e, w2_e, act):
-    gate, up = F.linear(h, w13_e).chunk(2, dim=-1)
+    if isinstance(w13_e, tuple):
+        # a ModuleList expert's own gate and up weights (Mixtral's w1, w3): see the list rows
+        gate, up = F.linear(h, w13_e[0]), F.linear(h, w13_e[1])
+    else:
+        gate, up = F.linear(h, w13_e).chunk(2, dim=-1)
     return F.linear(act(gate) * up, w2_e)
 
 
@@ -401,16 +418,34 @@ def loop_variants(graph: torch.fx.Graph) -> set[tuple[str, int, int, str, torch.
     the mask ops of each form, the activations' marker ops, the top-k value dtypes.
     """
     aten = torch.ops.aten
-    stacked, forms, targets, weight_dtypes = [], set(), set(), set()
+    stacked = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is aten.select.int and node.args[1] == 0:
+            val = _val(node.args[0])
+            if val is not None and val.dim() == 3 and val.is_floating_point() and all(isinstance(d, int) for d in val.shape):
+                stacked.append(val)
+    forms, acts, weight_dtypes = _loop_markers(graph)
+    if not forms or not stacked:
+        return set()
+    pairs = set()
+    for a in stacked:
+        for b in stacked:
+            e, two_i, h = a.shape
+            if b.shape == (e, h, two_i // 2) and two_i % 2 == 0 and a.dtype == b.dtype:
+                pairs.add((e, two_i // 2, a.dtype))
+    return {(form, e, i, act, dtype, wd) for form in forms for e, i, dtype in pairs for act in acts for wd in weight_dtypes | {dtype}}
+
+
+def _loop_markers(graph: torch.fx.Graph) -> tuple[set[str], list[str], set[torch.dtype]]:
+    """(loop forms, activations, top-k value dtypes) an unrolled expert loop of ``graph`` may have:
+    the mask ops of each form, the activations' marker ops, the top-k nodes."""
+    aten = torch.ops.aten
+    forms, targets, weight_dtypes = set(), set(), set()
     for node in graph.nodes:
         if node.op != "call_function":
             continue
         targets.add(node.target)
-        if node.target is aten.select.int and node.args[1] == 0:
-            val = _val(node.args[0])
-            if val is not None and val.dim() == 3 and val.is_floating_point() and all(isinstance(d, int) for d in val.shape):
-                stacked.append(val)
-        elif node.target is aten.nonzero.default and isinstance(node.args[0], torch.fx.Node):
+        if node.target is aten.nonzero.default and isinstance(node.args[0], torch.fx.Node):
             if node.args[0].target is aten.select.int:
                 forms.add("onehot_where")
             elif node.args[0].target is aten.eq.Scalar:
@@ -425,16 +460,8 @@ def loop_variants(graph: torch.fx.Graph) -> set[tuple[str, int, int, str, torch.
             val = _val(node)
             if val is not None and val[0].is_floating_point():
                 weight_dtypes.add(val[0].dtype)
-    if not forms or not stacked:
-        return set()
-    pairs = set()
-    for a in stacked:
-        for b in stacked:
-            e, two_i, h = a.shape
-            if b.shape == (e, h, two_i // 2) and two_i % 2 == 0 and a.dtype == b.dtype:
-                pairs.add((e, two_i // 2, a.dtype))
     acts = ["silu"] + (["gelu"] if aten.erf.default in targets else []) + (["gelu_tanh"] if aten.tanh.default in targets else [])
-    return {(form, e, i, act, dtype, wd) for form in forms for e, i, dtype in pairs for act in acts for wd in weight_dtypes | {dtype}}
+    return forms, acts, weight_dtypes
 
 
 def drop_nonzero_size_asserts(graph: torch.fx.Graph) -> int:
@@ -471,6 +498,214 @@ def drop_nonzero_size_asserts(graph: torch.fx.Graph) -> int:
             if not size.users:
                 graph.erase_node(size)
     return erased
+
+
+# -- experts as a loop over a ModuleList of experts ---------------------------------
+#
+# The same unrolled loops with each expert's weights its own tensors (``self.experts[e].w1``
+# ...: one graph input per expert and projection) instead of ``w13[e]`` of a stacked one.
+# A row's pattern takes the E experts' weights as separate arguments, so the exact match
+# binds copy ``e``'s weights to ``w1_e`` / ``w3_e`` / ``w2_e`` (whatever order the graph has
+# its inputs in); the replacement hands them to ``moe_dispatch_ffn_combine_list`` as lists,
+# never stacked. Two expert layouts: separate gate and up (Mixtral's ``w1``/``w3``,
+# ``gate_proj``/``up_proj``; ``split``) or one ``[gate; up]`` weight per expert.
+
+
+def _loop_onehot_where_hf4(acc, x, topk_weights, topk_ids, w13, w2, num_experts, act):
+    # transformers 4.x MixtralSparseMoeBlock (and the remote-code MoE blocks copied from it):
+    # the one_hot form with ``hidden_states[None, top_x].reshape(-1, hidden_dim)``. The
+    # reshape records H as a literal, so these rows are built per hidden size.
+    mask = F.one_hot(topk_ids, num_classes=num_experts).permute(2, 1, 0)
+    for e in range(num_experts):
+        pos, tok = torch.where(mask[e])
+        y = _expert_ffn(x[None, tok].reshape(-1, x.shape[-1]), w13[e], w2[e], act) * topk_weights[tok, pos, None]
+        acc = acc.index_add(0, tok, y.to(acc.dtype))
+    return acc
+
+
+#: the ModuleList rows' forms: the stacked rows' forms and Mixtral's 4.x block
+LIST_LOOP_FORMS: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {**LOOP_FORMS, "onehot_where_hf4": (_loop_onehot_where_hf4, True)}
+
+
+def _list_weight_names(num_experts: int, split: bool) -> list[str]:
+    names = [f"w1_{e}" for e in range(num_experts)]
+    if split:
+        names += [f"w3_{e}" for e in range(num_experts)]
+    return names + [f"w2_{e}" for e in range(num_experts)]
+
+
+def _unpack_weights(weights: tuple[Any, ...], num_experts: int, split: bool) -> tuple[list[Any], list[Any], list[Any]]:
+    e = num_experts
+    w1, rest = list(weights[:e]), list(weights[e:])
+    w3, w2 = (rest[:e], rest[e:]) if split else ([], rest)
+    return w1, w3, w2
+
+
+def _with_signature(fn: Callable[..., Any], num_experts: int, split: bool, name: str) -> Callable[..., Any]:
+    # the matcher names a pattern's inputs by its signature: one name per expert weight
+    import inspect
+
+    params = ["acc", "x", "topk_weights", "topk_ids", *_list_weight_names(num_experts, split)]
+    fn.__signature__ = inspect.Signature([inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params])
+    fn.__name__ = fn.__qualname__ = name
+    return fn
+
+
+def _make_list_loop_pattern(form: str, num_experts: int, split: bool, activation: str):
+    body, act = LIST_LOOP_FORMS[form][0], _ACT_FNS[activation]
+
+    def pattern(acc, x, topk_weights, topk_ids, *weights):
+        w1, w3, w2 = _unpack_weights(weights, num_experts, split)
+        # the loop bodies index w13[e]: a list of (gate, up) pairs selects _expert_ffn's split form
+        return body(acc, x, topk_weights, topk_ids, list(zip(w1, w3)) if split else w1, w2, num_experts, act)
+
+    return _with_signature(pattern, num_experts, split, f"_list_loop_{form}_{activation}_e{num_experts}{'_split' if split else ''}")
+
+
+def _make_list_loop_replacement(form: str, num_experts: int, split: bool, activation: str):
+    index_add = LIST_LOOP_FORMS[form][1]
+
+    def replacement(acc, x, topk_weights, topk_ids, *weights):
+        w1, w3, w2 = _unpack_weights(weights, num_experts, split)
+        out = _ops.moe_dispatch_ffn_combine_list(x, topk_weights, topk_ids, w1, w3, w2, activation)
+        return out.to(acc.dtype if index_add else torch.promote_types(acc.dtype, topk_weights.dtype))
+
+    return _with_signature(replacement, num_experts, split, f"_list_loop_{form}_fused_{activation}_e{num_experts}{'_split' if split else ''}")
+
+
+def _list_loop_inputs(num_experts: int, inter: int, hidden: int, split: bool, dtype: torch.dtype, weights_dtype: torch.dtype) -> Callable[[], list[torch.Tensor]]:
+    def build():
+        # real tensors (the exact trace runs nonzero), as _loop_inputs; T=5, k=2; H is the
+        # graph's own (the hf4 form records it), the other forms use 8
+        h = hidden
+        g = torch.Generator().manual_seed(0)
+        ids = torch.stack([torch.randperm(num_experts, generator=g)[:2] for _ in range(5)]) if num_experts >= 2 else torch.zeros(5, 1, dtype=torch.int64)
+        gate_rows = inter if split else 2 * inter
+        weights = [torch.randn(gate_rows, h, generator=g).to(dtype) for _ in range(num_experts)]
+        if split:
+            weights += [torch.randn(inter, h, generator=g).to(dtype) for _ in range(num_experts)]
+        weights += [torch.randn(h, inter, generator=g).to(dtype) for _ in range(num_experts)]
+        return [torch.zeros(5, h, dtype=dtype), torch.randn(5, h, generator=g).to(dtype), torch.rand(5, ids.shape[1], generator=g).to(weights_dtype), ids, *weights]
+
+    return build
+
+
+def _list_loop_check(num_experts: int, split: bool) -> Callable[[Match], bool]:
+    names = _list_weight_names(num_experts, split)
+
+    def check(match: Match) -> bool:
+        x, w, ids = (_val(match.kwargs[n]) for n in ("x", "topk_weights", "topk_ids"))
+        weights = [_val(match.kwargs[n]) for n in names]
+        if x is None or w is None or ids is None or any(v is None for v in weights):
+            return False
+        w1, w3, w2 = _unpack_weights(tuple(weights), num_experts, split)
+        # one shape per projection across the experts (the op's contract), x's dtype and device
+        same = all(len({tuple(v.shape) for v in group}) == 1 for group in (w1, w3, w2) if group)
+        typed = all(v.dim() == 2 and v.dtype == x.dtype and v.device == x.device for v in weights)
+        return (
+            same
+            and typed
+            and x.dim() == 2
+            and ids.dim() == 2
+            and not ids.dtype.is_floating_point
+            and w.is_floating_point()
+            and _is_zeros_like(match.kwargs["acc"], x)
+        )
+
+    return check
+
+
+def list_loop_fusion(form: str, num_experts: int, inter: int, hidden: int, split: bool, activation: str, dtype: torch.dtype, weights_dtype: torch.dtype) -> Fusion:
+    """The row for one unrolled loop over per-expert weights (see the section comment)."""
+    pattern = _make_list_loop_pattern(form, num_experts, split, activation)
+    name = f"{pattern.__name__}_i{inter}_h{hidden}_{str(dtype).removeprefix('torch.')}_{str(weights_dtype).removeprefix('torch.')}"
+    return Fusion(
+        name, pattern, _make_list_loop_replacement(form, num_experts, split, activation),
+        _list_loop_inputs(num_experts, inter, hidden, split, dtype, weights_dtype), _list_loop_check(num_experts, split), exact=True,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _list_loop_pass(form: str, num_experts: int, inter: int, hidden: int, split: bool, activation: str, dtype: torch.dtype, weights_dtype: torch.dtype, explain_node: str | None) -> PatternPass:
+    return PatternPass(f"moe_list_loop_{form}", "moe", [list_loop_fusion(form, num_experts, inter, hidden, split, activation, dtype, weights_dtype)], explain_node)
+
+
+#: why the ModuleList rows leave a CPU graph alone where inductor compiles it (stats()["skipped"]["moe"])
+LIST_LOOP_CPU_INDUCTOR_SKIP = (
+    "ModuleList experts on cpu+inductor: inductor's compiled expert loop is as fast or faster "
+    "than the list op's CPU loop (benchmarks/moe_list.py --compiled)"
+)
+
+
+def list_loop_policy(device_type: str | None, codegen: str) -> str | None:
+    """None where the ModuleList rows apply; else the reason they are skipped (goes to stats()).
+
+    Measured (``benchmarks/moe_list.py --compiled``, one CPU thread, fp32, E=8, k=2, 1-128
+    tokens): with the FX graph run as is, the fused block is 1.03-1.67x faster than the
+    unfused one; under inductor it is 0.63-0.75x at H=256/I=512 and 0.79x (1 token) to
+    0.97-1.01x (17-128 tokens) at H=1024/I=3584, so on the CPU the rows apply only where
+    the graph is not handed to inductor. CUDA (Triton pointer-table kernels) and the NPU
+    (grouped matmul over the list) apply them.
+    """
+    resolved = codegen if codegen != "auto" else ("fx" if device_type == "npu" else "inductor")
+    if device_type == "cpu" and resolved == "inductor":
+        return LIST_LOOP_CPU_INDUCTOR_SKIP
+    return None
+
+
+_TRANSPOSES = (torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
+
+
+def list_loop_variants(graph: torch.fx.Graph) -> set[tuple[str, int, int, int, bool, str, torch.dtype, torch.dtype]]:
+    """(form, E, I, H, split, activation, dtype, weights dtype) of each list-loop row worth trying.
+
+    Only selects which rows to build (the exact match decides what fuses): the expert
+    count from the masks (``ids == e`` literals up to E - 1, or the one_hot mask's
+    ``[E, k, T]``), the intermediate size from the 2-D weight inputs read transposed by a
+    linear (at least E down weights ``[H, I]`` and E gate(-up) weights ``[I, H]`` twice,
+    or ``[2I, H]``), the markers of :func:`_loop_markers`.
+    """
+    aten = torch.ops.aten
+    experts: set[int] = set()
+    eq_max: dict[torch.fx.Node, int] = {}
+    weights: dict[tuple[int, int, torch.dtype], int] = {}
+    hf4 = False  # x[None, tok]: an index of an unsqueeze at dim 0 (Mixtral 4.x's gather)
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is aten.index.Tensor and isinstance(node.args[0], torch.fx.Node) and node.args[0].target is aten.unsqueeze.default and node.args[0].args[1] == 0:
+            hf4 = True
+        elif node.target is aten.eq.Scalar and isinstance(node.args[1], int) and not isinstance(node.args[1], bool):
+            eq_max[node.args[0]] = max(eq_max.get(node.args[0], -1), node.args[1])
+        elif node.target is aten.select.int and node.args[1] == 0:
+            val = _val(node.args[0])
+            if val is not None and val.dim() == 3 and not val.is_floating_point() and isinstance(val.shape[0], int):
+                experts.add(val.shape[0])
+        elif node.target in _TRANSPOSES and isinstance(node.args[0], torch.fx.Node) and node.args[0].op in ("placeholder", "get_attr"):
+            val = _val(node.args[0])
+            if val is not None and val.dim() == 2 and val.is_floating_point() and all(isinstance(d, int) for d in val.shape):
+                key = (val.shape[0], val.shape[1], val.dtype)
+                weights[key] = weights.get(key, 0) + 1
+    experts |= {m + 1 for m in eq_max.values() if m >= 1}
+    forms, acts, weight_dtypes = _loop_markers(graph)
+    if not forms or not experts:
+        return set()
+    layouts = set()
+    for (h, i, dtype), n_down in weights.items():
+        for e in experts:
+            if n_down < e:
+                continue
+            if weights.get((i, h, dtype), 0) >= 2 * e:
+                layouts.add((e, i, h, True, dtype))
+            if weights.get((2 * i, h, dtype), 0) >= e:
+                layouts.add((e, i, h, False, dtype))
+    if "onehot_where" in forms and hf4:
+        forms.add("onehot_where_hf4")
+    # H matters to the hf4 rows only (the others' example H is 8 whatever the graph's)
+    return {
+        (form, e, i, h if form == "onehot_where_hf4" else 8, split, act, dtype, wd)
+        for form in forms for e, i, h, split, dtype in layouts for act in acts for wd in weight_dtypes | {dtype}
+    }
 
 
 # -- routers ------------------------------------------------------------------------
@@ -831,9 +1066,10 @@ class MoEFusion(GraphPass):
     name = "moe_fusion"
     family = "moe"
 
-    def __init__(self, routers: PatternPass, explain_node: str | None = None):
+    def __init__(self, routers: PatternPass, explain_node: str | None = None, codegen: str = "auto"):
         self.routers = routers
         self.explain_node = explain_node
+        self.codegen = codegen  # the ModuleList rows' per-device policy (list_loop_policy)
 
     def __call__(self, graph: torch.fx.Graph) -> int:
         n_experts = 0
@@ -844,6 +1080,15 @@ class MoEFusion(GraphPass):
             drop_nonzero_size_asserts(graph)
         for variant in sorted(loops, key=str):
             n_experts += _loop_pass(*variant, self.explain_node)(graph)
+        list_loops = list_loop_variants(graph)
+        reason = list_loop_policy(graph_device(graph), self.codegen) if list_loops else None
+        if reason is not None:
+            _stats.record_skip("moe", reason)
+            list_loops = set()
+        if list_loops and not loops and any(n.target is torch.ops.aten.nonzero.default for n in graph.nodes):
+            drop_nonzero_size_asserts(graph)
+        for variant in sorted(list_loops, key=str):
+            n_experts += _list_loop_pass(*variant, self.explain_node)(graph)
         has_topk = any(n.target is torch.ops.aten.topk.default for n in graph.nodes)
         n_routers = self.routers(graph) if has_topk else 0
         # shared experts fold into an experts op already counted: not counted again
@@ -859,4 +1104,4 @@ class MoEFusion(GraphPass):
 def make_pass(config: AscendConfig) -> GraphPass | None:
     if "moe" not in config.fusions:
         return None
-    return MoEFusion(PatternPass("moe_routers", "moe", ROUTER_FUSIONS, config.explain_node), config.explain_node)
+    return MoEFusion(PatternPass("moe_routers", "moe", ROUTER_FUSIONS, config.explain_node), config.explain_node, config.codegen)

@@ -20,6 +20,11 @@ Mapping (torch_npu names and keywords from ``CustomFunctions.h``):
   ``npu_grouped_matmul`` twice (``group_list_type=1``: counts), ``npu_swiglu`` for SiLU,
   ``npu_moe_finalize_routing`` (weighted un-permute). Weights are HF-layout
   ``[E, N, K]`` and passed as transposed views, which the GMM reads without a copy.
+- ``moe_dispatch_ffn_combine_list`` (per-expert weights, a ``ModuleList`` of experts): the
+  same routing and finalize, with ``npu_grouped_matmul``'s TensorList form: ``weight`` is
+  the list of the experts' own ``[N, K]`` tensors as ``[K, N]`` views (``split_item=2``,
+  ``group_type=0``: one x, one weight per group, one y), never stacked; separate gate and
+  up lists take one GMM each.
 - expert parallel (``ep_world_size > 1``): ``npu_moe_distribute_dispatch_v2`` /
   ``npu_moe_distribute_combine_v2`` with ``x_active_mask`` and ``global_bs=0`` (every
   rank has the same padded token count, so the shapes stay static), after checking the
@@ -38,7 +43,7 @@ import torch
 
 from ....errors import ConfigError
 
-__all__ = ["register", "META_CHECKS", "mc2_buffer_bytes", "check_comm_buffer", "CommBufferError", "gating_topk_npu", "dispatch_ffn_combine_npu"]
+__all__ = ["register", "META_CHECKS", "mc2_buffer_bytes", "check_comm_buffer", "CommBufferError", "gating_topk_npu", "dispatch_ffn_combine_npu", "dispatch_ffn_combine_list_npu"]
 
 log = logging.getLogger("ascend_graph.ops.npu.moe")
 
@@ -163,6 +168,63 @@ def _gmm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, bias: torch.Ten
     return torch_npu.npu_grouped_matmul([x], [w.transpose(1, 2)], bias=[bias], group_list=counts, split_item=2, group_type=0, group_list_type=1)[0]
 
 
+def _route_npu(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor, e: int, active_mask: Optional[torch.Tensor]):
+    """One device: sort the (token, slot) pairs by expert; (rows, row index, per-expert counts, weights)."""
+    import torch_npu
+
+    t, k = ids.shape
+    weights = topk_weights
+    if active_mask is not None:
+        # inactive tokens route to expert E: outside active_expert_range, so no GMM row
+        ids = torch.where(active_mask.bool().unsqueeze(1), ids, e)
+        weights = torch.where(active_mask.bool().unsqueeze(1), weights, 0)
+    expanded_x, expanded_row_idx, counts, _ = torch_npu.npu_moe_init_routing_v2(
+        x, ids, active_num=t * k, expert_num=e, expert_tokens_num_type=1, expert_tokens_num_flag=True, quant_mode=-1, active_expert_range=[0, e], row_idx_type=0
+    )
+    return expanded_x, expanded_row_idx, counts, weights
+
+
+def _finalize_npu(y: torch.Tensor, expanded_row_idx: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
+    """The weighted un-permute: ``out[t] = sum_j w[t, j] * y[row of (t, j)]``."""
+    import torch_npu
+
+    return torch_npu.npu_moe_finalize_routing(
+        y,
+        skip1=None,
+        skip2=None,
+        bias=None,
+        scales=weights.to(y.dtype),
+        expanded_src_to_dst_row=expanded_row_idx,
+        export_for_source_row=None,
+        drop_pad_mode=2,
+        k=k,
+    )
+
+
+def _gmm_list(x: torch.Tensor, ws: list[torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
+    import torch_npu
+
+    # The TensorList form ("single x, multiple weights, single y"): one [K, N] weight per
+    # group, each expert's own nn.Linear weight [N, K] passed as its transposed view (no
+    # copy, no stack); split_item=2 gives one output of all rows, group_list the counts.
+    return torch_npu.npu_grouped_matmul([x], [w.t() for w in ws], group_list=counts, split_item=2, group_type=0, group_list_type=1)[0]
+
+
+def dispatch_ffn_combine_list_npu(x, topk_weights, topk_ids, w1, w3, w2, activation="silu", active_mask=None):
+    k = topk_ids.shape[1]
+    expanded_x, expanded_row_idx, counts, weights = _route_npu(x, topk_weights, topk_ids.int(), len(w1), active_mask)
+    if w3:
+        # gate and up are separate tensors: two GMMs; joining them for npu_swiglu would copy
+        # the [rows, 2I] activations, the plain product does not
+        from ...moe import _GATES
+
+        h = _GATES[activation](_gmm_list(expanded_x, w1, counts)) * _gmm_list(expanded_x, w3, counts)
+    else:
+        h = _act_npu(_gmm_list(expanded_x, w1, counts), activation)
+    out = _finalize_npu(_gmm_list(h, w2, counts), expanded_row_idx, weights, k)
+    return out.to(x.dtype)
+
+
 def dispatch_ffn_combine_npu(x, topk_weights, topk_ids, w13, w2, activation="silu", active_mask=None, shared_gate=None, shared_up=None, shared_down=None, ep_group="", ep_world_size=1, ep_rank=0, shared_expert_gate=None, w13_bias=None, w2_bias=None, swiglu_alpha=1.702, swiglu_limit=7.0):
     import torch_npu
 
@@ -182,27 +244,9 @@ def dispatch_ffn_combine_npu(x, topk_weights, topk_ids, w13, w2, activation="sil
             group_ep=ep_group, ep_world_size=ep_world_size, ep_rank_id=ep_rank, moe_expert_num=e_global, tp_send_counts=tp_counts, x_active_mask=mask, global_bs=0,
         )
     else:
-        e = w13.shape[0]
-        weights = topk_weights
-        if active_mask is not None:
-            # inactive tokens route to expert E: outside active_expert_range, so no GMM row
-            ids = torch.where(active_mask.bool().unsqueeze(1), ids, e)
-            weights = torch.where(active_mask.bool().unsqueeze(1), weights, 0)
-        expanded_x, expanded_row_idx, counts, _ = torch_npu.npu_moe_init_routing_v2(
-            x, ids, active_num=t * k, expert_num=e, expert_tokens_num_type=1, expert_tokens_num_flag=True, quant_mode=-1, active_expert_range=[0, e], row_idx_type=0
-        )
+        expanded_x, expanded_row_idx, counts, weights = _route_npu(x, topk_weights, ids, w13.shape[0], active_mask)
         y = _gmm(_act_npu(_gmm(expanded_x, w13, counts, w13_bias), activation, swiglu_alpha, swiglu_limit), w2, counts, w2_bias)
-        out = torch_npu.npu_moe_finalize_routing(
-            y,
-            skip1=None,
-            skip2=None,
-            bias=None,
-            scales=weights.to(y.dtype),
-            expanded_src_to_dst_row=expanded_row_idx,
-            export_for_source_row=None,
-            drop_pad_mode=2,
-            k=k,
-        )
+        out = _finalize_npu(y, expanded_row_idx, weights, k)
     if shared_gate is not None:
         from ...moe import shared_experts_reference
 
@@ -215,6 +259,7 @@ def register() -> None:
 
     ops.moe_gating_topk.register_kernel("npu", gating_topk_npu)
     ops.moe_dispatch_ffn_combine.register_kernel("npu", dispatch_ffn_combine_npu)
+    ops.moe_dispatch_ffn_combine_list.register_kernel("npu", dispatch_ffn_combine_list_npu)
 
 
 # -- contract checks ----------------------------------------------------------------
@@ -285,6 +330,26 @@ def _check_dispatch_combine():
     return shapes, (expand_x, ids, assist, ep_counts, w), kwargs
 
 
+def _check_gmm_list():
+    # the list form as _gmm_list calls it: rows [P, H] x E views [H, I] -> [P, I]
+    rows = torch.randn(_T * _K, _H, dtype=torch.bfloat16)
+    ws = [torch.randn(_I, _H, dtype=torch.bfloat16).t() for _ in range(_E)]
+    counts = torch.zeros(_E, dtype=torch.int64)
+    return [(_T * _K, _I)], ([rows], ws), dict(group_list=counts, split_item=2, group_type=0, group_list_type=1)
+
+
+def _check_finalize_list():
+    from ... import moe as ops
+
+    x = torch.randn(_T, _H)
+    w, ids = torch.rand(_T, _K), torch.randint(0, _E, (_T, _K))
+    w1 = [torch.randn(_I, _H) for _ in range(_E)]
+    shapes = _fake_shapes(ops.moe_dispatch_ffn_combine_list, x, w, ids, w1, w1, [torch.randn(_H, _I) for _ in range(_E)])
+    rows = torch.randn(_T * _K, _H)
+    row_idx = torch.arange(_T * _K, dtype=torch.int32)
+    return shapes, (rows, None, None, None, w, row_idx, None), {"drop_pad_mode": 2, "k": _K}
+
+
 #: (torch_npu op, build) pairs; build() -> (expected output shapes, args, kwargs)
 META_CHECKS = [
     ("npu_moe_gating_top_k_softmax", _check_gating_softmax),
@@ -292,4 +357,6 @@ META_CHECKS = [
     ("npu_moe_init_routing_v2", _check_init_routing),
     ("npu_moe_finalize_routing", _check_finalize),
     ("npu_moe_distribute_combine_v2", _check_dispatch_combine),
+    ("npu_grouped_matmul", _check_gmm_list),
+    ("npu_moe_finalize_routing", _check_finalize_list),
 ]
