@@ -116,7 +116,7 @@ ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Devices where ``vllm_paged_attention`` runs vLLM's own attention kernels, not our paged
 #: TND op: "never slower than what it replaces". On the CPU ours is a plain-torch loop
 #: (about half of vLLM's CPU_ATTN throughput in the engine), and the rewrite itself is left
-#: out there (ATTENTION_SKIPPED_ON); on CUDA our Triton decode kernel has not been measured
+#: out there by default (ATTENTION_SKIPPED_ON); on CUDA our Triton decode kernel has not been measured
 #: against vLLM's FlashAttention inside the engine (the GPU machine has no vLLM), and inside
 #: a captured graph the extra op layer costs nothing at replay. On the NPU the op is FIA
 #: (the point of the rewrite).
@@ -230,7 +230,6 @@ def attention_context(
     )
 
 
-@torch.library.custom_op("ascend_graph::vllm_paged_attention", mutates_args=())
 def vllm_paged_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -265,24 +264,53 @@ def vllm_paged_attention(
 
 
 def _vllm_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_name: LayerName) -> torch.Tensor:
-    # What the two replaced ops run, called as Python functions: the functions vLLM
-    # registered as ``vllm::unified_kv_cache_update`` / ``unified_attention_with_output``,
-    # decorators included (KV-transfer connector hooks, breakable-capture breaks), without
-    # a dispatcher round trip each. The rewritten graph thus makes one op call a layer
-    # where vLLM's makes two.
+    """What the two replaced ops run, as one op: the rewritten graph makes one op call a
+    layer where vLLM's makes two, and reads the layer's context once.
+
+    On the CPU with no KV-transfer connector: the layer's context is read once and its
+    backend's ``do_kv_cache_update`` and ``forward`` are called as vLLM's two ops call them
+    (``unified_kv_cache_update``, ``unified_attention_with_output``). Elsewhere, or with a
+    connector (its per-layer load/save hooks live in the ops' decorators, as do the
+    breakable-CUDA-graph breaks), the Python functions vLLM registered as those two ops are
+    called, decorators included, without a dispatcher round trip each."""
     output = query.new_empty(query.shape)
-    dep = _vllm_attention_module().unified_kv_cache_update(key, value, layer_name)
-    _vllm_attention_module().unified_attention_with_output(query, key, value, output, layer_name, kv_cache_dummy_dep=dep)
+    module = _vllm_attention_module()
+    if query.device.type == "cpu" and not _kv_transfer_active():
+        metadata, layer, kv_cache, slot_mapping = module.get_attention_context(layer_name.value)
+        if slot_mapping is not None:
+            layer.impl.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        layer.impl.forward(layer, query, key, value, kv_cache, metadata, output=output)
+        return output
+    dep = module.unified_kv_cache_update(key, value, layer_name)
+    module.unified_attention_with_output(query, key, value, output, layer_name, kv_cache_dummy_dep=dep)
     return output
+
+
+def _kv_transfer_active() -> bool:
+    from vllm.distributed.kv_transfer import has_kv_transfer_group
+
+    return has_kv_transfer_group()
 
 
 def _vllm_attention_module() -> Any:
     return sys.modules["vllm.model_executor.layers.attention.attention"]  # imported above
 
 
-@vllm_paged_attention.register_fake
-def _(query, key, value, layer_name, num_kv_heads, head_size, kv_layout, scale, window):
+def _vllm_paged_attention_fake(query, key, value, layer_name, num_kv_heads, head_size, kv_layout, scale, window):
     return query.new_empty(query.shape)
+
+
+# Registered as vLLM registers its own ops (``direct_register_custom_op``: a schema and one
+# kernel), not with ``torch.library.custom_op``: that wrapper adds a Dynamo-disable context
+# and an aliasing check to every call, and this op runs once a layer per step outside any
+# device graph (on the CPU, measured in the engine, the wrapper alone cost more than the
+# second vLLM op the rewrite removes). One kernel for every device
+# (CompositeExplicitAutograd): the body picks its path by the query's device. Inference
+# only: no autograd formula (vLLM runs the model under inference mode).
+_LIB = torch.library.Library("ascend_graph", "FRAGMENT")
+_LIB.define("vllm_paged_attention" + torch.library.infer_schema(vllm_paged_attention, mutates_args=()))
+_LIB.impl("vllm_paged_attention", vllm_paged_attention, "CompositeExplicitAutograd")
+torch.library.register_fake("ascend_graph::vllm_paged_attention", _vllm_paged_attention_fake, lib=_LIB)
 
 
 # --------------------------------------------------------------------------- attention: rows
@@ -629,10 +657,11 @@ MOE_FUSIONS: tuple[Fusion, ...] = _moe_rows()
 
 #: Devices where the attention rewrite is left out, and why (``stats()["skipped"]``).
 ATTENTION_SKIPPED_ON = {
-    # measured in vLLM's CPU engine (benchmarks/vllm_engine.py, BENCHMARKS.md): the rewritten
-    # op runs vLLM's own CPU_ATTN kernels, so it only adds a custom-op dispatch per layer,
-    # outside any device graph: 503 vs 548 tokens/s at 1 request (-9%)
-    "cpu": "cpu: the rewritten op would call vLLM's own CPU attention kernels through one more op dispatch a layer (-9% tokens/s in the engine); vLLM's ops are kept",
+    # Measured in vLLM's CPU engine (benchmarks/vllm_engine.py, BENCHMARKS.md): on the CPU
+    # the rewritten op runs vLLM's own CPU_ATTN kernels (one op and one context read a layer
+    # instead of two), so there is nothing to gain; forced on it is at parity with vLLM's
+    # default compile (1.00-1.03x) but 0-5% below our graph with vLLM's two ops left in it.
+    "cpu": "cpu: the rewritten op would run vLLM's own CPU attention kernels (nothing to gain here); measured 0-5% below keeping vLLM's ops in our graph, so they are kept",
 }
 
 

@@ -182,9 +182,10 @@ def contained_capture(api: Any, device: torch.device, graph: Any, fn: Callable[[
     - the current stream is restored (the stream context's exit, which always runs);
     - a capture still open is ended (``capture_end``, so its pool and RNG bookkeeping run);
     - a capture that cannot be ended has its allocator routing removed
-      (``endAllocateToPool``) and, back on the caller's stream, its RNG state repaired
-      (:func:`_restore_rng`: a trivial capture, checked by a probe, else the generator's
-      state saved before the capture put back);
+      (``endAllocateToPool``), the graph is reset (its per-capture RNG state dropped) and,
+      back on the caller's stream, the RNG state repaired (:func:`_restore_rng`: a trivial
+      capture, checked by a probe, else the generator's state saved before the capture
+      put back);
     - the original error is raised; the caller discards the graph. The pool stays usable:
       its keeper graph (``runtime/pool.py``) holds it.
 
@@ -213,6 +214,7 @@ def contained_capture(api: Any, device: torch.device, graph: Any, fn: Callable[[
                 unended = error = e
                 _unroute_pool(api, device, graph, pool, e)
     if unended is not None:
+        _drop_capture_state(graph)
         _restore_rng(api, device, saved_rng)
     if error is not None:
         raise error
@@ -251,6 +253,21 @@ def _unroute_pool(api: Any, device: torch.device, graph: Any, pool: Any, error: 
             end_allocate(_index(api, device), tuple(pool) if pool is not None else graph.pool())
         except Exception:  # capture_end got as far as its own endAllocateToPool
             pass
+
+
+def _drop_capture_state(graph: Any) -> None:
+    """``reset()`` the graph whose capture could not be ended, now rather than when its last
+    reference dies (the raised error's traceback keeps it alive): it removes the capture's
+    per-capture RNG state from every generator the capture touched (newer torch keys the
+    generator's capture state by capture id; a state left behind keeps the generator in
+    capture mode) and the capture's entry in torch's table of captures in progress."""
+    reset = getattr(graph, "reset", None)
+    if reset is None:
+        return
+    try:
+        reset()
+    except Exception as e:  # reset only warns on driver errors; anything else is logged
+        log.warning("reset of the failed graph raised (%s: %s)", type(e).__name__, e)
 
 
 def _default_generator(api: Any, device: torch.device) -> Any:

@@ -3,7 +3,9 @@
 Used by test_vllm_engine.py in a fresh subprocess per engine (vLLM keeps process-wide
 state, and a warm start must be a new process). Argument: a JSON object with ``model``
 (a checkpoint dir), ``prompts`` (token id lists), and optional ``dtype``, ``max_tokens``,
-``llm`` (extra ``vllm.LLM`` keywords: ``compilation_config``, ``speculative_config``).
+``llm`` (extra ``vllm.LLM`` keywords: ``compilation_config``, ``speculative_config``),
+``attention_on_cpu`` (the attention rewrite applied on the CPU although its per-device
+policy leaves it out there: the rewrite itself proven in the real engine).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     import ascend_graph
+
+    if spec.get("attention_on_cpu"):
+        from ascend_graph.integrations import vllm_ops
+
+        vllm_ops.ATTENTION_SKIPPED_ON.pop("cpu", None)
 
     host_options: list = []
     if spec.get("record_host_options"):

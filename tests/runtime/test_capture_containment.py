@@ -59,6 +59,9 @@ class Graph:
         self.api.rng_capture_mode = False  # capture_epilogue
         self.api.log.append(("end", self.name))
 
+    def reset(self):
+        self.api.log.append(("reset", self.name))
+
     def pool(self):
         if self.end_fails:
             raise RuntimeError("Called CUDAGraph::pool() without a preceding successful capture.")
@@ -166,8 +169,9 @@ def test_an_invalidated_capture_gets_its_allocator_routing_and_rng_state_back(fn
     # the error the caller sees is the first one (the function's), else capture_end's
     assert ("Cannot copy" in str(e.value)) == fn_raises
     kinds = [x[0] for x in api.log if x[0] != "stream"]
-    # the failed end, the routing removed, then one trivial capture that ends cleanly
-    assert kinds == ["begin", "end_failed", "end_allocate", "begin", "end"]
+    # the failed end, the routing removed, the graph reset (its RNG capture state dropped),
+    # then one trivial capture that ends cleanly
+    assert kinds == ["begin", "end_failed", "end_allocate", "reset", "begin", "end"]
     assert api.log[-2][1] == "trivial" and api.log[-2][2] is None  # its own private pool
     assert api.current is api.default and not api.capturing
     assert api.routing == [] and not api.rng_capture_mode
@@ -200,7 +204,7 @@ def test_rng_left_in_capture_mode_by_the_trivial_capture_gets_the_saved_state_ba
     with pytest.raises(RuntimeError, match="invalidated"):
         contained_capture(api, CPU, g, lambda: torch.ones(1), pool=("shared",), stream=side(api))
     kinds = [x[0] for x in api.log if x[0] != "stream"]
-    assert kinds == ["clone_state", "begin", "end_failed", "end_allocate", "trivial_no_effect", "set_state"]
+    assert kinds == ["clone_state", "begin", "end_failed", "end_allocate", "reset", "trivial_no_effect", "set_state"]
     assert not api.rng_capture_mode and api.routing == [] and api.current is api.default
 
 
