@@ -392,7 +392,10 @@ def _chunk_op(
 @_chunk_op.register_fake
 def _(q, k, v, g, beta, state_cache, cu_seqlens, state_indices, has_initial_state, chunk_indices, chunk_offsets, scale, use_qk_l2norm):
     check_args(q, k, v, g, beta, state_cache)
-    return torch.empty_like(v)
+    # contiguous whatever v's strides: every implementation writes a fresh [T, H, V] (not
+    # empty_like(v), which would keep a permuted v's strides; Qwen3-Next's v is one, and the
+    # mismatch failed inductor's stride assert at capture)
+    return v.new_empty(v.shape)
 
 
 @_chunk_op.register_kernel("cuda")
@@ -514,7 +517,7 @@ def _recurrent_op(
 @_recurrent_op.register_fake
 def _(q, k, v, g, beta, state_cache, cu_seqlens, state_indices, num_accepted_tokens, scale, use_qk_l2norm):
     check_args(q, k, v, g, beta, state_cache)
-    return torch.empty_like(v)
+    return v.new_empty(v.shape)  # contiguous, as every implementation's output (see above)
 
 
 @_recurrent_op.register_kernel("cuda")

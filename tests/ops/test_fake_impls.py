@@ -98,14 +98,23 @@ def _gdn_inputs(lens, n_slots=9):
     return q, k, v, g, beta, cache, cu
 
 
+def _permuted(v):
+    """``v`` with the same values, dense but not contiguous (strides (1, T*V, T)): the
+    layout Qwen3-Next's value projection reaches the op in (a fake that kept it, as
+    ``empty_like`` does, failed inductor's stride assert in the conformance matrix)."""
+    return v.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+
+
 def _chunk_gated_delta_rule_cases():
     q, k, v, g, beta, cache, cu = _gdn_inputs([5, 9])
     yield "varlen", (q, k, v, g, beta, cache, cu, torch.tensor([3, 7], dtype=torch.int32), None, None, None, 0.3, True)
+    yield "permuted_v", (q, k, _permuted(v), g, beta, cache, cu, torch.tensor([3, 7], dtype=torch.int32), None, None, None, 0.3, True)
 
 
 def _recurrent_gated_delta_rule_cases():
     q, k, v, g, beta, cache, _ = _gdn_inputs([1, 1, 1])
     yield "decode_padded_slot", (q, k, v, g, beta, cache, None, torch.tensor([4, -1, 2], dtype=torch.int32), None, 0.3, False)
+    yield "permuted_v", (q, k, _permuted(v), g, beta, cache, None, torch.tensor([4, -1, 2], dtype=torch.int32), None, 0.3, False)
 
 
 def _moe_gating_topk_cases():
