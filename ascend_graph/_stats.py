@@ -31,6 +31,7 @@ def _fresh() -> dict[str, Any]:
         "eager_fallbacks": 0,
         "fallback_reasons": {},
         "capture_failures": 0,
+        "pass_failures": {},
         "cache": {"hits": 0, "misses": 0, "corrupt": 0, "mismatches": 0, "errors": 0, "read_only": 0, "rebuilds": {}, "load_seconds": 0.0},
         "precompiled": {"built": 0, "loaded": 0},
         "groups": {"created": 0, "reused": 0, "destroyed": 0},
@@ -100,6 +101,14 @@ def record_capture_failure(key: str, reason: str) -> None:
     with _lock:
         _state["capture_failures"] += 1
         _state["buckets"][key] = {"failed": reason}
+
+
+def record_pass_failure(name: str, reason: str) -> None:
+    """A fusion pass raised: its graph was put back as it was before the pass."""
+    with _lock:
+        entry = _state["pass_failures"].setdefault(name, {"count": 0, "last": ""})
+        entry["count"] += 1
+        entry["last"] = reason
 
 
 def record_replay(n: int = 1) -> None:

@@ -6,6 +6,13 @@ padding -> cleanup. Each pass is timed; its rewrite count goes to ``stats()``
 after each pass is written as ``{graph_id}.{index:02d}.{pass}.{before|after}.py``; with
 ``debug`` the graph is linted after each pass.
 
+A fusion pass that raises does not fail the compile: the graph is put back as it was
+before that pass, the failure is counted in ``stats()["pass_failures"]`` (pass name ->
+count and last error) and the remaining passes run (with ``debug`` the error is raised
+instead). Left to propagate, the error reached Dynamo, which turns a backend error into
+a graph break and a run of smaller graphs (seen: GptOss under ``dynamic=True`` split into
+12 graphs whose outputs were wrong).
+
 Each run leaves ``last_records`` (name, family, rewrites, seconds per pass). The graph
 cache stores them with an entry; a hit that loads the compiled graph without running
 the passes hands them to :meth:`PassManager.restore`, so ``stats()`` counts the same
@@ -20,6 +27,7 @@ this config). The table below is the only place a family is named.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import logging
@@ -67,7 +75,7 @@ class PassManager:
             if self.dump_dir:
                 self._dump(gm, graph_id, index, p.name, "before")
             start = time.perf_counter()
-            n = int(p(gm.graph))
+            n = self._run_contained(p, gm)
             seconds = time.perf_counter() - start
             counts[p.name] = counts.get(p.name, 0) + n
             records.append({"name": p.name, "family": p.family, "rewrites": n, "seconds": round(seconds, 6)})
@@ -85,6 +93,21 @@ class PassManager:
         self.last_counts = counts
         self.last_records = records
         return counts
+
+    def _run_contained(self, p: GraphPass, gm: torch.fx.GraphModule) -> int:
+        """Run ``p``; a fusion pass that raises leaves the graph as it found it (see above)."""
+        if self.debug or p.family is None or p.family == "padding":
+            return int(p(gm.graph))
+        saved = copy.deepcopy(gm.graph)  # nodes and meta dicts copied; meta values shared
+        try:
+            return int(p(gm.graph))
+        except Exception as e:
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            log.warning("fusion pass %s raised (%s); the graph is left as it was before the pass", p.name, reason)
+            _stats.record_pass_failure(p.name, reason)
+            gm.graph = saved
+            gm.recompile()
+            return 0
 
     def restore(self, records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
         """Count a stored run's rewrites in ``stats()`` without running the passes (0 s each)."""

@@ -137,3 +137,30 @@ def test_pass_uuids_are_the_same_in_every_process():
     code = "from ascend_graph.passes.manager import build_pass_manager as b; from ascend_graph.config import AscendConfig as C; print(b(C()).uuid())"
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout.strip() for _ in range(2)}
     assert len(runs) == 1 and "" not in runs
+
+
+class HalfDoneFusion(GraphPass):
+    """A fusion pass that rewrites one node (relu -> sigmoid), then raises, as a pattern
+    replacement that fails half way through a graph would."""
+
+    name, family = "half_done", "attention"
+
+    def __call__(self, graph):
+        node = next(n for n in graph.nodes if n.target == torch.ops.aten.relu.default)
+        node.target = torch.ops.aten.sigmoid.default
+        raise RuntimeError("replacement raised on a data-dependent value")
+
+
+def test_a_fusion_pass_that_raises_leaves_the_graph_as_it_was_and_is_counted():
+    gm = graph()
+    x = torch.randn(3, 4)
+    ref = gm(x)
+    log = []
+    counts = PassManager([HalfDoneFusion(), CountingPass("after", log, family="moe", n=0)])(gm)
+    assert counts == {"half_done": 0, "after": 0} and log == ["after"]  # later passes still run
+    assert torch.ops.aten.sigmoid.default not in [n.target for n in gm.graph.nodes]
+    torch.testing.assert_close(gm(x), ref)  # the half-done rewrite is gone
+    failures = ascend_graph.stats()["pass_failures"]
+    assert failures["half_done"]["count"] == 1 and "data-dependent" in failures["half_done"]["last"]
+    with pytest.raises(RuntimeError, match="data-dependent"):  # debug surfaces it
+        PassManager([HalfDoneFusion()], debug=True)(graph())

@@ -435,6 +435,11 @@ def _int_args_hold(match: Match) -> bool:
 def _supported(match: Match, *, causal: bool, form: str, mask: bool, scale: bool) -> bool:
     if form in _RETRACE_FREE_FORMS and not _int_args_hold(match):
         return False
+    # the op takes the scale as a float: a scale that is a graph value (a tensor, or a
+    # symbolic float under dynamic shapes) cannot be one, and float() on it at replacement
+    # time raised inside the backend (GptOss, dynamic=True)
+    if "scale" in match.kwargs and not isinstance(match.kwargs["scale"], (int, float)):
+        return False
     q, k, v = _val(match, "q"), _val(match, "k"), _val(match, "v")
     if q is None or k is None or v is None:
         return False
