@@ -425,13 +425,11 @@ class VllmRopeNativePass(GraphPass):
         self.explain_node = config.explain_node
 
     def __call__(self, graph: torch.fx.Graph) -> int:
-        from ..passes.fusion.norm_rope import _graph_device
+        from ..passes.fusion.norm_rope import _graph_device, resolved_codegen
         from ..passes.pattern import PatternPass
 
-        device = _graph_device(graph)
-        codegen = self.codegen if self.codegen != "auto" else ("fx" if device == "npu" else "inductor")
         rows = vllm_rope_rows()
-        if codegen != "inductor" or not rows:
+        if resolved_codegen(_graph_device(graph), self.codegen) != "inductor" or not rows:
             return 0
         return PatternPass(self.name, "norm_rope", rows, explain_node=self.explain_node)(graph)
 

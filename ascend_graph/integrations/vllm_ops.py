@@ -81,6 +81,7 @@ from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto
 
 import vllm.model_executor.layers.attention.attention  # noqa: F401  (registers vllm::unified_attention_with_output)
 import vllm.model_executor.layers.fused_moe.runner.moe_runner  # noqa: F401  (registers vllm::moe_forward*)
+from vllm.distributed.kv_transfer import has_kv_transfer_group
 from vllm.utils.torch_utils import LayerName
 
 from .. import ops as _ops  # noqa: F401  (registers ascend_graph::paged_attention, moe_*)
@@ -100,6 +101,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("ascend_graph.integrations.vllm_ops")
+
+#: vLLM's attention module (imported above), looked up once: the op calls into it every layer
+_VLLM_ATTENTION = sys.modules["vllm.model_executor.layers.attention.attention"]
 
 ATTN = torch.ops.vllm.unified_attention_with_output.default
 KV_UPDATE = torch.ops.vllm.unified_kv_cache_update.default
@@ -274,26 +278,15 @@ def _vllm_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, l
     breakable-CUDA-graph breaks), the Python functions vLLM registered as those two ops are
     called, decorators included, without a dispatcher round trip each."""
     output = query.new_empty(query.shape)
-    module = _vllm_attention_module()
-    if query.device.type == "cpu" and not _kv_transfer_active():
-        metadata, layer, kv_cache, slot_mapping = module.get_attention_context(layer_name.value)
+    if query.device.type == "cpu" and not has_kv_transfer_group():
+        metadata, layer, kv_cache, slot_mapping = _VLLM_ATTENTION.get_attention_context(layer_name.value)
         if slot_mapping is not None:
             layer.impl.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         layer.impl.forward(layer, query, key, value, kv_cache, metadata, output=output)
         return output
-    dep = module.unified_kv_cache_update(key, value, layer_name)
-    module.unified_attention_with_output(query, key, value, output, layer_name, kv_cache_dummy_dep=dep)
+    dep = _VLLM_ATTENTION.unified_kv_cache_update(key, value, layer_name)
+    _VLLM_ATTENTION.unified_attention_with_output(query, key, value, output, layer_name, kv_cache_dummy_dep=dep)
     return output
-
-
-def _kv_transfer_active() -> bool:
-    from vllm.distributed.kv_transfer import has_kv_transfer_group
-
-    return has_kv_transfer_group()
-
-
-def _vllm_attention_module() -> Any:
-    return sys.modules["vllm.model_executor.layers.attention.attention"]  # imported above
 
 
 def _vllm_paged_attention_fake(query, key, value, layer_name, num_kv_heads, head_size, kv_layout, scale, window):

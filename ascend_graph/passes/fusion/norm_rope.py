@@ -735,10 +735,14 @@ def fuse_moe_combine_norm(graph: torch.fx.Graph, explain_node: str | None = None
 # the per-device decision and the pass
 
 
+def resolved_codegen(device_type: str | None, codegen: str) -> str:
+    """The codegen a graph on ``device_type`` gets: ``auto`` is fx on the NPU, else inductor."""
+    return codegen if codegen != "auto" else ("fx" if device_type == "npu" else "inductor")
+
+
 def device_policy(device_type: str | None, codegen: str) -> str | None:
     """None where the family applies; else the reason it is skipped (goes to stats())."""
-    resolved = codegen if codegen != "auto" else ("fx" if device_type == "npu" else "inductor")
-    if device_type == "cpu" and resolved == "inductor":
+    if device_type == "cpu" and resolved_codegen(device_type, codegen) == "inductor":
         return "cpu+inductor: inductor's fused loops beat the ops' plain-torch CPU references"
     return None
 
