@@ -89,6 +89,12 @@ def run_case(arch_name: str, dtype_name: str, dynamic: bool, device: str) -> dic
     row["capture_failures"] = st["capture_failures"]
     row["eager_fallbacks"] = st["eager_fallbacks"]
     row["fallback_reasons"] = st["fallback_reasons"]
+    # why captures failed (the first distinct reasons), and passes that raised
+    reasons = sorted({v["failed"] for v in st["buckets"].values() if isinstance(v, dict) and "failed" in v})
+    if reasons:
+        row["capture_errors"] = reasons[:3]
+    if st.get("pass_failures"):
+        row["pass_failures"] = {k: v["last"][:200] for k, v in st["pass_failures"].items()}
     row["compile_seconds"] = st["compile_seconds"]
     # where compile time goes: our passes (per pass) vs the rest (Dynamo, AOT, inductor)
     row["pass_seconds"] = {name: round(p["seconds"], 2) for name, p in st["passes"].items()}
@@ -237,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
             print("| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    notes = [r for r in rows if r.get("capture_errors") or r.get("pass_failures") or r.get("error")]
+    if notes:
+        print()
+        print("Why (capture errors, pass failures, case errors):")
+        for r in notes:
+            why = r.get("capture_errors") or r.get("pass_failures") or r.get("error")
+            print(f"- {r['arch']}/{r['dtype']}/{'dyn' if r['dynamic'] else 'static'}: {why}")
     print()
     print(_summary(rows, device, seconds))
     return 0

@@ -199,60 +199,116 @@ def contained_capture(api: Any, device: torch.device, graph: Any, fn: Callable[[
         begin["pool"] = pool
     saved_rng = _save_rng(api, device)
     unended: BaseException | None = None  # capture_end's error, for a capture it could not end
+    unrouted = True  # whether the allocator's routing to the pool is known to be gone
+    begun = False
+    error: BaseException | None = None
     with api.stream(stream):
-        graph.capture_begin(**begin)
         try:
-            outputs = fn()
-        except BaseException as first:
-            unended = _end_failed_capture(api, device, graph, stream, pool)
-            error: BaseException | None = first
-        else:
-            error = None
+            graph.capture_begin(**begin)
+            begun = True
+        except BaseException as e:
+            # capture_begin registers the RNG generators and begins the stream capture
+            # before the allocator may refuse the pool (torch 2.11: "beginAllocateToPool:
+            # already recording to mempool_id"): the generator is then in capture mode
+            error = e
+            _end_half_begun_capture(api, device, graph, e)
+        if begun:
             try:
-                graph.capture_end()
-            except BaseException as e:
-                unended = error = e
-                _unroute_pool(api, device, graph, pool, e)
-    if unended is not None:
+                outputs = fn()
+            except BaseException as first:
+                unended, unrouted = _end_failed_capture(api, device, graph, stream, pool)
+                error = first
+            else:
+                try:
+                    graph.capture_end()
+                except BaseException as e:
+                    unended = error = e
+                    unrouted = _unroute_pool(api, device, graph, pool, e)
+    if unended is not None or not begun:
         _drop_capture_state(graph)
         _restore_rng(api, device, saved_rng)
+    if not unrouted:
+        _retire_pool(device, graph, pool)
     if error is not None:
         raise error
     prev.wait_stream(stream)
     return outputs
 
 
-def _end_failed_capture(api: Any, device: torch.device, graph: Any, stream: Any, pool: Any) -> BaseException | None:
+def _end_failed_capture(api: Any, device: torch.device, graph: Any, stream: Any, pool: Any) -> tuple[BaseException | None, bool]:
     """End a capture whose function raised, as ``torch.cuda.graph.__exit__`` would, but
     without letting a second error hide the first or leave state behind. Returns
-    ``capture_end``'s error where the capture could not be ended cleanly."""
+    ``capture_end``'s error where the capture could not be ended cleanly (else None), and
+    whether the allocator's routing to the pool is known to be gone."""
     try:
         if hasattr(api, "set_stream") and api.current_stream(device) != stream:
             api.set_stream(stream)  # capture_end checks it runs on the capture stream
         graph.capture_end()
-        return None
+        return None, True
     except BaseException as e:  # the driver invalidated the capture: it has ended without bookkeeping
-        _unroute_pool(api, device, graph, pool, e)
-        return e
+        return e, _unroute_pool(api, device, graph, pool, e)
 
 
-def _unroute_pool(api: Any, device: torch.device, graph: Any, pool: Any, error: BaseException) -> None:
+def _end_half_begun_capture(api: Any, device: torch.device, graph: Any, error: BaseException) -> None:
+    """``capture_begin`` raised: end the stream capture it may have begun (its
+    ``capture_end`` also runs the RNG epilogue), or turn graphs off if the stream stays
+    captured."""
+    log.warning("a capture could not begin (%s: %s); restoring the RNG state", type(error).__name__, error)
+    capturing = getattr(api, "is_current_stream_capturing", None)
+    if capturing is None or not capturing():
+        return
+    try:
+        graph.capture_end()
+    except Exception as e:
+        log.warning("ending the half-begun capture raised (%s: %s)", type(e).__name__, e)
+    if capturing():
+        _disable_device(device, f"a capture that could not begin left its stream capturing ({type(error).__name__}: {error})")
+
+
+def _unroute_pool(api: Any, device: torch.device, graph: Any, pool: Any, error: BaseException) -> bool:
+    """Remove the allocator's routing to the pool of a capture that could not be ended.
+    Returns whether it is known to be gone (else the caller retires the pool)."""
     log.warning("a failed capture could not be ended cleanly (%s: %s); restoring the allocator and RNG state", type(error).__name__, error)
     capturing = getattr(api, "is_current_stream_capturing", None)
     if capturing is not None and capturing():
         # the driver still records this stream: nothing on it can run until the process ends
         _disable_device(device, f"a capture could not be ended ({type(error).__name__}: {error})")
-        return
+        return True
     # The allocator still routes allocations to the pool for a capture that is gone, through
     # a filter that points at this graph object: removed, or a later capture could consult
     # it after the graph is freed. (graph.pool() refuses after a failed capture: the id
     # passed in is the one; a private pool's id is only known to a successful capture.)
     end_allocate = _end_allocate_to_pool(api)
-    if end_allocate is not None:
-        try:
-            end_allocate(_index(api, device), tuple(pool) if pool is not None else graph.pool())
-        except Exception:  # capture_end got as far as its own endAllocateToPool
-            pass
+    if end_allocate is None:
+        log.warning("this torch has no endAllocateToPool binding: the failed capture's pool is retired")
+        return False
+    try:
+        end_allocate(_index(api, device), tuple(pool) if pool is not None else graph.pool())
+        return True
+    except Exception as e:
+        if "not currently recording" in str(e):  # capture_end got as far as its own endAllocateToPool
+            return True
+        log.warning("removing the failed capture's pool routing raised (%s: %s): the pool is retired", type(e).__name__, e)
+        return False
+
+
+#: graphs whose capture could not be ended and whose pool routing could not be removed:
+#: the allocator's routing filter may still refer to them, so they are never freed
+_UNENDED: list[Any] = []
+
+
+def _retire_pool(device: torch.device, graph: Any, pool: Any) -> None:
+    """The allocator may still route to ``pool`` for a capture that is gone: any later
+    ``capture_begin`` into that id raises ("already recording to mempool_id") after the
+    RNG generator entered capture mode. Keep the graph alive and, when ``pool`` is the
+    device's shared pool, have the device capture into a fresh one from now on (the
+    graphs already captured keep replaying from the old one)."""
+    from .pool import device_pool
+
+    _UNENDED.append(graph)
+    shared = device_pool(device)
+    if shared is not None and pool is not None and shared.current_handle is not None and tuple(pool) == tuple(shared.current_handle):
+        shared.retire("a failed capture's pool routing could not be removed")
 
 
 def _drop_capture_state(graph: Any) -> None:

@@ -99,6 +99,9 @@ class DevicePool:
         self.disabled: str | None = None
         #: NPU: the streams every graph of the device holds, against one budget
         self.streams: StreamLedger | None = None
+        #: pools retired after a failed capture (see :meth:`retire`), kept alive with their keepers
+        self._retired: list[tuple[Any, Any]] = []
+        self.retired = 0
 
     def stream_ledger(self, budget: int) -> StreamLedger:
         """The device's stream ledger; the smallest budget any compile asked for holds."""
@@ -122,6 +125,20 @@ class DevicePool:
             self._keeper = self._capture_keeper(handle)
             self._handle = handle
         return self._handle
+
+    @property
+    def current_handle(self) -> Any:
+        """The pool id captures now go to (None before the first capture)."""
+        return self._handle
+
+    def retire(self, reason: str) -> None:
+        """Capture into a fresh pool from now on; the old one (and its keeper graph) stays
+        alive for the graphs captured into it. Used when a failed capture left the
+        allocator routing to the pool (torch gives no way to query or clear that)."""
+        log.warning("graph pool %s of %s retired (%s); later captures use a new pool", self._handle, self.device, reason)
+        self._retired.append((self._handle, self._keeper))
+        self._handle, self._keeper = None, None
+        self.retired += 1
 
     def _capture_keeper(self, handle: Any) -> tuple[Any, torch.Tensor]:
         new = getattr(self.api, "CUDAGraph", None) or self.api.NPUGraph

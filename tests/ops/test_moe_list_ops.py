@@ -149,7 +149,10 @@ def test_list_experts_cuda(dtype, tokens, split):
     out = ops.moe_dispatch_ffn_combine_list(x, w, ids, w1, w3, w2, "silu", mask)
     cpu = lambda ts: [v.cpu().double() for v in ts]  # noqa: E731
     ref = moe.experts_list_reference(x.cpu().double(), w.cpu().double(), ids.cpu(), cpu(w1), cpu(w3), cpu(w2), "silu", mask.cpu())
-    torch.testing.assert_close(out.cpu().double(), ref, atol=1e-4 if dtype == torch.float32 else 3e-2, rtol=1e-4 if dtype == torch.float32 else 3e-2)
+    # bf16: the gate/up product is stored in bf16 between the two GEMMs (as the stacked
+    # op's), so compare against the output's scale, not element by element
+    err = ((out.cpu().double() - ref).abs().max() / ref.abs().max()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
     assert torch.count_nonzero(out[~mask]) == 0
 
 
@@ -173,4 +176,5 @@ def test_list_experts_one_cuda_graph_serves_any_routing():
         out.fill_(float("nan"))
         g.replay()
         ref = moe.experts_list_reference(*[v.cpu().float() if v.is_floating_point() else v.cpu() for v in new], [v.cpu().float() for v in w1], [v.cpu().float() for v in w3], [v.cpu().float() for v in w2])
-        torch.testing.assert_close(out.cpu().float(), ref, atol=3e-2, rtol=3e-2)
+        err = ((out.cpu().float() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-2, (seed, err)

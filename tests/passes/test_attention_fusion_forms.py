@@ -161,3 +161,65 @@ def test_eager_softmax_over_query_dim_not_fused():
     out, ref = _run(softmax_over_queries, q, k, v, mask)
     assert _count() == 0
     torch.testing.assert_close(out, ref)
+
+
+# --------------------------------------------------------------------------- CUDA's aligned bias
+
+
+def _efficient_with_aligned_bias(q, k, v, keep):
+    """What torch 2.11 traces for an fp32 GQA model with a mask on CUDA (read from the
+    H200's graph): repeat_kv, the mask as an additive bias padded to an aligned last dim
+    and sliced back, expanded to every head, then the efficient kernel."""
+    aten = torch.ops.aten
+    b, nkv, s, d = k.shape
+    n = q.shape[1] // nkv
+
+    def rep(x):
+        return aten.view(aten.clone(aten.expand(aten.unsqueeze(x, 2), [b, nkv, n, s, d]), memory_format=torch.contiguous_format), [b, nkv * n, s, d])
+
+    bias = aten.where(keep, torch.zeros((), dtype=q.dtype, device=q.device), torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+    skv = keep.shape[-1]
+    pad = (-skv) % 16
+    if pad:
+        bias = aten.slice(aten.constant_pad_nd(bias, [0, pad], 0.0), -1, 0, skv)
+    bias = aten.expand(bias, [b, nkv * n, q.shape[2], skv])
+    out = aten._scaled_dot_product_efficient_attention(q, rep(k), rep(v), bias, False, scale=0.17)[0]
+    return aten.view(aten.permute(out, [0, 2, 1, 3]), [b, q.shape[2], -1])
+
+
+def _fake_graph(fn, *args):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    gm.graph.eliminate_dead_code()  # the unused outputs of the SDPA op, as AOT leaves the graph
+    return gm
+
+
+@pytest.mark.parametrize("s", [9, 16])
+def test_cuda_aligned_bias_form_fused_and_the_mask_reaches_the_op(s):
+    from ascend_graph.passes.fusion import attention as A
+
+    q, k, v = _qkv(nq=8, nkv=2, s=s, d=64)
+    keep = _mask(3, s, s, window=4)
+    gm = _fake_graph(_efficient_with_aligned_bias, q, k, v, keep)
+    assert any(n.target is torch.ops.aten.constant_pad_nd.default for n in gm.graph.nodes) == (s % 16 != 0)
+    p = A.make_pass(ascend_graph.AscendConfig())
+    assert p(gm.graph) == 1
+    gm.graph.eliminate_dead_code()
+    ops = [n for n in gm.graph.nodes if n.target is torch.ops.ascend_graph.attention.default]
+    assert len(ops) == 1
+    mask = ops[0].args[3].meta["val"]
+    assert tuple(mask.shape) == (3, 1, s, s)  # the model's mask, not the padded per-head bias
+    assert not any(n.target in A._BIAS_OPS or n.target is torch.ops.aten.constant_pad_nd.default for n in gm.graph.nodes)
+
+
+def test_cuda_aligned_bias_is_put_back_where_nothing_fused():
+    """A node the table does not take (head dim 24) keeps its aligned bias."""
+    from ascend_graph.passes.fusion import attention as A
+
+    q, k, v = _qkv(nq=8, nkv=2, s=9, d=24)
+    gm = _fake_graph(_efficient_with_aligned_bias, q, k, v, _mask(3, 9, 9, window=4))
+    before = [n for n in gm.graph.nodes if n.target in A._BIAS_OPS][0].args[3]
+    assert A.make_pass(ascend_graph.AscendConfig())(gm.graph) == 0
+    node = [n for n in gm.graph.nodes if n.target in A._BIAS_OPS][0]
+    assert node.args[3] is before and before.target is torch.ops.aten.expand.default

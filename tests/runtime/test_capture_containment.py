@@ -230,6 +230,69 @@ def test_a_capture_that_cannot_be_ended_turns_graphs_off_for_the_device(monkeypa
     assert api.current is api.default
 
 
+class SharedPool:
+    """The device pool's retire protocol, as contained_capture uses it."""
+
+    def __init__(self, handle):
+        self.current_handle = handle
+        self.reasons: list = []
+
+    def retire(self, reason):
+        self.reasons.append(reason)
+        self.current_handle = None
+
+
+@pytest.mark.parametrize("binding", ["missing", "raises"])
+def test_a_pool_whose_routing_cannot_be_removed_is_retired(monkeypatch, binding):
+    """Seen on torch 2.11 (H200): after an invalidated capture the allocator still routed to
+    the shared pool, and the next capture into it failed in capture_begin ("already
+    recording to mempool_id") with the RNG generator left in capture mode. The shared pool
+    is now retired (later captures go to a fresh one) and the graph kept alive."""
+    api = FakeApi()
+    if binding == "missing":
+        monkeypatch.setattr(graphs, "_end_allocate_to_pool", lambda api_: None)
+    else:
+        def refuses(device, pool):
+            raise TypeError("incompatible function arguments")
+        monkeypatch.setattr(graphs, "_end_allocate_to_pool", lambda api_: refuses)
+    shared = SharedPool(("shared",))
+    monkeypatch.setattr(pools, "device_pool", lambda device: shared)
+    g = Graph(api, "g", end_fails=True)
+    with pytest.raises(RuntimeError, match="invalidated"):
+        contained_capture(api, CPU, g, lambda: torch.ones(1), pool=("shared",), stream=side(api))
+    assert shared.current_handle is None and len(shared.reasons) == 1
+    assert graphs._UNENDED[-1] is g
+    assert not api.rng_capture_mode and api.current is api.default
+
+
+class RefusesPool(Graph):
+    """capture_begin as torch 2.11's: the RNG prologue and the stream capture begin, then
+    the allocator refuses a pool that is still routed."""
+
+    def capture_begin(self, pool=None, capture_error_mode="global"):
+        self.stream = self.api.current
+        self.api.capturing = True
+        self.api.rng_capture_mode = True
+        self.begun_pool = self.routing_id(pool)
+        raise RuntimeError("beginAllocateToPool: already recording to mempool_id")
+
+    def capture_end(self):
+        self.api.capturing = False
+        self.api.rng_capture_mode = False
+        self.api.log.append(("end", self.name))
+
+
+def test_a_capture_that_cannot_begin_ends_its_stream_capture_and_restores_rng():
+    api = FakeApi()
+    g = RefusesPool(api, "g")
+    ran = []
+    with pytest.raises(RuntimeError, match="already recording"):
+        contained_capture(api, CPU, g, lambda: ran.append(1), pool=("shared",), stream=side(api))
+    assert ran == []  # the function never ran
+    assert ("end", "g") in api.log and ("reset", "g") in api.log
+    assert not api.capturing and not api.rng_capture_mode and api.current is api.default
+
+
 def test_a_successful_capture_returns_outputs_and_restores_the_stream():
     api = FakeApi()
     g = Graph(api, "g")

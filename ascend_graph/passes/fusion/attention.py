@@ -557,7 +557,70 @@ def _rows() -> list[Fusion]:
 FUSIONS: tuple[Fusion, ...] = tuple(_rows())
 
 
+#: SDPA kernels whose ``attn_bias`` (argument 3) CUDA pads to an aligned last dim
+_BIAS_OPS = {aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default}
+
+
+def _padded_bias_source(bias: Any) -> Optional[torch.fx.Node]:
+    """The mask under CUDA's bias alignment and head expansion, or None.
+
+    SDPA's CUDA dispatch expands the bias to every head and, for a key length that is not
+    a multiple of 16, first pads its last dim and slices the pad off again (aligned rows):
+    ``expand(slice(constant_pad_nd(m, [0, p]), -1, 0, L), [B, H, S, L])``, or
+    ``expand(m, [B, H, S, L])``. What the model gave is ``m`` (``[B|1, 1, S, L]``): the op
+    takes it as is (its heads broadcast).
+    """
+    if not isinstance(bias, torch.fx.Node) or bias.target is not aten.expand.default:
+        return None
+    m = bias.args[0]
+    if isinstance(m, torch.fx.Node) and m.target is aten.slice.Tensor:
+        padded, dim, start, end = (list(m.args) + [0, 0, None])[:4]
+        step = m.args[4] if len(m.args) > 4 else 1
+        if not isinstance(padded, torch.fx.Node) or padded.target is not aten.constant_pad_nd.default:
+            return None
+        m, pad = padded.args[0], list(padded.args[1])
+        val = m.meta.get("val") if isinstance(m, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor) or len(pad) != 2 or pad[0] != 0:
+            return None
+        if dim not in (-1, val.dim() - 1) or start != 0 or step != 1 or end is None or not _static_eq(end, val.shape[-1]):
+            return None
+    val = m.meta.get("val") if isinstance(m, torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() != 4:
+        return None
+    sizes = list(bias.args[1])
+    if len(sizes) != 4 or not all(_static_eq(a, 1) or _static_eq(a, b) or b == -1 for a, b in zip(val.shape, sizes)):
+        return None
+    return m
+
+
+class AttentionPass(PatternPass):
+    """The table, with CUDA's aligned-bias form of a mask taken back to the mask first.
+
+    The bias argument of every efficient/cuDNN SDPA node is pointed at the model's mask
+    (:func:`_padded_bias_source`) for the match, and put back on each node that did not
+    fuse: their kernels need the aligned rows. fp32 models reach those kernels on CUDA
+    (no flash kernel for fp32) with a mask, so without this none of their layers fused.
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> int:
+        swapped: list[tuple[torch.fx.Node, Any]] = []
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target in _BIAS_OPS and len(node.args) > 3:
+                m = _padded_bias_source(node.args[3])
+                if m is not None:
+                    swapped.append((node, node.args[3]))
+                    node.update_arg(3, m)
+        try:
+            return super().__call__(graph)
+        finally:
+            if swapped:
+                alive = set(graph.nodes)
+                for node, bias in swapped:
+                    if node in alive:
+                        node.update_arg(3, bias)
+
+
 def make_pass(config: AscendConfig) -> Optional[GraphPass]:
     if "attention" not in config.fusions:
         return None
-    return PatternPass("attention_fusion", "attention", FUSIONS, explain_node=config.explain_node)
+    return AttentionPass("attention_fusion", "attention", FUSIONS, explain_node=config.explain_node)

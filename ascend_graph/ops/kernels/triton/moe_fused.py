@@ -62,6 +62,7 @@ import triton
 import triton.language as tl
 
 from .moe_gating import pdl_launch
+from ....errors import UnsupportedError
 
 __all__ = ["MoeConfig", "CONFIGS", "config_for", "align_blocks", "max_blocks", "fused_experts", "triton_supported"]
 
@@ -524,6 +525,9 @@ def fused_experts(
     else:
         sorted_pairs, block_expert = align_blocks(topk_ids, e, bm, active_mask, cfg.pdl)
         n_blocks = block_expert.shape[0]
+    if activation not in _ACT_IDS:
+        # the clipped SwiGLU (interleaved gate/up, expert biases) runs in the sorted path
+        raise UnsupportedError("activation not in the fused Triton experts", expected=f"one of {tuple(_ACT_IDS)}", got=repr(activation))
     act = _ACT_IDS[activation]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     pdl = pdl_launch(cfg.pdl, x.device)
