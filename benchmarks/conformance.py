@@ -100,6 +100,13 @@ def run_case(arch_name: str, dtype_name: str, dynamic: bool, device: str) -> dic
     row["pass_seconds"] = {name: round(p["seconds"], 2) for name, p in st["passes"].items()}
     row["capture_seconds"] = st["capture_seconds"]
     row["max_rel_err"] = worst if row["compiled"] else None
+    if row["compiled"] and worst > TOLERANCE[dtype_name]:
+        # is the error ours? the same model under plain inductor, same shapes and batches
+        torch._dynamo.reset()
+        plain = torch.compile(model, backend="inductor", dynamic=dynamic)
+        with torch.no_grad():
+            errs = [((forward_output(arch, plain, ids).float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item() for ids, ref in zip(inputs, refs)]
+        row["inductor_rel_err"] = max(errs)
     return row
 
 
@@ -243,12 +250,14 @@ def main(argv: list[str] | None = None) -> int:
             print("| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    notes = [r for r in rows if r.get("capture_errors") or r.get("pass_failures") or r.get("error")]
+    notes = [r for r in rows if r.get("capture_errors") or r.get("pass_failures") or r.get("error") or "inductor_rel_err" in r]
     if notes:
         print()
         print("Why (capture errors, pass failures, case errors):")
         for r in notes:
             why = r.get("capture_errors") or r.get("pass_failures") or r.get("error")
+            if "inductor_rel_err" in r:
+                why = f"max rel err {r['max_rel_err']:.1e} vs plain inductor's {r['inductor_rel_err']:.1e} on the same batches"
             print(f"- {r['arch']}/{r['dtype']}/{'dyn' if r['dynamic'] else 'static'}: {why}")
     print()
     print(_summary(rows, device, seconds))
