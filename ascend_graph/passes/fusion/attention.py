@@ -561,6 +561,11 @@ FUSIONS: tuple[Fusion, ...] = tuple(_rows())
 _BIAS_OPS = {aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default}
 
 
+def _meta_value(x: Any) -> Any:
+    """An int argument as written, or the (symbolic) value of the node computing it."""
+    return x.meta.get("val") if isinstance(x, torch.fx.Node) else x
+
+
 def _padded_bias_source(bias: Any) -> Optional[torch.fx.Node]:
     """The mask under CUDA's bias alignment and head expansion, or None.
 
@@ -582,13 +587,13 @@ def _padded_bias_source(bias: Any) -> Optional[torch.fx.Node]:
         val = m.meta.get("val") if isinstance(m, torch.fx.Node) else None
         if not isinstance(val, torch.Tensor) or len(pad) != 2 or pad[0] != 0:
             return None
-        if dim not in (-1, val.dim() - 1) or start != 0 or step != 1 or end is None or not _static_eq(end, val.shape[-1]):
+        if dim not in (-1, val.dim() - 1) or start != 0 or step != 1 or end is None or not _static_eq(_meta_value(end), val.shape[-1]):
             return None
     val = m.meta.get("val") if isinstance(m, torch.fx.Node) else None
     if not isinstance(val, torch.Tensor) or val.dim() != 4:
         return None
-    sizes = list(bias.args[1])
-    if len(sizes) != 4 or not all(_static_eq(a, 1) or _static_eq(a, b) or b == -1 for a, b in zip(val.shape, sizes)):
+    sizes = [_meta_value(b) for b in bias.args[1]]
+    if len(sizes) != 4 or not all(_static_eq(a, 1) or _static_eq(a, b) or (isinstance(b, int) and b == -1) for a, b in zip(val.shape, sizes)):
         return None
     return m
 
