@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +129,7 @@ def _spawn(case: tuple[str, str, bool], device: str, timeout: float, threads: in
     # N processes share the machine's cores: no process may spread over all of them
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
+    env["CONFORMANCE_STACK_AFTER"] = str(max(timeout - 15, timeout * 0.9))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", arch, dtype, str(dynamic).lower(), "--device", device]
     t0 = time.perf_counter()
     base = {"arch": arch, "dtype": dtype, "dynamic": dynamic, "device": device, "compiled": False}
@@ -135,13 +137,30 @@ def _spawn(case: tuple[str, str, bool], device: str, timeout: float, threads: in
         return {**base, "error": "not run (budget spent)", "not_run": True}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {**base, "error": f"timeout after {timeout:.0f} s", "wall_seconds": time.perf_counter() - t0}
+    except subprocess.TimeoutExpired as e:
+        row = {**base, "error": f"timeout after {timeout:.0f} s", "wall_seconds": time.perf_counter() - t0}
+        where = _main_thread_frames(e.stderr)
+        if where:
+            row["stack"] = where
+        return row
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(MARK):
             return json.loads(line[len(MARK):])
     tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
     return {**base, "error": f"process exited {proc.returncode}: {tail[:200]}", "wall_seconds": time.perf_counter() - t0}
+
+
+def _main_thread_frames(stderr: Any, depth: int = 8) -> list[str]:
+    """The innermost frames of the main thread in a faulthandler dump (what a case that
+    timed out was doing 15 s before its end)."""
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else (stderr or "")
+    blocks = text.split("Thread 0x")
+    main = [b for b in blocks if "<module>" in b]
+    if not main:
+        return []
+    frames = [ln.strip().replace("File ", "") for ln in main[-1].splitlines()[1:] if ln.strip().startswith("File ")]
+    ours = [f for f in frames[depth:] if "ascend_graph" in f][:3]  # and the innermost of our own frames
+    return frames[:depth] + ours
 
 
 def _fmt_fusions(row: dict) -> str:
@@ -205,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         arch, dtype, dyn = args.child
+        dump_after = float(os.environ.get("CONFORMANCE_STACK_AFTER", "0"))
+        if dump_after > 0:  # a case about to time out says where it is (stderr, read by the parent)
+            import faulthandler
+
+            faulthandler.dump_traceback_later(dump_after, exit=False)
         row = run_case(arch, dtype, dyn == "true", args.device or "cpu")
         print(MARK + json.dumps(row), flush=True)
         return 0
@@ -256,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         print("Why (capture errors, pass failures, case errors):")
         for r in notes:
             why = r.get("capture_errors") or r.get("pass_failures") or r.get("error")
+            if r.get("stack"):
+                why = f"{why}; 15 s before: " + " <- ".join(r["stack"])
             if "inductor_rel_err" in r:
                 why = f"max rel err {r['max_rel_err']:.1e} vs plain inductor's {r['inductor_rel_err']:.1e} on the same batches"
             print(f"- {r['arch']}/{r['dtype']}/{'dyn' if r['dynamic'] else 'static'}: {why}")

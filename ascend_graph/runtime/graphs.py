@@ -227,8 +227,11 @@ def contained_capture(api: Any, device: torch.device, graph: Any, fn: Callable[[
     if unended is not None or not begun:
         _drop_capture_state(graph)
         _restore_rng(api, device, saved_rng)
-    if not unrouted:
-        _retire_pool(device, graph, pool)
+    if unended is not None or (not begun and "already recording" in str(error)):
+        # Even where endAllocateToPool returned, torch 2.11 (H200) still refused the next
+        # capture into the pool ("already recording to mempool_id"): a pool a capture
+        # could not end is never captured into again
+        _retire_pool(device, graph, pool, unrouted)
     if error is not None:
         raise error
     prev.wait_stream(stream)
@@ -292,12 +295,12 @@ def _unroute_pool(api: Any, device: torch.device, graph: Any, pool: Any, error: 
         return False
 
 
-#: graphs whose capture could not be ended and whose pool routing could not be removed:
-#: the allocator's routing filter may still refer to them, so they are never freed
+#: graphs whose capture could not be ended: the allocator's routing filter may still refer
+#: to them, so they are never freed
 _UNENDED: list[Any] = []
 
 
-def _retire_pool(device: torch.device, graph: Any, pool: Any) -> None:
+def _retire_pool(device: torch.device, graph: Any, pool: Any, unrouted: bool = False) -> None:
     """The allocator may still route to ``pool`` for a capture that is gone: any later
     ``capture_begin`` into that id raises ("already recording to mempool_id") after the
     RNG generator entered capture mode. Keep the graph alive and, when ``pool`` is the
@@ -305,10 +308,10 @@ def _retire_pool(device: torch.device, graph: Any, pool: Any) -> None:
     graphs already captured keep replaying from the old one)."""
     from .pool import device_pool
 
-    _UNENDED.append(graph)
+    _UNENDED.append(graph)  # the routing may outlive endAllocateToPool (above): keep what it may point at
     shared = device_pool(device)
     if shared is not None and pool is not None and shared.current_handle is not None and tuple(pool) == tuple(shared.current_handle):
-        shared.retire("a failed capture's pool routing could not be removed")
+        shared.retire("a capture into it could not be ended" if unrouted else "a failed capture's pool routing could not be removed")
 
 
 def _drop_capture_state(graph: Any) -> None:

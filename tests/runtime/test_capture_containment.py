@@ -265,6 +265,27 @@ def test_a_pool_whose_routing_cannot_be_removed_is_retired(monkeypatch, binding)
     assert not api.rng_capture_mode and api.current is api.default
 
 
+def test_a_pool_a_capture_could_not_end_is_retired_even_when_its_routing_was_removed(monkeypatch):
+    """torch 2.11 (H200): endAllocateToPool returned, yet the next capture into the pool
+    still raised "already recording to mempool_id". The pool is not captured into again."""
+    api = FakeApi()
+    shared = SharedPool(("shared",))
+    monkeypatch.setattr(pools, "device_pool", lambda device: shared)
+    with pytest.raises(RuntimeError, match="invalidated"):
+        contained_capture(api, CPU, Graph(api, "g", end_fails=True), lambda: torch.ones(1), pool=("shared",), stream=side(api))
+    assert ("end_allocate", ("shared",)) in api.log and shared.current_handle is None
+    assert shared.reasons == ["a capture into it could not be ended"]
+
+
+def test_a_capture_refused_by_a_routed_pool_retires_it(monkeypatch):
+    api = FakeApi()
+    shared = SharedPool(("shared",))
+    monkeypatch.setattr(pools, "device_pool", lambda device: shared)
+    with pytest.raises(RuntimeError, match="already recording"):
+        contained_capture(api, CPU, RefusesPool(api, "g"), lambda: None, pool=("shared",), stream=side(api))
+    assert shared.current_handle is None and not api.rng_capture_mode
+
+
 class RefusesPool(Graph):
     """capture_begin as torch 2.11's: the RNG prologue and the stream capture begin, then
     the allocator refuses a pool that is still routed."""

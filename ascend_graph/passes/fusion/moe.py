@@ -88,6 +88,7 @@ from .norm_rope import _graph_device as graph_device  # the device a graph runs 
 
 __all__ = ["make_pass", "MoEFusion", "ROUTER_FUSIONS", "LOOP_FORMS", "expert_fusions", "expert_variants", "loop_fusion", "loop_variants", "LIST_LOOP_FORMS", "list_loop_fusion", "list_loop_variants", "list_loop_policy", "drop_nonzero_size_asserts", "shared_fusions", "shared_variants"]
 
+aten = torch.ops.aten
 log = logging.getLogger("ascend_graph.passes.fusion.moe")
 
 _ops = torch.ops.ascend_graph
@@ -181,6 +182,119 @@ def _experts_check(match: Match) -> bool:
     )
 
 
+def _same(a: Any, b: Any) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    a = a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+    b = b.meta.get("val") if isinstance(b, torch.fx.Node) else b
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return False
+
+
+def _experts_ints_hold(match: Match) -> bool:
+    """The ints a retrace-free experts row leaves as wildcards: histc over [0, E) in E bins,
+    the sentinel ``ids >= E``, ``perm // k``, zeros for the sentinel rows, gate/up split
+    in halves of the last dim, the sum over the k slots of ``[T, k, H]``."""
+    x, ids, w13 = (match.kwargs[n].meta.get("val") for n in ("x", "topk_ids", "w13"))
+    e, k, hidden = w13.shape[0], ids.shape[-1], x.shape[-1]
+    for node in match.nodes:
+        if node.op != "call_function":
+            continue
+        t, a = node.target, node.args
+        if t is aten.histc.default:
+            bins, lo, hi = (list(a[1:]) + [100, 0, 0])[:3]
+            if not (_same(bins, e) and lo == 0 and _same(hi, e - 1)):
+                return False
+        elif t is aten.ge.Scalar and not _same(a[1], e):
+            return False
+        elif t is aten.div.Tensor_mode and not _same(a[1], k):
+            return False
+        elif t is aten.scalar_tensor.default and a[0] != 0:
+            return False
+        elif t is aten.split.Tensor:
+            inp = a[0].meta.get("val")
+            dim = a[2] if len(a) > 2 else 0
+            if inp is None or dim not in (-1, inp.dim() - 1) or not _same(a[1] * 2 if isinstance(a[1], int) else None, inp.shape[-1]):
+                return False
+        elif t is aten.cumsum.default and a[1] != 0:
+            return False
+        elif t is aten.sum.dim_IntList:
+            inp = a[0].meta.get("val")
+            if list(a[1]) != [1] or inp is None or inp.dim() != 3 or not (_same(inp.shape[0], x.shape[0]) and _same(inp.shape[1], k) and _same(inp.shape[2], hidden)):
+                return False
+    return True
+
+
+def _experts_generic_check(match: Match) -> bool:
+    return _experts_check(match) and _experts_ints_hold(match)
+
+
+def hoist_sym_sizes(graph: torch.fx.Graph) -> int:
+    """Point every ``sym_size.int`` of an intermediate tensor at the graph's inputs.
+
+    Under dynamic shapes AOT reads sizes off intermediate tensors (HF's experts: the
+    ``T*k`` of ``topk_ids.reshape(-1)``, for the inverse permutation's ``empty``). Such a
+    read is one more user of a node inside a pattern, and the matcher refuses a match
+    whose inner nodes are used outside it: Mixtral's first MoE layer never fused under
+    ``dynamic=True``. A size that is an input's symbol times an integer (the common case)
+    is recomputed from that input (``sym_size`` of an input tensor, or the input SymInt
+    itself); anything else stays. Returns the reads moved."""
+    import operator
+
+    import sympy
+
+    symbols: dict[Any, tuple[torch.fx.Node, int | None]] = {}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders:
+        val = ph.meta.get("val")
+        if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol):
+            symbols.setdefault(val.node.expr, (ph, None))
+        elif isinstance(val, torch.Tensor):
+            for d, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                    symbols.setdefault(size.node.expr, (ph, d))
+    moved = 0
+    last_ph = placeholders[-1] if placeholders else None
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.sym_size.int or not isinstance(node.args[0], torch.fx.Node) or node.args[0].op == "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.SymInt):
+            continue
+        # a monomial: an integer times input symbols (T*k = 2*s0, or 2*s0*s1 with the
+        # sequence length symbolic too)
+        coeff, factors = val.node.expr.as_coeff_mul()
+        if not coeff.is_Integer or not factors or not all(isinstance(f, sympy.Symbol) and f in symbols for f in factors):
+            continue
+        insert_at = last_ph
+        new = None
+        for f in factors:
+            src, dim = symbols[f]
+            with graph.inserting_after(insert_at):
+                term = src if dim is None else graph.call_function(aten.sym_size.int, (src, dim))
+            if term is not src:
+                term.meta["val"] = src.meta["val"].shape[dim]
+                insert_at = term
+            if new is not None:
+                with graph.inserting_after(insert_at):
+                    prod = graph.call_function(operator.mul, (new, term))
+                prod.meta["val"] = new.meta["val"] * term.meta["val"]
+                insert_at = new = prod
+            else:
+                new = term
+        if int(coeff) != 1:
+            with graph.inserting_after(insert_at):
+                scaled = graph.call_function(operator.mul, (new, int(coeff)))
+            scaled.meta["val"] = val
+            new = scaled
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        moved += 1
+    return moved
+
+
 def _make_clipped_experts_pattern(mm: str, histc_float: bool):
     """HF ``grouped_mm_experts_forward`` as GptOss configures it (``has_bias``,
     ``is_transposed``: weights ``[E, H, 2I]`` / ``[E, I, H]``) with its ``_apply_gate``:
@@ -257,7 +371,13 @@ def expert_fusions(mm: str, histc_float: bool, dtype: torch.dtype) -> list[Fusio
     for activation in _ACT_FNS:
         pattern = _make_experts_pattern(mm, histc_float, activation)
         name = f"{pattern.__name__}_{str(dtype).removeprefix('torch.')}"
-        rows.append(Fusion(name, pattern, _make_experts_replacement(activation), _experts_inputs(dtype), _experts_check))
+        # retrace=False: under dynamic shapes the graph computes the token count, the
+        # arange and the views' sizes from symbolic sizes, which a re-trace at the
+        # graph's shapes writes otherwise (it matched static graphs only, and the experts
+        # of every dynamic MoE graph stayed HF's: on CUDA in fp32 its grouped-GEMM
+        # fallback syncs to the host, so no bucket could be captured). The ints that
+        # decide what is computed are checked by _experts_ints_hold.
+        rows.append(Fusion(name, pattern, _make_experts_replacement(activation), _experts_inputs(dtype), _experts_generic_check, retrace=False))
     pattern = _make_clipped_experts_pattern(mm, histc_float)
     rows.append(
         Fusion(
@@ -1073,7 +1193,10 @@ class MoEFusion(GraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> int:
         n_experts = 0
-        for mm, histc_float, dtype in sorted(expert_variants(graph), key=str):
+        variants = sorted(expert_variants(graph), key=str)
+        if variants:
+            hoist_sym_sizes(graph)
+        for mm, histc_float, dtype in variants:
             n_experts += _expert_pass(mm, histc_float, dtype, self.explain_node)(graph)
         loops = loop_variants(graph)
         if loops and any(n.target is torch.ops.aten.nonzero.default for n in graph.nodes):
