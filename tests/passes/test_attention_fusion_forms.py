@@ -118,6 +118,28 @@ def test_gpt_oss_sinks_fused(dtype):
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
+def test_gpt_oss_sinks_fused_with_the_scale_as_a_graph_input():
+    """GptOss under dynamic=True: Dynamo keeps ``self.scaling`` as a 0-dim tensor input, not
+    a constant; the replacement folds it into q (the op's scale is a float)."""
+    q, k, v, mask, sinks = _sinks_inputs(torch.float32)
+
+    def tensor_scaled(q, k, v, mask, sinks, scale):
+        n = q.shape[1] // k.shape[1]
+        from tests.passes.test_attention_fusion import repeat_kv
+
+        k, v = repeat_kv(k, n), repeat_kv(v, n)
+        w = torch.matmul(q, k.transpose(2, 3)) * scale + mask
+        s = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+        combined = torch.cat([w, s], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = F.softmax(combined, dim=-1, dtype=combined.dtype)
+        return torch.matmul(probs[..., :-1].to(v.dtype), v).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+    out, ref = _run(tensor_scaled, q, k, v, mask, sinks, torch.tensor(0.3))
+    assert _count() == 1
+    torch.testing.assert_close(out, ref)
+
+
 def test_gpt_oss_sinks_decode_fused():
     q, k, v, mask, sinks = _sinks_inputs(torch.float32, s=1, skv=9)
     out, ref = _run(gpt_oss_eager, q, k, v, mask, sinks)

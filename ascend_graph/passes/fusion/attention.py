@@ -208,15 +208,27 @@ _MATH_LAYOUTS = ("ttt", "cct", "ccc")
 _MATH_GQA_LAYOUTS = ("ttt", "ccc")
 
 
+def _attention(q, k, v, mask, sinks, scale, causal):
+    """The op with a constant scale, or with a graph-valued one folded into q.
+
+    Under ``dynamic=True`` Dynamo keeps a module's float attribute (``self.scaling``)
+    as a graph input, a 0-dim tensor, not a constant: the op's ``scale`` is a float, so
+    ``q * scale`` goes in with scale 1 (the same scores: ``(q s) k^T = s (q k^T)``).
+    """
+    if isinstance(scale, (int, float)):
+        return torch.ops.ascend_graph.attention(q, k, v, mask, sinks, float(scale), causal, -1)
+    return torch.ops.ascend_graph.attention(q * scale, k, v, mask, sinks, 1.0, causal, -1)
+
+
 def _fused(q, k, v, mask, scale, causal):
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return torch.ops.ascend_graph.attention(q, k, v, mask, None, float(scale), causal, -1)
+    return _attention(q, k, v, mask, None, scale, causal)
 
 
 def _fused_sqrt_scale(q, k, v, mask, scale, causal):
     """For the math form, whose ``scale`` binds the square root of the softmax scale."""
-    return _fused(q, k, v, mask, float(scale) * float(scale), causal)
+    return _fused(q, k, v, mask, float(scale) * float(scale) if isinstance(scale, (int, float)) else scale * scale, causal)
 
 
 def _row_functions(form: str, mask: bool, causal: bool, scale: bool, repeat: bool):
@@ -338,7 +350,7 @@ def _sinks_mask_pattern(q, k, v, mask, sinks, scale):
 
 
 def _sinks_mask_replacement(q, k, v, mask, sinks, scale):
-    return torch.ops.ascend_graph.attention(q, k, v, mask, sinks, float(scale), False, -1)
+    return _attention(q, k, v, mask, sinks, scale, False)
 
 
 def _sinks_pattern(q, k, v, sinks, scale):
@@ -347,7 +359,7 @@ def _sinks_pattern(q, k, v, sinks, scale):
 
 
 def _sinks_replacement(q, k, v, sinks, scale):
-    return torch.ops.ascend_graph.attention(q, k, v, None, sinks, float(scale), False, -1)
+    return _attention(q, k, v, None, sinks, scale, False)
 
 
 def _sinks_example_inputs(mask: bool, dtype: torch.dtype) -> Callable[[], list[torch.Tensor]]:
@@ -432,13 +444,23 @@ def _int_args_hold(match: Match) -> bool:
     return True
 
 
+def _graph_scale(x: Any) -> bool:
+    """A scale computed by the graph that the replacement can fold into q: a 0-dim
+    floating tensor or a symbolic float."""
+    val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return val.dim() == 0 and val.is_floating_point()
+    return isinstance(val, torch.SymFloat)
+
+
 def _supported(match: Match, *, causal: bool, form: str, mask: bool, scale: bool) -> bool:
     if form in _RETRACE_FREE_FORMS and not _int_args_hold(match):
         return False
-    # the op takes the scale as a float: a scale that is a graph value (a tensor, or a
-    # symbolic float under dynamic shapes) cannot be one, and float() on it at replacement
-    # time raised inside the backend (GptOss, dynamic=True)
-    if "scale" in match.kwargs and not isinstance(match.kwargs["scale"], (int, float)):
+    # the op takes the scale as a float; a scale that is a graph value (GptOss under
+    # dynamic=True: its float attribute became a 0-dim tensor input) is folded into q by
+    # the replacement (_attention). Anything else stays (float() on a symbolic value
+    # raised inside the backend, which Dynamo turned into graph breaks).
+    if "scale" in match.kwargs and not isinstance(match.kwargs["scale"], (int, float)) and not _graph_scale(match.kwargs["scale"]):
         return False
     q, k, v = _val(match, "q"), _val(match, "k"), _val(match, "v")
     if q is None or k is None or v is None:
