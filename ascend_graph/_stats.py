@@ -32,6 +32,7 @@ def _fresh() -> dict[str, Any]:
         "fallback_reasons": {},
         "capture_failures": 0,
         "pass_failures": {},
+        "graph_ops": {},
         "cache": {"hits": 0, "misses": 0, "corrupt": 0, "mismatches": 0, "errors": 0, "read_only": 0, "rebuilds": {}, "load_seconds": 0.0},
         "precompiled": {"built": 0, "loaded": 0},
         "groups": {"created": 0, "reused": 0, "destroyed": 0},
@@ -101,6 +102,14 @@ def record_capture_failure(key: str, reason: str) -> None:
     with _lock:
         _state["capture_failures"] += 1
         _state["buckets"][key] = {"failed": reason}
+
+
+def record_graph_ops(counts: dict[str, int]) -> None:
+    """Our ops in a graph after all passes ran (per op name, summed over graphs)."""
+    with _lock:
+        ops = _state["graph_ops"]
+        for name, n in counts.items():
+            ops[name] = ops.get(name, 0) + n
 
 
 def record_pass_failure(name: str, reason: str) -> None:

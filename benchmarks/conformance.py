@@ -86,6 +86,9 @@ def run_case(arch_name: str, dtype_name: str, dynamic: bool, device: str) -> dic
     row["graphs"] = st["graphs_compiled"]
     # per graph: every compiled graph of the case should hold the same rewrites
     row["fusions"] = {fam: st["fusions"].get(fam, 0) / graphs for fam in set(arch.expected) | {f for f, n in st["fusions"].items() if n}}
+    # the MoE family counts a layer whose router alone fused: the experts ops say more
+    ops = st.get("graph_ops", {})
+    row["moe_experts"] = (ops.get("moe_dispatch_ffn_combine", 0) + ops.get("moe_dispatch_ffn_combine_list", 0)) / graphs
     row["captures_ok"] = st["buckets_captured"]
     row["capture_failures"] = st["capture_failures"]
     row["eager_fallbacks"] = st["eager_fallbacks"]
@@ -115,6 +118,7 @@ def _green(row: dict) -> bool:
     if not row.get("compiled"):
         return False
     fused = all(row["fusions"].get(f, 0) == n for f, n in row["expected"].items())
+    fused = fused and row.get("moe_experts", row["expected"].get("moe", 0)) == row["expected"].get("moe", 0)
     err = row.get("max_rel_err")
     return fused and row["capture_failures"] == 0 and row["eager_fallbacks"] == 0 and err is not None and err <= TOLERANCE[row["dtype"]]
 
@@ -172,7 +176,10 @@ def _fmt_fusions(row: dict) -> str:
     def num(x: float) -> str:
         return str(int(x)) if float(x).is_integer() else f"{x:.1f}"
 
-    return " ".join(f"{short.get(f, f)} {num(row['fusions'].get(f, 0))}/{row['expected'].get(f, 0)}" for f in fams)
+    text = " ".join(f"{short.get(f, f)} {num(row['fusions'].get(f, 0))}/{row['expected'].get(f, 0)}" for f in fams)
+    if "moe" in row["expected"] and "moe_experts" in row:
+        text += f" (experts {num(row['moe_experts'])})"
+    return text
 
 
 def _cells(row: dict) -> list[str]:

@@ -58,6 +58,17 @@ FAMILY_MODULES: dict[str, str] = {
 }
 
 
+def graph_ops(graph: torch.fx.Graph) -> dict[str, int]:
+    """How many calls of each ``ascend_graph::`` op the graph holds (what the fusions left:
+    a family's rewrite count alone cannot tell a fused router from fused experts)."""
+    out: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "namespace", None) == "ascend_graph":
+            name = n.target._schema.name.split("::", 1)[-1]
+            out[name] = out.get(name, 0) + 1
+    return out
+
+
 @dataclass
 class PassManager:
     """Runs ``passes`` in order over a GraphModule."""
@@ -92,6 +103,7 @@ class PassManager:
                 self._dump(gm, graph_id, index, p.name, "after")
         self.last_counts = counts
         self.last_records = records
+        _stats.record_graph_ops(graph_ops(gm.graph))
         return counts
 
     def _run_contained(self, p: GraphPass, gm: torch.fx.GraphModule) -> int:

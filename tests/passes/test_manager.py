@@ -164,3 +164,17 @@ def test_a_fusion_pass_that_raises_leaves_the_graph_as_it_was_and_is_counted():
     assert failures["half_done"]["count"] == 1 and "data-dependent" in failures["half_done"]["last"]
     with pytest.raises(RuntimeError, match="data-dependent"):  # debug surfaces it
         PassManager([HalfDoneFusion()], debug=True)(graph())
+
+
+def test_stats_count_our_ops_left_in_the_graph():
+    """``graph_ops``: what the passes left, per op (a fused router without its experts shows)."""
+    import torch.nn.functional as F
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, scale=0.3)
+
+    ascend_graph.reset_stats()
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(2, 4, 8, 32) for _ in range(3))
+    torch.compile(f, backend="ascend", options={"codegen": "fx", "graphs": False})(q, k, v)
+    assert ascend_graph.stats()["graph_ops"] == {"attention": 1}
