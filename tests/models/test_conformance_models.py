@@ -70,3 +70,21 @@ def test_moe_experts_fuse_in_every_graph_under_dynamic_shapes(name, tmp_path):
         code = open(f).read()
         assert "grouped_mm_fallback" not in code and "aten._grouped_mm" not in code, f
         assert code.count("torch.ops.ascend_graph.moe_dispatch_ffn_combine") == arch.expected["moe"], f
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lfm2", "bamba"])
+def test_causal_conv_fuses_in_every_graph_under_dynamic_shapes(name):
+    """Under dynamic=True the prefill rows' re-trace matched only the graph whose batch was
+    static (one graph of two); the retrace-free rows fuse every graph."""
+    arch = ARCHS[name]
+    model = build_arch(name)
+    compiled = torch.compile(model, backend="ascend", dynamic=True, options={"codegen": "fx", "buckets": [1, 2, 4, 8]})
+    with torch.no_grad():
+        for b in BATCHES:
+            ids = torch.randint(3, 131, (b, 17))
+            ref = forward_output(arch, model, ids)
+            torch.testing.assert_close(forward_output(arch, compiled, ids), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
+    st = ascend_graph.stats()
+    assert st["graphs_compiled"] >= 2  # batch 1, then the dynamic batch
+    assert st["graph_ops"]["causal_conv1d"] == st["graphs_compiled"] * arch.expected["causal_conv1d"]
