@@ -356,8 +356,45 @@ def _clipped_experts_inputs(dtype: torch.dtype) -> Callable[[], list[Any]]:
     return build
 
 
+def _clipped_ints_hold(match: Match) -> bool:
+    """The wildcard ints and floats of a retrace-free clipped-SwiGLU row: the experts'
+    (``_experts_ints_hold``), ids clamped to ``E-1`` for the bias gather, gate = the even
+    columns (``[..., 0::2]``, clamped above) and up = the odd ones (``[..., 1::2]``, clamped
+    to ``[-limit, limit]``), and ``up + 1``."""
+    if not _experts_ints_hold(match):
+        return False
+    w13 = match.kwargs["w13"].meta.get("val")
+    limit = match.kwargs.get("limit")
+    e = w13.shape[0]
+    if not all(isinstance(match.kwargs.get(n), (int, float)) for n in ("limit", "alpha")):
+        # the op takes them as floats; under dynamic=True Dynamo passes GptOss's alpha and
+        # limit as 0-dim tensor inputs, which have no value at compile time
+        return False
+    for node in match.nodes:
+        if node.op != "call_function":
+            continue
+        t, a = node.target, node.args
+        inp = a[0].meta.get("val") if a and isinstance(a[0], torch.fx.Node) else None
+        if t is aten.clamp_max.default and inp is not None and not inp.is_floating_point() and not _same(a[1], e - 1):
+            return False
+        if t is aten.clamp_min.default and a[1] != -limit:
+            return False
+        if t is aten.add.Tensor and not isinstance(a[1], torch.fx.Node) and a[1] != 1:
+            return False
+        if t is aten.slice.Tensor:
+            dim, start, _end = (list(a[1:4]) + [0, 0, None])[:3]
+            step = a[4] if len(a) > 4 else 1
+            users = list(node.users)
+            if inp is None or dim not in (-1, inp.dim() - 1) or step != 2 or len(users) != 1:
+                return False
+            want = 1 if users[0].target is aten.clamp_min.default else 0  # up, else gate
+            if start != want:
+                return False
+    return True
+
+
 def _clipped_experts_check(match: Match) -> bool:
-    if not _experts_check(match):
+    if not _experts_check(match) or not _clipped_ints_hold(match):
         return False
     b13, b2 = (match.kwargs[n].meta.get("val") for n in ("w13_bias", "w2_bias"))
     w13 = match.kwargs["w13"].meta.get("val")
@@ -382,7 +419,7 @@ def expert_fusions(mm: str, histc_float: bool, dtype: torch.dtype) -> list[Fusio
     rows.append(
         Fusion(
             f"{pattern.__name__}_{str(dtype).removeprefix('torch.')}", pattern, _clipped_experts_replacement,
-            _clipped_experts_inputs(dtype), _clipped_experts_check, {"limit": 6.3, "alpha": 1.37},
+            _clipped_experts_inputs(dtype), _clipped_experts_check, {"limit": 6.3, "alpha": 1.37}, retrace=False,
         )
     )
     return rows
