@@ -186,8 +186,15 @@ def contained_capture(api: Any, device: torch.device, graph: Any, fn: Callable[[
       back on the caller's stream, the RNG state repaired (:func:`_restore_rng`: a trivial
       capture, checked by a probe, else the generator's state saved before the capture
       put back);
-    - the original error is raised; the caller discards the graph. The pool stays usable:
-      its keeper graph (``runtime/pool.py``) holds it.
+    - a ``capture_begin`` that raises (torch 2.11 begins the stream capture and puts the
+      RNG generator in capture mode before the allocator may refuse the pool) has its
+      stream capture ended and the RNG state repaired the same way;
+    - a pool a capture could not end is not captured into again: torch 2.11 (H200) still
+      refused the next ``capture_begin`` into it ("already recording to mempool_id") after
+      ``endAllocateToPool`` returned, so the device's shared pool is retired
+      (:meth:`DevicePool.retire`: later captures go to a fresh pool, the graphs already in
+      the old one keep replaying) and the failed graph is kept alive;
+    - the original error is raised; the caller discards the graph.
 
     ``api`` is ``torch.cuda`` or ``torch_npu.npu`` (whose NPUGraph mirrors CUDAGraph).
     """
