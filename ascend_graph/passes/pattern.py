@@ -37,6 +37,20 @@ Match = pm.Match
 fwd_only = pm.fwd_only
 
 
+def known_eq(a: Any, b: Any) -> bool:
+    """``a == b`` provably, for ints, SymInts or the graph nodes computing them (a
+    retrace-free row's checks read sizes both ways: as written and as the graph's values)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    a, b = (v.meta.get("val") if isinstance(v, torch.fx.Node) else v for v in (a, b))
+    if a is None or b is None:
+        return False
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # values that do not compare (a tensor against an int, say)
+        return False
+
+
 def _always(match: "pm.Match") -> bool:
     return True
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ...config import AscendConfig
 from ...ops import attention as _attention_ops  # noqa: F401  (registers ascend_graph::attention)
 from ..base import GraphPass
-from ..pattern import Fusion, Match, PatternPass
+from ..pattern import Fusion, Match, PatternPass, known_eq
 
 __all__ = ["make_pass", "FUSIONS", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "HEAD_DIM_ALIGN"]
 
@@ -376,7 +376,7 @@ def _sinks_example_inputs(mask: bool, dtype: torch.dtype) -> Callable[[], list[t
 
 def _sinks_supported(match: Match, *, mask: bool) -> bool:
     sinks, q = _val(match, "sinks"), _val(match, "q")
-    if sinks is None or q is None or sinks.dim() != 1 or not _static_eq(sinks.shape[0], q.shape[1]) or not sinks.is_floating_point():
+    if sinks is None or q is None or sinks.dim() != 1 or not known_eq(sinks.shape[0], q.shape[1]) or not sinks.is_floating_point():
         return False
     return _supported(match, causal=False, form="eager_sinks", mask=mask, scale=True)
 
@@ -387,12 +387,6 @@ def _sinks_supported(match: Match, *, mask: bool) -> bool:
 def _val(match: Match, name: str) -> Optional[torch.Tensor]:
     node = match.kwargs.get(name)
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-
-
-def _static_eq(a: Any, b: Any) -> bool:
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    return bool(statically_known_true(a == b))
 
 
 def _sdpa_node(match: Match) -> Optional[torch.fx.Node]:
@@ -474,11 +468,11 @@ def _supported(match: Match, *, causal: bool, form: str, mask: bool, scale: bool
         return False
     m = _val(match, "mask")
     if m is not None:
-        if m.dim() != 4 or not _static_eq(m.shape[1], 1):
+        if m.dim() != 4 or not known_eq(m.shape[1], 1):
             return False
         if m.dtype != torch.bool and m.dtype not in SUPPORTED_DTYPES:
             return False
-    if causal and not _static_eq(q.shape[2], k.shape[2]):
+    if causal and not known_eq(q.shape[2], k.shape[2]):
         return False
     node = _sdpa_node(match)
     if node is not None:
@@ -583,11 +577,6 @@ FUSIONS: tuple[Fusion, ...] = tuple(_rows())
 _BIAS_OPS = {aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default}
 
 
-def _meta_value(x: Any) -> Any:
-    """An int argument as written, or the (symbolic) value of the node computing it."""
-    return x.meta.get("val") if isinstance(x, torch.fx.Node) else x
-
-
 def _padded_bias_source(bias: Any) -> Optional[torch.fx.Node]:
     """The mask under CUDA's bias alignment and head expansion, or None.
 
@@ -609,13 +598,13 @@ def _padded_bias_source(bias: Any) -> Optional[torch.fx.Node]:
         val = m.meta.get("val") if isinstance(m, torch.fx.Node) else None
         if not isinstance(val, torch.Tensor) or len(pad) != 2 or pad[0] != 0:
             return None
-        if dim not in (-1, val.dim() - 1) or start != 0 or step != 1 or end is None or not _static_eq(_meta_value(end), val.shape[-1]):
+        if dim not in (-1, val.dim() - 1) or start != 0 or step != 1 or end is None or not known_eq(end, val.shape[-1]):
             return None
     val = m.meta.get("val") if isinstance(m, torch.fx.Node) else None
     if not isinstance(val, torch.Tensor) or val.dim() != 4:
         return None
-    sizes = [_meta_value(b) for b in bias.args[1]]
-    if len(sizes) != 4 or not all(_static_eq(a, 1) or _static_eq(a, b) or (isinstance(b, int) and b == -1) for a, b in zip(val.shape, sizes)):
+    sizes = list(bias.args[1])
+    if len(sizes) != 4 or not all(known_eq(a, 1) or known_eq(a, b) or b == -1 for a, b in zip(val.shape, sizes)):
         return None
     return m
 

@@ -208,16 +208,6 @@ def _check(match: pat.Match) -> bool:
     return True
 
 
-def _known_eq(a: Any, b: Any) -> bool:
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    a, b = (_val(v) if isinstance(v, torch.fx.Node) else v for v in (a, b))
-    try:
-        return bool(statically_known_true(a == b))
-    except Exception:
-        return False
-
-
 def _prefill_ints_hold(match: pat.Match) -> bool:
     """The ints a retrace-free prefill row leaves as wildcards: a depthwise conv (groups C,
     stride and dilation 1, padding K-1, not transposed) whose output is cut to x's length
@@ -231,12 +221,12 @@ def _prefill_ints_hold(match: pat.Match) -> bool:
             stride, padding, dilation, transposed, out_pad, groups = a[3:9]
             if list(stride) != [1] or list(dilation) != [1] or transposed or list(out_pad) != [0]:
                 return False
-            if len(padding) != 1 or not _known_eq(padding[0], w.shape[-1] - 1) or not _known_eq(groups, x.shape[1]):
+            if len(padding) != 1 or not pat.known_eq(padding[0], w.shape[-1] - 1) or not pat.known_eq(groups, x.shape[1]):
                 return False
         elif node.target is aten.slice.Tensor:
             dim, start, end = (list(a[1:4]) + [0, 0, None])[:3]
             step = a[4] if len(a) > 4 else 1
-            if dim not in (2, -1) or start != 0 or step != 1 or end is None or not _known_eq(end, x.shape[-1]):
+            if dim not in (2, -1) or start != 0 or step != 1 or end is None or not pat.known_eq(end, x.shape[-1]):
                 return False
     return True
 

@@ -83,7 +83,7 @@ from ... import _stats
 from ...config import AscendConfig
 from ...ops import moe as _moe_ops  # noqa: F401  (registers the ops)
 from ..base import GraphPass
-from ..pattern import Fusion, Match, PatternPass
+from ..pattern import Fusion, Match, PatternPass, known_eq
 from .norm_rope import _graph_device as graph_device  # the device a graph runs on, as that family's policy reads it
 
 __all__ = ["make_pass", "MoEFusion", "ROUTER_FUSIONS", "LOOP_FORMS", "expert_fusions", "expert_variants", "loop_fusion", "loop_variants", "LIST_LOOP_FORMS", "list_loop_fusion", "list_loop_variants", "list_loop_policy", "drop_nonzero_size_asserts", "shared_fusions", "shared_variants"]
@@ -182,17 +182,6 @@ def _experts_check(match: Match) -> bool:
     )
 
 
-def _same(a: Any, b: Any) -> bool:
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    a = a.meta.get("val") if isinstance(a, torch.fx.Node) else a
-    b = b.meta.get("val") if isinstance(b, torch.fx.Node) else b
-    try:
-        return bool(statically_known_true(a == b))
-    except Exception:
-        return False
-
-
 def _experts_ints_hold(match: Match) -> bool:
     """The ints a retrace-free experts row leaves as wildcards: histc over [0, E) in E bins,
     the sentinel ``ids >= E``, ``perm // k``, zeros for the sentinel rows, gate/up split
@@ -205,24 +194,24 @@ def _experts_ints_hold(match: Match) -> bool:
         t, a = node.target, node.args
         if t is aten.histc.default:
             bins, lo, hi = (list(a[1:]) + [100, 0, 0])[:3]
-            if not (_same(bins, e) and lo == 0 and _same(hi, e - 1)):
+            if not (known_eq(bins, e) and lo == 0 and known_eq(hi, e - 1)):
                 return False
-        elif t is aten.ge.Scalar and not _same(a[1], e):
+        elif t is aten.ge.Scalar and not known_eq(a[1], e):
             return False
-        elif t is aten.div.Tensor_mode and not _same(a[1], k):
+        elif t is aten.div.Tensor_mode and not known_eq(a[1], k):
             return False
         elif t is aten.scalar_tensor.default and a[0] != 0:
             return False
         elif t is aten.split.Tensor:
             inp = a[0].meta.get("val")
             dim = a[2] if len(a) > 2 else 0
-            if inp is None or dim not in (-1, inp.dim() - 1) or not _same(a[1] * 2 if isinstance(a[1], int) else None, inp.shape[-1]):
+            if inp is None or dim not in (-1, inp.dim() - 1) or not known_eq(a[1] * 2 if isinstance(a[1], int) else None, inp.shape[-1]):
                 return False
         elif t is aten.cumsum.default and a[1] != 0:
             return False
         elif t is aten.sum.dim_IntList:
             inp = a[0].meta.get("val")
-            if list(a[1]) != [1] or inp is None or inp.dim() != 3 or not (_same(inp.shape[0], x.shape[0]) and _same(inp.shape[1], k) and _same(inp.shape[2], hidden)):
+            if list(a[1]) != [1] or inp is None or inp.dim() != 3 or not (known_eq(inp.shape[0], x.shape[0]) and known_eq(inp.shape[1], k) and known_eq(inp.shape[2], hidden)):
                 return False
     return True
 
@@ -375,7 +364,7 @@ def _clipped_ints_hold(match: Match) -> bool:
             continue
         t, a = node.target, node.args
         inp = a[0].meta.get("val") if a and isinstance(a[0], torch.fx.Node) else None
-        if t is aten.clamp_max.default and inp is not None and not inp.is_floating_point() and not _same(a[1], e - 1):
+        if t is aten.clamp_max.default and inp is not None and not inp.is_floating_point() and not known_eq(a[1], e - 1):
             return False
         if t is aten.clamp_min.default and a[1] != -limit:
             return False
