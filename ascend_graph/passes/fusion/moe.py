@@ -376,7 +376,10 @@ def _clipped_ints_hold(match: Match) -> bool:
             users = list(node.users)
             if inp is None or dim not in (-1, inp.dim() - 1) or step != 2 or len(users) != 1:
                 return False
-            want = 1 if users[0].target is aten.clamp_min.default else 0  # up, else gate
+            user = users[0]
+            while user.target is torch.ops.prims.convert_element_type.default and len(user.users) == 1:
+                user = next(iter(user.users))  # half models upcast the halves first
+            want = 1 if user.target is aten.clamp_min.default else 0  # up, else gate
             if start != want:
                 return False
     return True
