@@ -88,3 +88,19 @@ def test_causal_conv_fuses_in_every_graph_under_dynamic_shapes(name):
     st = ascend_graph.stats()
     assert st["graphs_compiled"] >= 2  # batch 1, then the dynamic batch
     assert st["graph_ops"]["causal_conv1d"] == st["graphs_compiled"] * arch.expected["causal_conv1d"]
+
+
+@pytest.mark.slow
+def test_qwen3_next_experts_fuse_after_its_causal_conv():
+    """The causal-conv op writes its state in place (a mutation region boundary) and an
+    earlier topological sort left the experts' weight transposes above it: the experts
+    match spanned two regions and the matcher refused it (router fused, experts not)."""
+    arch = ARCHS["qwen3_next"]
+    model = build_arch("qwen3_next")
+    compiled = torch.compile(model, backend="ascend", dynamic=False, options={"codegen": "fx", "graphs": False})
+    ids = torch.randint(3, 131, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = forward_output(arch, model, ids)
+        torch.testing.assert_close(forward_output(arch, compiled, ids), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
+    ops = ascend_graph.stats()["graph_ops"]
+    assert ops["causal_conv1d"] == 1 and ops["moe_dispatch_ffn_combine"] == arch.expected["moe"]

@@ -220,6 +220,33 @@ def _experts_generic_check(match: Match) -> bool:
     return _experts_check(match) and _experts_ints_hold(match)
 
 
+def sink_input_nodes(graph: torch.fx.Graph) -> int:
+    """Move each node computed from graph inputs alone (a weight's transpose, an ``iota``)
+    to just before its first user, and drop the matcher's cached mutation regions.
+
+    The matcher refuses a match whose nodes lie in different mutation regions (an op
+    that writes in place between them) and caches each node's region in its meta. An
+    earlier pass's topological sort can leave an expert weight's transpose at the top of
+    the graph, before an op that writes a cache in place (our causal conv updates its
+    state), while the experts come after it: Qwen3-Next's experts never fused once its
+    causal conv had (its experts fused 2/2 with the MoE family alone). Such a node computes
+    from inputs only, so it may sit anywhere before its users. Returns the nodes moved."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    moved = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not node.users or getattr(getattr(node.target, "_schema", None), "is_mutable", False):
+            continue
+        if any(i.op not in ("placeholder", "get_attr") for i in node.all_input_nodes):
+            continue
+        first = min(node.users, key=lambda u: order.get(u, len(order)))
+        if order.get(first, len(order)) > order[node] + 1:
+            first.prepend(node)
+            moved += 1
+    for node in graph.nodes:
+        node.meta.pop("mutation_region_id", None)  # inductor recomputes it where it is missing
+    return moved
+
+
 def hoist_sym_sizes(graph: torch.fx.Graph) -> int:
     """Point every ``sym_size.int`` of an intermediate tensor at the graph's inputs.
 
@@ -1225,6 +1252,7 @@ class MoEFusion(GraphPass):
         variants = sorted(expert_variants(graph), key=str)
         if variants:
             hoist_sym_sizes(graph)
+            sink_input_nodes(graph)
         for mm, histc_float, dtype in variants:
             n_experts += _expert_pass(mm, histc_float, dtype, self.explain_node)(graph)
         loops = loop_variants(graph)
