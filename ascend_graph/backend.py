@@ -6,7 +6,9 @@ this package needed). For each graph Dynamo hands over (several when the user's 
 has graph breaks):
 
 1. ``options`` -> :class:`AscendConfig` (unknown keys are an error);
-2. inputs checked: devices cpu/cuda/npu, no complex or quantized dtypes;
+2. inputs checked: devices cpu/cuda/npu, no complex or quantized dtypes; float
+   attributes of modules that Dynamo passed as inputs become constants again
+   (``capture/host_floats.py``; Dynamo then re-traces with them guarded);
 3. shape analysis (``capture/shapes.py``) on the Dynamo graph: the batch symbol;
 4. AOT trace to functional ATen (``capture/trace.py``); inside, the pass manager runs
    and the code generator (inductor, or the FX graph as is) compiles the result. With
@@ -29,6 +31,7 @@ import torch
 import torch.fx
 
 from . import _stats, plugins, precompile
+from .capture.host_floats import FloatGuard, specialize_module_floats
 from .capture.shapes import ShapeInfo, analyze_graph
 from .capture.trace import aot_trace, make_boxed_func
 from .config import AscendConfig
@@ -203,6 +206,10 @@ def compile_graph(
     """Compile one Dynamo graph; returns the callable Dynamo will call."""
     start = time.perf_counter()
     device = check_inputs(example_inputs)
+    original, guards = gm, ()
+    if config.specialize_floats and not precompile.requested():
+        # not under torch's aot_compile: what it saves must be the graph as Dynamo gave it
+        gm, guards = specialize_module_floats(gm, example_inputs)
     shapes = analyze_graph(gm, example_inputs, config.batch_input, config.batch_dim)
     ctx = CompileContext(config, device, shapes, graph_id=f"g{next(_graph_ids):03d}")
     ctx.pass_manager = pass_manager if pass_manager is not None else build_pass_manager(config)
@@ -231,7 +238,8 @@ def compile_graph(
     with _inductor_patches(config):
         compiled, aot_precompile = _build(gm, example_inputs, ctx, fw_compiler, build)
     seconds = time.perf_counter() - start
-    return _finish(compiled, ctx, shapes, seconds, wrap_runtime, aot_precompile)
+    result = _finish(compiled, ctx, shapes, seconds, wrap_runtime, aot_precompile)
+    return FloatGuard(result, guards, original.forward) if guards else result
 
 
 def _inductor_patches(config: AscendConfig) -> Any:

@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # `python benchmarks/conformance.py` from anywhere: tests/ is the repo's
     from tests.models.archs import ARCHS
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
