@@ -206,7 +206,6 @@ def contained_capture(api: Any, device: torch.device, graph: Any, fn: Callable[[
         begin["pool"] = pool
     saved_rng = _save_rng(api, device)
     unended: BaseException | None = None  # capture_end's error, for a capture it could not end
-    unrouted = True  # whether the allocator's routing to the pool is known to be gone
     begun = False
     error: BaseException | None = None
     with api.stream(stream):
@@ -223,14 +222,14 @@ def contained_capture(api: Any, device: torch.device, graph: Any, fn: Callable[[
             try:
                 outputs = fn()
             except BaseException as first:
-                unended, unrouted = _end_failed_capture(api, device, graph, stream, pool)
+                unended = _end_failed_capture(api, device, graph, stream, pool)
                 error = first
             else:
                 try:
                     graph.capture_end()
                 except BaseException as e:
                     unended = error = e
-                    unrouted = _unroute_pool(api, device, graph, pool, e)
+                    _unroute_pool(api, device, graph, pool, e)
     if unended is not None or not begun:
         _drop_capture_state(graph)
         _restore_rng(api, device, saved_rng)
@@ -238,25 +237,25 @@ def contained_capture(api: Any, device: torch.device, graph: Any, fn: Callable[[
         # Even where endAllocateToPool returned, torch 2.11 (H200) still refused the next
         # capture into the pool ("already recording to mempool_id"): a pool a capture
         # could not end is never captured into again
-        _retire_pool(device, graph, pool, unrouted)
+        _retire_pool(device, graph, pool)
     if error is not None:
         raise error
     prev.wait_stream(stream)
     return outputs
 
 
-def _end_failed_capture(api: Any, device: torch.device, graph: Any, stream: Any, pool: Any) -> tuple[BaseException | None, bool]:
+def _end_failed_capture(api: Any, device: torch.device, graph: Any, stream: Any, pool: Any) -> BaseException | None:
     """End a capture whose function raised, as ``torch.cuda.graph.__exit__`` would, but
     without letting a second error hide the first or leave state behind. Returns
-    ``capture_end``'s error where the capture could not be ended cleanly (else None), and
-    whether the allocator's routing to the pool is known to be gone."""
+    ``capture_end``'s error where the capture could not be ended cleanly, else None."""
     try:
         if hasattr(api, "set_stream") and api.current_stream(device) != stream:
             api.set_stream(stream)  # capture_end checks it runs on the capture stream
         graph.capture_end()
-        return None, True
+        return None
     except BaseException as e:  # the driver invalidated the capture: it has ended without bookkeeping
-        return e, _unroute_pool(api, device, graph, pool, e)
+        _unroute_pool(api, device, graph, pool, e)
+        return e
 
 
 def _end_half_begun_capture(api: Any, device: torch.device, graph: Any, error: BaseException) -> None:
@@ -275,15 +274,16 @@ def _end_half_begun_capture(api: Any, device: torch.device, graph: Any, error: B
         _disable_device(device, f"a capture that could not begin left its stream capturing ({type(error).__name__}: {error})")
 
 
-def _unroute_pool(api: Any, device: torch.device, graph: Any, pool: Any, error: BaseException) -> bool:
-    """Remove the allocator's routing to the pool of a capture that could not be ended.
-    Returns whether it is known to be gone (else the caller retires the pool)."""
+def _unroute_pool(api: Any, device: torch.device, graph: Any, pool: Any, error: BaseException) -> None:
+    """Remove the allocator's routing to the pool of a capture that could not be ended, as
+    far as this torch allows (the caller retires the pool whatever the outcome: the routing
+    was seen to outlive a removal that returned)."""
     log.warning("a failed capture could not be ended cleanly (%s: %s); restoring the allocator and RNG state", type(error).__name__, error)
     capturing = getattr(api, "is_current_stream_capturing", None)
     if capturing is not None and capturing():
         # the driver still records this stream: nothing on it can run until the process ends
         _disable_device(device, f"a capture could not be ended ({type(error).__name__}: {error})")
-        return True
+        return
     # The allocator still routes allocations to the pool for a capture that is gone, through
     # a filter that points at this graph object: removed, or a later capture could consult
     # it after the graph is freed. (graph.pool() refuses after a failed capture: the id
@@ -291,15 +291,12 @@ def _unroute_pool(api: Any, device: torch.device, graph: Any, pool: Any, error: 
     end_allocate = _end_allocate_to_pool(api)
     if end_allocate is None:
         log.warning("this torch has no endAllocateToPool binding: the failed capture's pool is retired")
-        return False
+        return
     try:
         end_allocate(_index(api, device), tuple(pool) if pool is not None else graph.pool())
-        return True
     except Exception as e:
-        if "not currently recording" in str(e):  # capture_end got as far as its own endAllocateToPool
-            return True
-        log.warning("removing the failed capture's pool routing raised (%s: %s): the pool is retired", type(e).__name__, e)
-        return False
+        if "not currently recording" not in str(e):  # that one: capture_end got as far as its own endAllocateToPool
+            log.warning("removing the failed capture's pool routing raised (%s: %s)", type(e).__name__, e)
 
 
 #: graphs whose capture could not be ended: the allocator's routing filter may still refer
@@ -307,7 +304,7 @@ def _unroute_pool(api: Any, device: torch.device, graph: Any, pool: Any, error: 
 _UNENDED: list[Any] = []
 
 
-def _retire_pool(device: torch.device, graph: Any, pool: Any, unrouted: bool = False) -> None:
+def _retire_pool(device: torch.device, graph: Any, pool: Any) -> None:
     """The allocator may still route to ``pool`` for a capture that is gone: any later
     ``capture_begin`` into that id raises ("already recording to mempool_id") after the
     RNG generator entered capture mode. Keep the graph alive and, when ``pool`` is the
@@ -318,7 +315,7 @@ def _retire_pool(device: torch.device, graph: Any, pool: Any, unrouted: bool = F
     _UNENDED.append(graph)  # the routing may outlive endAllocateToPool (above): keep what it may point at
     shared = device_pool(device)
     if shared is not None and pool is not None and shared.current_handle is not None and tuple(pool) == tuple(shared.current_handle):
-        shared.retire("a capture into it could not be ended" if unrouted else "a failed capture's pool routing could not be removed")
+        shared.retire("a capture into it could not be ended")
 
 
 def _drop_capture_state(graph: Any) -> None:
