@@ -413,7 +413,7 @@ def _signatures(graph: torch.fx.Graph, anchor: torch.fx.Node, row_loop_first: bo
             uses[src.shape[1], src.shape[3]] = uses.get((src.shape[1], src.shape[3]), 0) + 1
         elif dims == [0, 2, 1] and src.dim() == 3:
             three.setdefault(src.shape[1], set()).add(_TensorMeta.of(src))
-    out = []
+    candidates = []
     for T, by_dim in four.items():
         gb = sorted(three.get(T, set()), key=str)
         dims_by_use = sorted(by_dim, key=lambda d: -uses[T, d])
@@ -423,12 +423,17 @@ def _signatures(graph: torch.fx.Graph, anchor: torch.fx.Node, row_loop_first: bo
             state = _TensorMeta((B, H, K, V), (H * K * V, K * V, V, 1), torch.float32)
             combos = list(itertools.product(qk, qk, vv, gb, gb))
             # most plausible first (each try costs a trace): g in float32 (HF computes it
-            # with .float()), beta in the model dtype (v's), q and k alike
-            combos.sort(key=lambda c: (c[3].dtype != torch.float32) + (c[4].dtype != c[2].dtype) + (c[0] != c[1]))
-            for q, k, v, g, beta in combos:
-                for row_loop in (row_loop_first, not row_loop_first):
-                    for out_state in (True, False):
-                        out.append(_PrefillSignature(q, k, v, g, beta, state, out_state, row_loop))
+            # with .float()), beta in the model dtype (v's), q and k alike, and where K == V
+            # offers two layouts with q and k sharing one, v in the other
+            combos.sort(key=lambda c: (c[3].dtype != torch.float32) + (c[4].dtype != c[2].dtype) + (c[0] != c[1]) + (len(vv) > 1 and c[2] == c[0]))
+            candidates += [(c, state) for c in combos]
+    # the branch the graph's own ops point at, for every candidate, before the other one
+    out = [
+        _PrefillSignature(q, k, v, g, beta, state, out_state, row_loop)
+        for row_loop in (row_loop_first, not row_loop_first)
+        for (q, k, v, g, beta), state in candidates
+        for out_state in (True, False)
+    ]
     return out[:_MAX_SIGNATURES]
 
 
