@@ -104,3 +104,20 @@ def test_qwen3_next_experts_fuse_after_its_causal_conv():
         torch.testing.assert_close(forward_output(arch, compiled, ids), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
     ops = ascend_graph.stats()["graph_ops"]
     assert ops["causal_conv1d"] == 1 and ops["moe_dispatch_ffn_combine"] == arch.expected["moe"]
+
+
+def test_matrix_green_rule_for_low_precision():
+    """benchmarks/conformance.py: a bf16 row over the tolerance vs eager bf16 is green only
+    when, against the same weights in fp32, it is no further off than 1.5x eager bf16."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "conformance.py"
+    spec = importlib.util.spec_from_file_location("conformance_matrix", path)
+    matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matrix)
+    row = {"compiled": True, "dtype": "bf16", "expected": {"attention": 2}, "fusions": {"attention": 2.0}, "capture_failures": 0, "eager_fallbacks": 0, "max_rel_err": 0.18}
+    assert not matrix._green(row)  # over 5e-2 and nothing else known
+    assert matrix._green({**row, "fp32_ref_err": {"compiled": 0.20, "eager": 0.20}})
+    assert not matrix._green({**row, "fp32_ref_err": {"compiled": 0.40, "eager": 0.20}})
+    assert not matrix._green({**row, "fp32_ref_err": {"compiled": 0.20, "eager": 0.20}, "eager_fallbacks": 1})
