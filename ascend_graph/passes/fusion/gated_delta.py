@@ -459,8 +459,12 @@ class GatedDeltaPass(GraphPass):
         if not anchors:
             return 0
         # the pattern matcher cleans every pattern with inductor's remove_noop_ops; the graph
-        # gets the same cleaning so both sides are in one normal form
+        # gets the same cleaning so both sides are in one normal form. That can leave dead
+        # nodes (a noop copy's destination view: HF's output buffer of a single chunk
+        # kept a dead select, one more user of a node inside the region than the pattern
+        # has, so a prompt under 64 tokens never fused in the row-loop branch), which go too
         remove_noop_ops(graph)
+        DeadCodeElimination()(graph)
         # which branch of HF's function the graph holds: try that one first
         row_loop_first = not graph.find_nodes(op="call_function", target=aten.linalg_solve_triangular.default)
         count = 0
