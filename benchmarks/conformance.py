@@ -79,7 +79,7 @@ def run_case(arch_name: str, dtype_name: str, dynamic: bool, device: str) -> dic
             for ids, ref in zip(inputs, refs):
                 out = forward_output(arch, compiled, ids).float()
                 outs.append(out)
-                err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+                err = _rel_err(out, ref)
                 worst = max(worst, err if err == err else float("inf"))  # NaN counts as a failure
         if device == "cuda":
             torch.cuda.synchronize()
@@ -116,7 +116,7 @@ def run_case(arch_name: str, dtype_name: str, dynamic: bool, device: str) -> dic
         torch._dynamo.reset()
         plain = torch.compile(model, backend="inductor", dynamic=dynamic)
         with torch.no_grad():
-            errs = [((forward_output(arch, plain, ids).float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item() for ids, ref in zip(inputs, refs)]
+            errs = [_rel_err(forward_output(arch, plain, ids).float(), ref) for ids, ref in zip(inputs, refs)]
         row["inductor_rel_err"] = max(errs)
         if dtype != torch.float32:
             # PyTorch's own accuracy rule for low precision (torch._dynamo.utils.same with
@@ -125,15 +125,16 @@ def run_case(arch_name: str, dtype_name: str, dynamic: bool, device: str) -> dic
             ref_model = build_arch(arch_name, torch.float32).to(device)
             with torch.no_grad():
                 refs32 = [forward_output(arch, ref_model, ids).float() for ids in inputs]
-
-            def rel(a, b):
-                return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
-
             row["fp32_ref_err"] = {
-                "compiled": max(rel(o, r) for o, r in zip(outs, refs32)),
-                "eager": max(rel(e, r) for e, r in zip(refs, refs32)),
+                "compiled": max(_rel_err(o, r) for o, r in zip(outs, refs32)),
+                "eager": max(_rel_err(e, r) for e, r in zip(refs, refs32)),
             }
     return row
+
+
+def _rel_err(out: Any, ref: Any) -> float:
+    """max |out - ref| / max |ref| (the matrix's error measure)."""
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
 
 
 def _green(row: dict) -> bool:
