@@ -200,6 +200,20 @@ _FORMS: dict[str, tuple[Callable[..., torch.Tensor], bool, bool, str]] = {
     "sdpa_math": (_sdpa_math, True, True, "cpu"),
 }
 
+#: ops each form's pattern contains (``Fusion.requires``: a graph without them is not
+#: traced against the form's rows); the eager forms (and SDPA's math path, and the sinks)
+#: are bmm + softmax after the decompositions
+_EAGER_OPS = (aten.bmm.default, aten.amax.default)
+_REQUIRES: dict[str, tuple[Any, ...]] = {
+    "sdpa_cpu": (aten._scaled_dot_product_flash_attention_for_cpu.default,),
+    "sdpa_efficient": (aten._scaled_dot_product_efficient_attention.default,),
+    "sdpa_flash": (aten._scaled_dot_product_flash_attention.default,),
+    "sdpa_cudnn": (aten._scaled_dot_product_cudnn_attention.default,),
+    "eager": _EAGER_OPS,
+    "sdpa_math": _EAGER_OPS,
+    "eager_sinks": _EAGER_OPS,
+}
+
 #: math-form example layouts: (q, k, v) each HF's transposed [B, S, N, D] view ("t") or
 #: contiguous BNSD ("c"). "ttt": HF prefill; "cct": MLA (q and k concatenated from their
 #: nope/rope parts, v split off the kv projection); "ccc": decode over a concatenated cache
@@ -528,6 +542,7 @@ def _rows() -> list[Fusion]:
                     extra_check=functools.partial(_supported, causal=causal, form=form, mask=mask, scale=scale),
                     scalar_workaround={"scale": _SCALE_SAMPLE} if scale else {},
                     retrace=form not in _RETRACE_FREE_FORMS,
+                    requires=_REQUIRES[form],
                 )
             )
     # SDPA's math path: the scale is always there (a constant sqrt). Without repeat_kv
@@ -550,6 +565,7 @@ def _rows() -> list[Fusion]:
                 extra_check=functools.partial(_supported, causal=causal, form="sdpa_math", mask=mask, scale=True),
                 scalar_workaround={"scale": _SCALE_SAMPLE},
                 retrace=False,
+                requires=_REQUIRES["sdpa_math"],
             )
         )
     # GptOss: eager attention with learned sink logits (fp32 graphs have no casts, half
@@ -564,6 +580,7 @@ def _rows() -> list[Fusion]:
                 extra_check=functools.partial(_sinks_supported, mask=mask),
                 scalar_workaround={"scale": _SCALE_SAMPLE},
                 retrace=False,
+                requires=_REQUIRES["eager_sinks"],
             )
         )
     return rows

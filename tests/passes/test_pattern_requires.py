@@ -1,0 +1,92 @@
+"""``Fusion.requires``: a row is traced only for graphs that hold the ops it names.
+
+Skipping a row is safe only if its pattern really contains those ops (a graph without
+one cannot match it), so every attention row is traced here and held to its ``requires``;
+and the pass builds only the rows a graph can match (attention's 94 rows took 4.5 s of
+each process's first compile)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.fx
+from torch._inductor import pattern_matcher as pm
+
+from ascend_graph.passes import pattern as pat
+from ascend_graph.passes.fusion import attention
+from ascend_graph.passes.pattern import Fusion, PatternPass
+
+aten = torch.ops.aten
+
+
+def _traced_targets(f: Fusion) -> set:
+    inputs = list(f.example_inputs())
+    names = list(inspect.signature(f.pattern).parameters)
+    inputs += [f.scalar_workaround[n] for n in names[len(inputs):]]
+    with torch.no_grad():
+        gm = pm.fwd_only(f.pattern, inputs)
+    return {n.target for n in gm.graph.nodes if n.op == "call_function"}
+
+
+@pytest.mark.parametrize("i", range(len(attention.FUSIONS)), ids=[f.name for f in attention.FUSIONS])
+def test_every_attention_row_contains_the_ops_it_requires(i):
+    f = attention.FUSIONS[i]
+    assert f.requires, f"{f.name}: every attention row names the ops it needs"
+    missing = [t for t in f.requires if t not in _traced_targets(f)]
+    assert not missing, f"{f.name}: requires {missing}, which its traced pattern does not hold"
+
+
+def _mul_pattern(x, y):
+    return torch.relu(x * y)
+
+
+def _mul_replacement(x, y):
+    return torch.relu(y * x)
+
+
+def _inputs():
+    return [torch.empty(4, 4), torch.empty(4, 4)]
+
+
+def _row(name: str, requires: tuple) -> Fusion:
+    return Fusion(name=name, pattern=_mul_pattern, replacement=_mul_replacement, example_inputs=_inputs, requires=requires)
+
+
+def _graph(with_relu: bool) -> torch.fx.GraphModule:
+    def fn(x, y):
+        z = x * y
+        return torch.relu(z) if with_relu else z + 1
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(fn, tracing_mode="fake")(*_inputs())
+
+
+def test_rows_for_keeps_only_rows_the_graph_can_match():
+    needs_relu, needs_bmm = _row("relu", (aten.relu.default, aten.mul.Tensor)), _row("bmm", (aten.bmm.default,))
+    free = _row("free", ())
+    p = PatternPass("t", "t", (needs_relu, needs_bmm, free))
+    assert p.rows_for(_graph(True).graph) == (needs_relu, free)
+    assert p.rows_for(_graph(False).graph) == (free,)
+
+
+def test_a_row_that_cannot_match_is_never_traced(monkeypatch):
+    built: list[tuple[str, ...]] = []
+    real = pat._build
+
+    def spy(fusions, name):
+        built.append(tuple(f.name for f in fusions))
+        return real(fusions, name)
+
+    monkeypatch.setattr(pat, "_build", spy)
+    gm = _graph(with_relu=True)
+    p = PatternPass("t", "t", (_row("relu_requires", (aten.relu.default,)), _row("bmm_requires", (aten.bmm.default,))))
+    assert p(gm.graph) == 1  # the relu row fused
+    assert built == [("relu_requires",)]
+    # a graph none of the rows can match traces nothing
+    built.clear()
+    p2 = PatternPass("t", "t", (_row("bmm_only", (aten.bmm.default,)),))
+    assert p2(_graph(with_relu=False).graph) == 0
+    assert built == []
