@@ -98,6 +98,19 @@ _built: dict[tuple[int, ...], tuple[tuple[Fusion, ...], pm.PatternMatcherPass]] 
 _built_lock = threading.Lock()
 
 
+def traced_pattern(f: Fusion, inputs: Sequence[Any] | None = None) -> torch.fx.GraphModule:
+    """``f``'s pattern traced as the matcher traces it (``fwd_only``, no grad), from its
+    example inputs unless given. Arguments named in ``scalar_workaround`` are traced with
+    their sample values where the example inputs leave them out, as register_replacement
+    allows."""
+    inputs = list(f.example_inputs()) if inputs is None else list(inputs)
+    argnames = list(inspect.signature(f.pattern).parameters)
+    given = iter(inputs)
+    args = [f.scalar_workaround[a] if a in f.scalar_workaround and len(inputs) < len(argnames) else next(given) for a in argnames]
+    with torch.no_grad():
+        return pm.fwd_only(f.pattern, args)
+
+
 def _build(fusions: Sequence[Fusion], pass_name: str) -> pm.PatternMatcherPass:
     key = tuple(id(f) for f in fusions)
     with _built_lock:
@@ -112,14 +125,9 @@ def _build(fusions: Sequence[Fusion], pass_name: str) -> pm.PatternMatcherPass:
             with torch.no_grad():
                 search_pattern = None
                 if f.exact or not f.retrace:
-                    argnames = list(inspect.signature(f.pattern).parameters)
                     ignore = () if f.exact else (int, float, list, torch.device, torch.dtype)  # gen_pattern's wildcards
-                    # scalar_workaround arguments are traced with their sample values (which
-                    # the example inputs may leave out, as register_replacement allows)
-                    given = iter(inputs)
-                    trace_args = [f.scalar_workaround[a] if a in f.scalar_workaround and len(inputs) < len(argnames) else next(given) for a in argnames]
                     search_pattern = pm.fx_to_pattern(
-                        pm.fwd_only(f.pattern, trace_args), ignore_types=ignore, argnames=argnames,
+                        traced_pattern(f, inputs), ignore_types=ignore, argnames=list(inspect.signature(f.pattern).parameters),
                         scalar_workaround=dict(f.scalar_workaround) or None, exclusive_arg_names=f.exclusive_arg_names,
                     )
                 pm.register_replacement(
@@ -165,7 +173,7 @@ class PatternPass(GraphPass):
 
     @functools.cached_property
     def matcher(self) -> pm.PatternMatcherPass:
-        """The matcher of every row (what :meth:`__call__` applies is the rows the graph can match)."""
+        """The matcher of every row (:meth:`__call__` applies the one of the rows the graph can match)."""
         return _build(self.fusions, self.name)
 
     def rows_for(self, graph: torch.fx.Graph) -> tuple[Fusion, ...]:
@@ -183,9 +191,8 @@ class PatternPass(GraphPass):
         rows = self.rows_for(graph)
         if not rows:
             return 0
-        matcher = self.matcher if rows == self.fusions else _build(rows, self.name)
         with explain(self.explain_node):
-            count = matcher.apply(graph)
+            count = _build(rows, self.name).apply(graph)  # memoised per row set
         if count:
             # The matcher inserts a replacement before the match's first output; a pattern
             # input defined after that output (DeepSeek-V3's routed scaling under

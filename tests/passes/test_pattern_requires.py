@@ -7,12 +7,9 @@ each process's first compile)."""
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 import torch.fx
-from torch._inductor import pattern_matcher as pm
 
 from ascend_graph.passes import pattern as pat
 from ascend_graph.passes.fusion import attention
@@ -22,12 +19,7 @@ aten = torch.ops.aten
 
 
 def _traced_targets(f: Fusion) -> set:
-    inputs = list(f.example_inputs())
-    names = list(inspect.signature(f.pattern).parameters)
-    inputs += [f.scalar_workaround[n] for n in names[len(inputs):]]
-    with torch.no_grad():
-        gm = pm.fwd_only(f.pattern, inputs)
-    return {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    return {n.target for n in pat.traced_pattern(f).graph.nodes if n.op == "call_function"}
 
 
 @pytest.mark.parametrize("i", range(len(attention.FUSIONS)), ids=[f.name for f in attention.FUSIONS])
