@@ -184,11 +184,51 @@ def _spawn(case: tuple[str, str, bool], device: str, timeout: float, threads: in
         if line.startswith(MARK):
             return json.loads(line[len(MARK):])
     tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    if proc.returncode < 0:  # killed by a signal: name it; where it was, if it had dumped its stack
+        row = {**base, "error": f"process killed by {_signal_name(-proc.returncode)}: {tail[:200]}", "wall_seconds": time.perf_counter() - t0}
+        where = _main_thread_frames(proc.stderr)
+        if where:
+            row["stack"] = where
+        return row
     return {**base, "error": f"process exited {proc.returncode}: {tail[:200]}", "wall_seconds": time.perf_counter() - t0}
 
 
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _dump_main_stack_later(seconds: float) -> None:
+    """After ``seconds``, write the main thread's stack to stderr, innermost frame first.
+
+    A Python thread holding the GIL, not ``faulthandler.dump_traceback_later``: that one
+    walks the frames of running threads without the GIL, and on the GPU machine (Python
+    3.12, inductor's compile threads busy) it ended the dumped process with SIGSEGV (two
+    Qwen3-Next cases, session 10), so a case about to time out looked like a crash.
+    """
+    import threading
+    import traceback
+
+    main = threading.main_thread()
+
+    def dump() -> None:
+        time.sleep(seconds)
+        frame = sys._current_frames().get(main.ident)
+        if frame is None:
+            return
+        lines = [f'  File "{f.filename}", line {f.lineno} in {f.name}' for f in reversed(traceback.extract_stack(frame))]
+        sys.stderr.write(f"Thread 0x{main.ident:016x} (most recent call first):\n" + "\n".join(lines) + "\n")
+        sys.stderr.flush()
+
+    threading.Thread(target=dump, name="conformance-stack-dump", daemon=True).start()
+
+
 def _main_thread_frames(stderr: Any, depth: int = 8) -> list[str]:
-    """The innermost frames of the main thread in a faulthandler dump (what a case that
+    """The innermost frames of the main thread in the stack dump (what a case that
     timed out was doing 15 s before its end)."""
     text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else (stderr or "")
     blocks = text.split("Thread 0x")
@@ -266,9 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         arch, dtype, dyn = args.child
         dump_after = float(os.environ.get("CONFORMANCE_STACK_AFTER", "0"))
         if dump_after > 0:  # a case about to time out says where it is (stderr, read by the parent)
-            import faulthandler
-
-            faulthandler.dump_traceback_later(dump_after, exit=False)
+            _dump_main_stack_later(dump_after)
         row = run_case(arch, dtype, dyn == "true", args.device or "cpu")
         print(MARK + json.dumps(row), flush=True)
         return 0

@@ -29,7 +29,7 @@ from torch._inductor import pattern_matcher as pm
 
 from .base import GraphPass, source_hash
 
-__all__ = ["Fusion", "PatternPass", "Match", "fwd_only", "explain"]
+__all__ = ["Fusion", "PatternPass", "Match", "fwd_only", "explain", "as_the_graph_holds"]
 
 log = logging.getLogger("ascend_graph.passes.pattern")
 
@@ -111,6 +111,38 @@ def traced_pattern(f: Fusion, inputs: Sequence[Any] | None = None) -> torch.fx.G
         return pm.fwd_only(f.pattern, args)
 
 
+_as_traced: dict[tuple, torch.fx.GraphModule] = {}
+_as_traced_lock = threading.RLock()
+
+
+def as_the_graph_holds(fn: Callable[..., Any], key: tuple, *metas: tuple[tuple[int, ...], torch.dtype]) -> torch.fx.GraphModule:
+    """``fn`` traced the way ``capture/trace.py`` traces a model (inductor's decompositions,
+    on fake tensors of the given (shape, dtype)s), memoised per ``key``. For functions
+    without mutation: the inputs reach ``fn`` as the fake tensors themselves (no
+    functional wrapper), as AOT's Python functionalization hands them to an op.
+
+    A pattern calls the returned module where it calls an op whose trace depends on
+    whether its input is real: patterns are traced on real tensors, a model's graph on
+    fake ones. ``F.one_hot`` is one: torch 2.11 runs its C++ kernel on a real tensor (a
+    host read of the min and max, which no trace may hold: ``fwd_only`` raised) and its
+    fake-tensor branch (iota, eq, convert) on the graph's, so a pattern calling
+    ``F.one_hot`` itself could not match a graph of 2.11 (the GPU machine, session 10).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make_fx
+
+    from ..capture.trace import decompositions
+
+    with _as_traced_lock:
+        gm = _as_traced.get(key)
+        if gm is None:
+            with disable_proxy_modes_tracing(), FakeTensorMode():
+                inputs = [torch.empty(shape, dtype=dtype) for shape, dtype in metas]
+                gm = make_fx(fn, decompositions(), tracing_mode="real")(*inputs)
+            _as_traced[key] = gm
+    return gm
+
+
 def _build(fusions: Sequence[Fusion], pass_name: str) -> pm.PatternMatcherPass:
     key = tuple(id(f) for f in fusions)
     with _built_lock:
@@ -125,7 +157,9 @@ def _build(fusions: Sequence[Fusion], pass_name: str) -> pm.PatternMatcherPass:
             with torch.no_grad():
                 search_pattern = None
                 if f.exact or not f.retrace:
-                    ignore = () if f.exact else (int, float, list, torch.device, torch.dtype)  # gen_pattern's wildcards
+                    # gen_pattern's wildcards; an exact row still leaves devices open (patterns are
+                    # traced on the CPU: a factory op's device=cpu must match a graph's cuda or npu)
+                    ignore = (torch.device,) if f.exact else (int, float, list, torch.device, torch.dtype)
                     search_pattern = pm.fx_to_pattern(
                         traced_pattern(f, inputs), ignore_types=ignore, argnames=list(inspect.signature(f.pattern).parameters),
                         scalar_workaround=dict(f.scalar_workaround) or None, exclusive_arg_names=f.exclusive_arg_names,

@@ -329,3 +329,32 @@ def test_mixtral_4x_block_as_written_fuses(dtype, tmp_path):
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
+
+
+def test_onehot_rows_trace_where_one_hot_reads_the_host(monkeypatch):
+    # torch 2.11's F.one_hot runs its C++ kernel on a real tensor, reading min and max on
+    # the host (no trace may hold that: fwd_only raised, so the onehot rows never built
+    # on the GPU machine), and its fake-tensor branch on a model's graph. The rows trace
+    # one_hot as the graph holds it; simulated here with a one_hot that behaves so.
+    from torch._inductor import pattern_matcher as pm
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from ascend_graph.passes import pattern
+    from ascend_graph.passes.fusion.moe import list_loop_fusion
+
+    def one_hot_211(t, num_classes=-1):
+        if isinstance(t, FakeTensor):
+            return (t.unsqueeze(-1) == torch.arange(num_classes, device=t.device)).to(torch.int64)
+        if t.min().item() < 0:  # the host read
+            raise RuntimeError("Class values must be non-negative.")
+        return torch.zeros(*t.shape, num_classes, dtype=torch.int64).scatter_(-1, t.unsqueeze(-1), 1)
+
+    monkeypatch.setattr(F, "one_hot", one_hot_211)
+    monkeypatch.setattr(pattern, "_as_traced", {})
+    ids = torch.randint(0, _E, (7, _K))
+    with pytest.raises(Exception, match="local_scalar_dense|data-dependent|value out of a tracing tensor"):
+        pm.fwd_only(lambda i: F.one_hot(i, num_classes=_E), [ids])  # what the rows did on 2.11
+    for form in ("onehot_where", "onehot_where_hf4"):
+        row = list_loop_fusion(form, _E, _I, _H, True, "silu", torch.float32, torch.float32)
+        code = pattern.traced_pattern(row).code
+        assert "_local_scalar_dense" not in code and "aten.eq.Tensor" in code and "scatter" not in code

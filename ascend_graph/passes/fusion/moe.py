@@ -83,7 +83,7 @@ from ... import _stats
 from ...config import AscendConfig
 from ...ops import moe as _moe_ops  # noqa: F401  (registers the ops)
 from ..base import GraphPass
-from ..pattern import Fusion, Match, PatternPass, known_eq
+from ..pattern import Fusion, Match, PatternPass, as_the_graph_holds, known_eq
 from .norm_rope import _graph_device as graph_device  # the device a graph runs on, as that family's policy reads it
 
 __all__ = ["make_pass", "MoEFusion", "ROUTER_FUSIONS", "LOOP_FORMS", "expert_fusions", "expert_variants", "loop_fusion", "loop_variants", "LIST_LOOP_FORMS", "list_loop_fusion", "list_loop_variants", "list_loop_policy", "drop_nonzero_size_asserts", "shared_fusions", "shared_variants"]
@@ -463,10 +463,23 @@ def _expert_ffn(h, w13_e, w2_e, act):
     return F.linear(act(gate) * up, w2_e)
 
 
+def _one_hot(ids: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``F.one_hot(ids, num_classes)`` as a model's graph holds it (see ``as_the_graph_holds``).
+
+    Under Dynamo (a model written with these loop functions, as the tests' are) it is
+    ``F.one_hot`` itself, which the model's graph then gets the usual way."""
+    if torch.compiler.is_compiling():
+        return F.one_hot(ids, num_classes=num_classes)
+    gm = as_the_graph_holds(
+        functools.partial(F.one_hot, num_classes=num_classes), ("one_hot", num_classes, ids.dim()), ((2,) * ids.dim(), torch.int64)
+    )
+    return gm(ids)
+
+
 def _loop_onehot_where(acc, x, topk_weights, topk_ids, w13, w2, num_experts, act):
     # HF's eager experts (``Qwen3MoeExperts.forward`` ...) over range(E) instead of
     # the experts hit: one_hot mask, torch.where per expert, index_add_
-    mask = F.one_hot(topk_ids, num_classes=num_experts).permute(2, 1, 0)
+    mask = _one_hot(topk_ids, num_experts).permute(2, 1, 0)
     for e in range(num_experts):
         pos, tok = torch.where(mask[e])
         y = _expert_ffn(x[tok], w13[e], w2[e], act) * topk_weights[tok, pos, None]
@@ -691,7 +704,7 @@ def _loop_onehot_where_hf4(acc, x, topk_weights, topk_ids, w13, w2, num_experts,
     # transformers 4.x MixtralSparseMoeBlock (and the remote-code MoE blocks copied from it):
     # the one_hot form with ``hidden_states[None, top_x].reshape(-1, hidden_dim)``. The
     # reshape records H as a literal, so these rows are built per hidden size.
-    mask = F.one_hot(topk_ids, num_classes=num_experts).permute(2, 1, 0)
+    mask = _one_hot(topk_ids, num_experts).permute(2, 1, 0)
     for e in range(num_experts):
         pos, tok = torch.where(mask[e])
         y = _expert_ffn(x[None, tok].reshape(-1, x.shape[-1]), w13[e], w2[e], act) * topk_weights[tok, pos, None]
