@@ -17,6 +17,8 @@ same expression.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx
 
@@ -148,3 +150,98 @@ class DeadCodeElimination(GraphPass):
         before = len(graph.nodes)
         graph.eliminate_dead_code()
         return before - len(graph.nodes)
+
+
+def hoist_size_reads(graph: torch.fx.Graph) -> int:
+    """Recompute every size read off an intermediate tensor from the graph's inputs.
+
+    Under dynamic shapes AOT reads sizes where it finds them: ``sym_size.int(view, 2)``
+    of a tensor inside a region a pattern should replace (the gated delta rule's chunk
+    count ``(T + Mod(64 - Mod(T, 64), 64)) // 64`` is read off its padded views). Each
+    such read is one more user of a node inside the region, and the matcher refuses a
+    match whose inner nodes are used outside it. A read whose value is an expression in
+    the inputs' symbols (sums, products, integer constants, floor division and modulo)
+    is rebuilt from the inputs (``sym_size`` of an input tensor, or the input SymInt),
+    right after the last placeholder; any other read stays. Returns the reads moved.
+    """
+    import operator
+
+    import sympy
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return 0
+    symbols: dict[Any, tuple[torch.fx.Node, int | None]] = {}
+    for ph in placeholders:
+        val = ph.meta.get("val")
+        if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol):
+            symbols.setdefault(val.node.expr, (ph, None))
+        elif isinstance(val, torch.Tensor):
+            for d, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                    symbols.setdefault(size.node.expr, (ph, d))
+    reads = [
+        n for n in graph.nodes
+        if n.op == "call_function" and n.target is torch.ops.aten.sym_size.int and isinstance(n.args[0], torch.fx.Node)
+        and n.args[0].op != "placeholder" and isinstance(n.meta.get("val"), torch.SymInt)
+    ]
+    if not reads:
+        return 0
+    from torch.utils._sympy.functions import FloorDiv, Mod, PythonMod
+
+    state = {"at": placeholders[-1]}
+    built: dict[Any, torch.fx.Node | int] = {}
+
+    def emit(target, args, val):
+        with graph.inserting_after(state["at"]):
+            node = graph.call_function(target, args)
+        node.meta["val"] = val
+        state["at"] = node
+        return node
+
+    def value(x):
+        return x.meta["val"] if isinstance(x, torch.fx.Node) else x
+
+    def build(expr):  # a node (or int) computing expr from the inputs; None where it cannot
+        if expr in built:
+            return built[expr]
+        if expr.is_Integer:
+            out = int(expr)
+        elif isinstance(expr, sympy.Symbol):
+            if expr not in symbols:
+                return None
+            src, dim = symbols[expr]
+            out = src if dim is None else emit(torch.ops.aten.sym_size.int, (src, dim), src.meta["val"].shape[dim])
+        elif isinstance(expr, (sympy.Add, sympy.Mul)) or type(expr) in (FloorDiv, Mod, PythonMod):
+            parts = [build(a) for a in expr.args]
+            if any(p is None for p in parts):
+                return None
+            op = {sympy.Add: operator.add, sympy.Mul: operator.mul}.get(type(expr)) or (operator.floordiv if type(expr) is FloorDiv else operator.mod)
+            if op in (operator.floordiv, operator.mod):
+                out = emit(op, (parts[0], parts[1]), op(value(parts[0]), value(parts[1])))
+            else:
+                out = parts[0]
+                for p in parts[1:]:
+                    out = emit(op, (out, p), op(value(out), value(p))) if isinstance(out, torch.fx.Node) or isinstance(p, torch.fx.Node) else op(out, p)
+        else:
+            return None
+        built[expr] = out
+        return out
+
+    moved = 0
+    for read in reads:
+        expr = read.meta["val"].node.expr
+        if not expr.free_symbols <= set(symbols):
+            continue
+        new = build(expr)
+        if new is None:
+            continue
+        read.replace_all_uses_with(new) if isinstance(new, torch.fx.Node) else _replace_with_int(read, new)
+        graph.erase_node(read)
+        moved += 1
+    return moved
+
+
+def _replace_with_int(node: torch.fx.Node, value: int) -> None:
+    for user in list(node.users):
+        user.args, user.kwargs = torch.fx.node.map_arg((user.args, user.kwargs), lambda a: value if a is node else a)

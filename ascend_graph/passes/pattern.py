@@ -76,6 +76,13 @@ class Fusion:
     graph without all of them cannot match the row, so the row is not traced for that
     graph (tracing costs ~0.05 s a row: attention's 94 rows took 4.5 s of every process's
     first compile, most of them forms the model does not use).
+    ``symbolic`` rows have example inputs with symbolic sizes (fake tensors of the graph's
+    own shape environment, made under its fake mode): the pattern is traced once with
+    them, every argument the trace computes from a size (a symbol, or an expression of
+    symbols) is a wildcard, and every other int, float and dtype must match as traced. For
+    rows built per region under ``dynamic=True``, where the graph's view sizes are
+    symbolic expressions no int-exact row can match and a re-trace per match would cost
+    a full trace of the region each time.
     """
 
     name: str
@@ -88,6 +95,10 @@ class Fusion:
     exact: bool = False
     retrace: bool = True
     requires: tuple[Any, ...] = ()
+    symbolic: bool = False
+    #: the pattern already traced in ``fwd_only``'s normal form, for a row whose pattern
+    #: only replays a trace (the gated delta prefill rows): spares tracing it twice
+    traced: Callable[[], torch.fx.GraphModule] | None = None
 
 
 #: row identities -> (the rows, their matcher). The entry keeps the rows alive: an id is
@@ -103,6 +114,8 @@ def traced_pattern(f: Fusion, inputs: Sequence[Any] | None = None) -> torch.fx.G
     example inputs unless given. Arguments named in ``scalar_workaround`` are traced with
     their sample values where the example inputs leave them out, as register_replacement
     allows."""
+    if f.traced is not None:
+        return f.traced()
     inputs = list(f.example_inputs()) if inputs is None else list(inputs)
     argnames = list(inspect.signature(f.pattern).parameters)
     given = iter(inputs)
@@ -143,6 +156,41 @@ def as_the_graph_holds(fn: Callable[..., Any], key: tuple, *metas: tuple[tuple[i
     return gm
 
 
+class _SizeArg:
+    """Stands for a size the traced pattern computed (a symbol or an expression of them)."""
+
+    def __repr__(self) -> str:
+        return "<size>"
+
+
+_SYM_TYPES = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def _sizes_as_wildcards(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` with every use of a symbolic value (``sym_size``, arithmetic on sizes) replaced
+    by a :class:`_SizeArg` and those nodes, and the runtime asserts on them, erased: what
+    is left is the pattern's tensor ops, their size arguments wildcards. Works on a copy
+    (``gm`` may be a memoised trace), which is never recompiled (a wildcard has no code)."""
+    copy = torch.fx.Graph()
+    copy.output(copy.graph_copy(gm.graph, {}))
+    gm = torch.fx.GraphModule(gm, copy)
+    graph = gm.graph
+    sym = {n for n in graph.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), _SYM_TYPES)}
+    for n in list(graph.nodes):
+        if n.op != "call_function":
+            continue
+        if n in sym or not any(a in sym for a in n.all_input_nodes):
+            continue
+        if not isinstance(n.meta.get("val"), (torch.Tensor, list, tuple)):
+            graph.erase_node(n)  # an assert on sizes (_assert_scalar and its kin)
+            continue
+        n.args, n.kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: _SizeArg() if a in sym else a)
+    for n in reversed(list(graph.nodes)):
+        if n in sym and not n.users:
+            graph.erase_node(n)
+    return gm
+
+
 def _build(fusions: Sequence[Fusion], pass_name: str) -> pm.PatternMatcherPass:
     key = tuple(id(f) for f in fusions)
     with _built_lock:
@@ -156,7 +204,12 @@ def _build(fusions: Sequence[Fusion], pass_name: str) -> pm.PatternMatcherPass:
             # for the real device at match time: the matcher compares structure).
             with torch.no_grad():
                 search_pattern = None
-                if f.exact or not f.retrace:
+                if f.symbolic:
+                    search_pattern = pm.fx_to_pattern(
+                        _sizes_as_wildcards(traced_pattern(f, inputs)), ignore_types=(_SizeArg, torch.device),
+                        argnames=list(inspect.signature(f.pattern).parameters), exclusive_arg_names=f.exclusive_arg_names,
+                    )
+                elif f.exact or not f.retrace:
                     # gen_pattern's wildcards; an exact row still leaves devices open (patterns are
                     # traced on the CPU: a factory op's device=cpu must match a graph's cuda or npu)
                     ignore = (torch.device,) if f.exact else (int, float, list, torch.device, torch.dtype)

@@ -88,8 +88,8 @@ from ...capture.trace import decompositions
 from ...config import AscendConfig
 from ...ops import gated_delta as _ops  # registers the ops the replacements call
 from ..base import GraphPass
-from ..cleanup import DeadCodeElimination, NoOpElimination
-from ..pattern import Fusion, Match, PatternPass
+from ..cleanup import DeadCodeElimination, NoOpElimination, hoist_size_reads
+from ..pattern import Fusion, Match, PatternPass, known_eq
 
 __all__ = ["make_pass", "FUSIONS"]
 
@@ -232,6 +232,46 @@ class _TensorMeta:
     def empty(self, device) -> torch.Tensor:
         return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=device)
 
+    def sizes(self) -> tuple:
+        return (*self.shape, *self.stride)
+
+
+@dataclass(frozen=True)
+class _SymMeta:
+    """A region input with symbolic sizes or strides (``dynamic=True``): the graph's own
+    expressions and their hints (the signature), and the graph's fake tensor, whose sizes
+    the row is traced with, in the graph's shape environment."""
+
+    shape: tuple[str, ...]
+    stride: tuple[str, ...]
+    dtype: torch.dtype
+    hints: tuple[int, ...]
+    val: Any = dataclasses.field(compare=False, hash=False, repr=False)
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "_SymMeta":
+        hints = tuple(_hint(d) for d in (*x.shape, *x.stride()))
+        return cls(tuple(str(d) for d in x.shape), tuple(str(d) for d in x.stride()), x.dtype, hints, x)
+
+    def empty(self, device) -> torch.Tensor:
+        # under the graph's fake mode (GatedDeltaPass._prefill enters it)
+        return torch.empty_strided(self.val.shape, self.val.stride(), dtype=self.dtype, device=device)
+
+    def sizes(self) -> tuple:
+        return (*self.val.shape, *self.val.stride())
+
+
+def _hint(d: Any) -> int | None:
+    """An int size, or a backed SymInt's hint (read without guarding on it); None if unbacked."""
+    if isinstance(d, int):
+        return d
+    hint = getattr(getattr(d, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
+
+
+def _meta_of(x: torch.Tensor) -> "_TensorMeta | _SymMeta":
+    return _TensorMeta.of(x) if _static(x.shape) and _static(x.stride()) else _SymMeta.of(x)
+
 
 @dataclass(frozen=True)
 class _PrefillSignature:
@@ -246,6 +286,28 @@ class _PrefillSignature:
     output_final_state: bool
     #: the UT system inverted by HF's row loop (its export branch) instead of solve_triangular
     row_loop: bool = False
+
+    @property
+    def metas(self) -> tuple:
+        return (self.q, self.k, self.v, self.g, self.beta, self.state)
+
+    @property
+    def symbolic(self) -> bool:
+        return any(isinstance(m, _SymMeta) for m in self.metas)
+
+    def sizes_agree(self) -> bool:
+        """q, k, v, g and beta provably share B and T, and the state B (always true of a
+        static signature). Symbols Dynamo gave input by input (``mark_dynamic``, or its
+        automatic dynamic after a recompile) are only guarded to give equal chunk counts:
+        the op, one length for all, would then be an assumption. Checked before tracing."""
+        if not self.symbolic:
+            return True
+        bt = [m.sizes()[:2] for m in (self.q, self.k, self.v, self.g, self.beta)]
+        return all(known_eq(a, b) for s in bt[1:] for a, b in zip(bt[0], s)) and known_eq(bt[0][0], self.state.sizes()[0])
+
+    def fake_mode(self) -> Any:
+        """The graph's fake mode, for a symbolic signature (its row is traced in it)."""
+        return next((m.val.fake_mode for m in self.metas if isinstance(m, _SymMeta)), None)
 
 
 _traced: dict[tuple, torch.fx.GraphModule] = {}
@@ -281,35 +343,53 @@ def _normalised_hf_chunk(metas: tuple[_TensorMeta, ...], device: torch.device, o
 
     Traced the way ``capture/trace.py`` traces a Dynamo graph (functionalized, inductor's
     decompositions, on fake tensors: no arithmetic runs) and cleaned up by the same
-    cleanup passes the pass manager runs before the fusions. Memoised per signature.
+    cleanup passes the pass manager runs before the fusions, then by ``remove_noop_ops``
+    as ``fwd_only`` cleans a pattern (so the row uses it as its traced pattern as is).
+    Memoised per signature. Without the final state it is the with-state trace less its
+    state output (HF's last state update is then dead code): one trace serves both.
     """
     key = (metas, str(device), output_final_state, row_loop)
     with _traced_lock:
         gm = _traced.get(key)
         if gm is not None:
             return gm
+    if not output_final_state:
+        full = _normalised_hf_chunk(metas, device, True, row_loop)
+        graph = torch.fx.Graph()
+        outputs = graph.graph_copy(full.graph, {})
+        graph.output(outputs[0])
+        DeadCodeElimination()(graph)
+        gm = torch.fx.GraphModule(full, graph)
+        with _traced_lock:
+            return _traced.setdefault(key, gm)
     hf = _hf_chunk_fn()
 
     def call(q, k, v, g, beta, state):
         o, s = hf(q, k, v, g=g, beta=beta, initial_state=state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
         return (o, s) if output_final_state else o
 
-    with _traced_lock, _hf_branch(hf, row_loop), disable_proxy_modes_tracing(), FakeTensorMode(allow_non_fake_inputs=False):
+    # a symbolic signature is traced in the graph's own fake mode and shape environment:
+    # the sizes stay the graph's symbols, and what the trace specialises (the chunk count
+    # of range(num_chunks)) it specialises as Dynamo did when it traced the model
+    graph_mode = next((m.val.fake_mode for m in metas if isinstance(m, _SymMeta)), None)
+    mode = graph_mode if graph_mode is not None else FakeTensorMode(allow_non_fake_inputs=False)
+    with _traced_lock, _hf_branch(hf, row_loop), disable_proxy_modes_tracing(), mode:
         inputs = [m.empty(device) for m in metas]
         gm = make_fx(torch.func.functionalize(call), decompositions(), tracing_mode="real")(*inputs)
     NoOpElimination()(gm.graph)
     DeadCodeElimination()(gm.graph)
+    remove_noop_ops(gm.graph)
+    gm.graph.eliminate_dead_code()
     gm.recompile()
     with _traced_lock:
         _traced[key] = gm
     return gm
 
 
-def _make_prefill_pattern(output_final_state: bool, row_loop: bool):
+def _make_prefill_pattern(sig: "_PrefillSignature"):
     def pattern(q, k, v, g, beta, state):
-        args = (q, k, v, g, beta, state)
-        gm = _normalised_hf_chunk(tuple(_TensorMeta.of(x) for x in args), q.device, output_final_state, row_loop)
-        return gm(*args)
+        gm = _normalised_hf_chunk(sig.metas, q.device, sig.output_final_state, sig.row_loop)
+        return gm(q, k, v, g, beta, state)
 
     return pattern
 
@@ -345,7 +425,15 @@ def _prefill_check(signature: _PrefillSignature):
         vals = [_val(match.kwargs.get(n)) for n in ("q", "k", "v", "g", "beta", "state")]
         if any(x is None for x in vals):
             return False
-        return tuple(_TensorMeta.of(x) for x in vals) == (signature.q, signature.k, signature.v, signature.g, signature.beta, signature.state)
+        if not all(_hint(_val(n).shape[-1]) == _ops.CHUNK_SIZE for n in match.nodes if n.target is aten.cumsum.default and _val(n) is not None and _val(n).dim() == 4):
+            return False
+        if not signature.symbolic:
+            return all(_static(x.shape) and _static(x.stride()) for x in vals) and tuple(_TensorMeta.of(x) for x in vals) == signature.metas
+        # sizes and strides provably the signature's (the same symbols), dtypes equal
+        return all(
+            x.dtype == m.dtype and x.dim() == len(m.shape) and all(known_eq(a, b) for a, b in zip((*x.shape, *x.stride()), m.sizes()))
+            for x, m in zip(vals, signature.metas)
+        )
 
     return check
 
@@ -364,14 +452,18 @@ def _prefill_row(sig: _PrefillSignature, device: torch.device) -> Fusion:
         row = _rows.get(key)
     if row is not None:
         return row
-    metas = (sig.q, sig.k, sig.v, sig.g, sig.beta, sig.state)
+    metas = sig.metas
+    # static: matched exactly as traced; symbolic: the sizes the graph computes (its
+    # symbols, traced as such) are wildcards, every other int, float and op exact
+    how = {"symbolic": True} if sig.symbolic else _EXACT
     row = Fusion(
-        name=f"hf_chunk_prefill_{'state' if sig.output_final_state else 'nostate'}",
-        pattern=_make_prefill_pattern(sig.output_final_state, sig.row_loop),
+        name=f"hf_chunk_prefill_{'state' if sig.output_final_state else 'nostate'}{'_sym' if sig.symbolic else ''}",
+        pattern=_make_prefill_pattern(sig),
         replacement=_prefill_replacement if sig.output_final_state else _prefill_replacement_no_state,
         example_inputs=lambda: [m.empty(device) for m in metas],
         extra_check=_prefill_check(sig),
-        **_EXACT,
+        traced=lambda: _normalised_hf_chunk(metas, device, sig.output_final_state, sig.row_loop),
+        **how,
     )
     with _traced_lock:
         return _rows.setdefault(key, row)
@@ -382,7 +474,12 @@ def _is_anchor(n: torch.fx.Node) -> bool:
     if n.target is not aten.cumsum.default or (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")) not in (3, -1):
         return False
     x = _val(n)
-    return x is not None and x.dim() == 4 and x.shape[-1] == _ops.CHUNK_SIZE and x.dtype == torch.float32 and _static(x.shape)
+    if x is None or x.dim() != 4 or x.dtype != torch.float32:
+        return False
+    # under dynamic=True every size may be symbolic, the chunk size included: it reaches
+    # the graph as (T + pad) // ((T + pad) // 64), which no guard-free check proves is 64.
+    # Its hint is read here; the row's check reads it again on the match
+    return _hint(x.shape[-1]) == _ops.CHUNK_SIZE and all(_hint(d) is not None for d in x.shape)
 
 
 def _static(shape) -> bool:
@@ -396,23 +493,29 @@ def _signatures(graph: torch.fx.Graph, anchor: torch.fx.Node, row_loop_first: bo
     ``[B, T, H, K|V]`` and ``[B, T, H]`` with ``ceil(T / 64) == C``, the anchor being
     ``[B, H, C, 64]``. Which candidate is the real one is left to the exact match.
     """
-    B, H, C = _val(anchor).shape[:3]
+    # sizes compared by their hints (a symbolic one read without a guard): this only
+    # proposes candidates; the match decides
+    anchor_val = _val(anchor)
+    B, H, C = (_hint(d) for d in anchor_val.shape[:3])
     lo, hi = (C - 1) * _ops.CHUNK_SIZE + 1, C * _ops.CHUNK_SIZE
-    four: dict[int, dict[int, set[_TensorMeta]]] = {}  # T -> last dim -> metas
-    three: dict[int, set[_TensorMeta]] = {}
+    four: dict[int, dict[int, set]] = {}  # T -> last dim -> metas
+    three: dict[int, set] = {}
     uses: dict[tuple[int, int], int] = {}  # (T, last dim) -> transposes seen (q and k: two per region, v: one)
     for p in graph.find_nodes(op="call_function", target=aten.permute.default):
         src = _val(p.args[0])
-        if not isinstance(src, torch.Tensor) or not _static(src.shape) or not _static(src.stride()):
+        if not isinstance(src, torch.Tensor) or src.dim() < 3:
             continue
-        if src.dim() < 3 or src.shape[0] != B or src.shape[2] != H or not lo <= src.shape[1] <= hi:
+        shape = [_hint(d) for d in src.shape]
+        if None in shape or any(_hint(d) is None for d in src.stride()):
+            continue
+        if shape[0] != B or shape[2] != H or not lo <= shape[1] <= hi:
             continue
         dims = list(p.args[1])
         if dims == [0, 2, 1, 3] and src.dim() == 4:
-            four.setdefault(src.shape[1], {}).setdefault(src.shape[3], set()).add(_TensorMeta.of(src))
-            uses[src.shape[1], src.shape[3]] = uses.get((src.shape[1], src.shape[3]), 0) + 1
+            four.setdefault(shape[1], {}).setdefault(shape[3], set()).add(_meta_of(src))
+            uses[shape[1], shape[3]] = uses.get((shape[1], shape[3]), 0) + 1
         elif dims == [0, 2, 1] and src.dim() == 3:
-            three.setdefault(src.shape[1], set()).add(_TensorMeta.of(src))
+            three.setdefault(shape[1], set()).add(_meta_of(src))
     candidates = []
     for T, by_dim in four.items():
         gb = sorted(three.get(T, set()), key=str)
@@ -420,7 +523,7 @@ def _signatures(graph: torch.fx.Graph, anchor: torch.fx.Node, row_loop_first: bo
         pairs = [(K, V) for K in dims_by_use for V in dims_by_use if K != V or len(by_dim) == 1]
         for K, V in pairs:
             qk, vv = sorted(by_dim[K], key=str), sorted(by_dim[V], key=str)
-            state = _TensorMeta((B, H, K, V), (H * K * V, K * V, V, 1), torch.float32)
+            state = _state_meta(anchor_val, qk[0], vv[0])
             combos = list(itertools.product(qk, qk, vv, gb, gb))
             # most plausible first (each try costs a trace): g in float32 (HF computes it
             # with .float()), beta in the model dtype (v's), q and k alike, and where K == V
@@ -435,6 +538,18 @@ def _signatures(graph: torch.fx.Graph, anchor: torch.fx.Node, row_loop_first: bo
         for out_state in (True, False)
     ]
     return out[:_MAX_SIGNATURES]
+
+
+def _state_meta(anchor_val: torch.Tensor, qk: "_TensorMeta | _SymMeta", v: "_TensorMeta | _SymMeta") -> "_TensorMeta | _SymMeta":
+    """The contiguous ``[B, H, K, V]`` fp32 state, each size as the graph has it (under
+    dynamic shapes, symbols: a fake tensor of the graph's mode carries them)."""
+    B, H = anchor_val.shape[:2]
+    K = qk.val.shape[3] if isinstance(qk, _SymMeta) else qk.shape[3]
+    V = v.val.shape[3] if isinstance(v, _SymMeta) else v.shape[3]
+    if _static((B, H, K, V)):
+        return _TensorMeta((B, H, K, V), (H * K * V, K * V, V, 1), torch.float32)
+    with anchor_val.fake_mode:
+        return _SymMeta.of(torch.empty((B, H, K, V), dtype=torch.float32, device=anchor_val.device))
 
 
 #: signatures tried per region before giving up (each costs a trace of the pattern)
@@ -465,6 +580,10 @@ class GatedDeltaPass(GraphPass):
         # has, so a prompt under 64 tokens never fused in the row-loop branch), which go too
         remove_noop_ops(graph)
         DeadCodeElimination()(graph)
+        # under dynamic shapes AOT reads the chunk count and chunk size off the region's
+        # padded views: those reads are recomputed from the inputs, or the region's inner
+        # nodes have users outside it and no match is allowed
+        hoist_size_reads(graph)
         # which branch of HF's function the graph holds: try that one first
         row_loop_first = not graph.find_nodes(op="call_function", target=aten.linalg_solve_triangular.default)
         count = 0
@@ -477,9 +596,13 @@ class GatedDeltaPass(GraphPass):
                 if sig in tried:
                     continue
                 tried.add(sig)
+                if not sig.sizes_agree():
+                    continue
                 rows = PatternPass(self.name, self.family, (_prefill_row(sig, device),), explain_node=self.explain_node)
-                with FakeTensorMode():
-                    rows.matcher  # traced on fake tensors: no arithmetic at the region's real sizes
+                # traced on fake tensors: no arithmetic at the region's real sizes (a
+                # symbolic row in the graph's own mode: its sizes are the graph's symbols)
+                with sig.fake_mode() or FakeTensorMode():
+                    rows.matcher
                 count += rows(graph)
                 if _erased(anchor):
                     break
