@@ -48,11 +48,19 @@ What is matched (Qwen3-Next / Qwen3.5 in transformers, ``modeling_qwen3_next.py`
 
   Under dynamic shapes (``dynamic=True``, or Dynamo's automatic dynamic after a second
   prompt length) the loop still reaches the backend unrolled: Dynamo guards on the chunk
-  count (``range(num_chunks)`` specialises it) and keeps the sequence length symbolic, so
-  each chunk count is its own graph (and Dynamo's recompile limit applies). Those
-  symbolic-length regions are not fused: their signature is not static, and the torch
-  fallback runs as traced (correct, unfused). Compile with ``dynamic=False`` (one graph
-  per length) to fuse them.
+  count (``range(num_chunks)`` specialises it) and keeps B and T symbolic, so each chunk
+  count is its own graph. Such a region's signature is symbolic: its row is traced once,
+  on fake tensors of the graph's own shape environment (the same symbols, the loop
+  specialised as Dynamo specialised it), and every argument that trace computes from a
+  size is a wildcard of the match; every other int (dims, the chunk size, loop
+  indices), float and dtype must match as traced. AOT reads the chunk count and the
+  (symbolic) chunk size off the region's padded views; those reads are rebuilt from the
+  inputs first (``cleanup.hoist_size_reads``), or the region's inner nodes would have
+  users outside it. The check then holds the inputs to the signature's symbols; a
+  signature whose q, k, v, g and beta lengths are not provably one symbol (inputs
+  marked dynamic one by one) is skipped before any trace. Unfused, torch 2.11's row-loop
+  region under symbolic shapes took 529 s to compile on the CPU (Qwen3-Next,
+  ``dynamic=True``) and timed out on the GPU.
 
   HF's function has two branches for the UT system: ``solve_triangular``, or a Python
   row loop (``for i in range(1, 64)``, unrolled by Dynamo too) taken when
