@@ -83,6 +83,7 @@ from ... import _stats
 from ...config import AscendConfig
 from ...ops import moe as _moe_ops  # noqa: F401  (registers the ops)
 from ..base import GraphPass
+from ..cleanup import hoist_size_reads
 from ..pattern import Fusion, Match, PatternPass, as_the_graph_holds, known_eq
 from .norm_rope import _graph_device as graph_device  # the device a graph runs on, as that family's policy reads it
 
@@ -244,70 +245,6 @@ def sink_input_nodes(graph: torch.fx.Graph) -> int:
             moved += 1
     for node in graph.nodes:
         node.meta.pop("mutation_region_id", None)  # inductor recomputes it where it is missing
-    return moved
-
-
-def hoist_sym_sizes(graph: torch.fx.Graph) -> int:
-    """Point every ``sym_size.int`` of an intermediate tensor at the graph's inputs.
-
-    Under dynamic shapes AOT reads sizes off intermediate tensors (HF's experts: the
-    ``T*k`` of ``topk_ids.reshape(-1)``, for the inverse permutation's ``empty``). Such a
-    read is one more user of a node inside a pattern, and the matcher refuses a match
-    whose inner nodes are used outside it: Mixtral's first MoE layer never fused under
-    ``dynamic=True``. A size that is an input's symbol times an integer (the common case)
-    is recomputed from that input (``sym_size`` of an input tensor, or the input SymInt
-    itself); anything else stays. Returns the reads moved."""
-    import operator
-
-    import sympy
-
-    symbols: dict[Any, tuple[torch.fx.Node, int | None]] = {}
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for ph in placeholders:
-        val = ph.meta.get("val")
-        if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol):
-            symbols.setdefault(val.node.expr, (ph, None))
-        elif isinstance(val, torch.Tensor):
-            for d, size in enumerate(val.shape):
-                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
-                    symbols.setdefault(size.node.expr, (ph, d))
-    moved = 0
-    last_ph = placeholders[-1] if placeholders else None
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not aten.sym_size.int or not isinstance(node.args[0], torch.fx.Node) or node.args[0].op == "placeholder":
-            continue
-        val = node.meta.get("val")
-        if not isinstance(val, torch.SymInt):
-            continue
-        # a monomial: an integer times input symbols (T*k = 2*s0, or 2*s0*s1 with the
-        # sequence length symbolic too)
-        coeff, factors = val.node.expr.as_coeff_mul()
-        if not coeff.is_Integer or not factors or not all(isinstance(f, sympy.Symbol) and f in symbols for f in factors):
-            continue
-        insert_at = last_ph
-        new = None
-        for f in factors:
-            src, dim = symbols[f]
-            with graph.inserting_after(insert_at):
-                term = src if dim is None else graph.call_function(aten.sym_size.int, (src, dim))
-            if term is not src:
-                term.meta["val"] = src.meta["val"].shape[dim]
-                insert_at = term
-            if new is not None:
-                with graph.inserting_after(insert_at):
-                    prod = graph.call_function(operator.mul, (new, term))
-                prod.meta["val"] = new.meta["val"] * term.meta["val"]
-                insert_at = new = prod
-            else:
-                new = term
-        if int(coeff) != 1:
-            with graph.inserting_after(insert_at):
-                scaled = graph.call_function(operator.mul, (new, int(coeff)))
-            scaled.meta["val"] = val
-            new = scaled
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        moved += 1
     return moved
 
 
@@ -1264,7 +1201,9 @@ class MoEFusion(GraphPass):
         n_experts = 0
         variants = sorted(expert_variants(graph), key=str)
         if variants:
-            hoist_sym_sizes(graph)
+            # Mixtral's first MoE layer never fused under dynamic=True: AOT read T*k off
+            # topk_ids.reshape(-1), one more user of a node inside the pattern
+            hoist_size_reads(graph)
             sink_input_nodes(graph)
         for mm, histc_float, dtype in variants:
             n_experts += _expert_pass(mm, histc_float, dtype, self.explain_node)(graph)
