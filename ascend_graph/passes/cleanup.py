@@ -236,12 +236,12 @@ def hoist_size_reads(graph: torch.fx.Graph) -> int:
         new = build(expr)
         if new is None:
             continue
-        read.replace_all_uses_with(new) if isinstance(new, torch.fx.Node) else _replace_with_int(read, new)
+        if isinstance(new, torch.fx.Node):
+            read.replace_all_uses_with(new)
+        else:  # a constant: the users take the int
+            for user in list(read.users):
+                user.args, user.kwargs = torch.fx.node.map_arg((user.args, user.kwargs), lambda a: new if a is read else a)
         graph.erase_node(read)
         moved += 1
     return moved
 
-
-def _replace_with_int(node: torch.fx.Node, value: int) -> None:
-    for user in list(node.users):
-        user.args, user.kwargs = torch.fx.node.map_arg((user.args, user.kwargs), lambda a: value if a is node else a)

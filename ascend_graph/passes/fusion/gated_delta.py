@@ -315,7 +315,12 @@ class _PrefillSignature:
 
     def fake_mode(self) -> Any:
         """The graph's fake mode, for a symbolic signature (its row is traced in it)."""
-        return next((m.val.fake_mode for m in self.metas if isinstance(m, _SymMeta)), None)
+        return _graph_fake_mode(self.metas)
+
+
+def _graph_fake_mode(metas: tuple) -> Any:
+    """The fake mode of the graph symbolic metas come from; None for static ones."""
+    return next((m.val.fake_mode for m in metas if isinstance(m, _SymMeta)), None)
 
 
 _traced: dict[tuple, torch.fx.GraphModule] = {}
@@ -379,8 +384,7 @@ def _normalised_hf_chunk(metas: tuple[_TensorMeta, ...], device: torch.device, o
     # a symbolic signature is traced in the graph's own fake mode and shape environment:
     # the sizes stay the graph's symbols, and what the trace specialises (the chunk count
     # of range(num_chunks)) it specialises as Dynamo did when it traced the model
-    graph_mode = next((m.val.fake_mode for m in metas if isinstance(m, _SymMeta)), None)
-    mode = graph_mode if graph_mode is not None else FakeTensorMode(allow_non_fake_inputs=False)
+    mode = _graph_fake_mode(metas) or FakeTensorMode(allow_non_fake_inputs=False)
     with _traced_lock, _hf_branch(hf, row_loop), disable_proxy_modes_tracing(), mode:
         inputs = [m.empty(device) for m in metas]
         gm = make_fx(torch.func.functionalize(call), decompositions(), tracing_mode="real")(*inputs)
