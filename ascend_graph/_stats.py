@@ -49,6 +49,10 @@ def stats() -> dict[str, Any]:
     pad = snap["padding"]
     total = pad["real_rows"] + pad["padded_rows"]
     pad["padded_ratio"] = (pad["padded_rows"] / total) if total else 0.0
+    # a fact of the process, not a counter: reset_stats() does not clear it
+    from .capture.torch_fixes import applied
+
+    snap["torch_fixes"] = applied()
     return snap
 
 

@@ -33,6 +33,7 @@ import torch.fx
 from . import _stats, plugins, precompile
 from .capture.host_floats import FloatGuard, specialize_module_floats
 from .capture.shapes import ShapeInfo, analyze_graph
+from .capture.torch_fixes import apply as _apply_torch_fixes
 from .capture.trace import aot_trace, make_boxed_func
 from .config import AscendConfig
 from .errors import ConfigError, UnsupportedError
@@ -41,6 +42,10 @@ from .passes.manager import PassManager, build_pass_manager
 __all__ = ["ascend_backend", "compile_graph", "CompileContext"]
 
 log = logging.getLogger("ascend_graph.backend")
+
+# before Dynamo's first trace: torch.compile(..., backend="ascend") imports this module
+# through the entry point when it is called (capture/torch_fixes.py says what and why)
+_apply_torch_fixes()
 
 _graph_ids = itertools.count()
 
