@@ -301,3 +301,34 @@ def test_prefill_row_loop_branch_fuses(tmp_path, monkeypatch, T):
     monkeypatch.setattr(m, "is_torchdynamo_exporting", lambda: True)
     code = _compile_and_check(_prefill, _prefill_inputs(T=T), tmp_path, want_fused=1)
     assert "ascend_graph.chunk_gated_delta_rule" in code and "slice_scatter" not in code
+
+
+def test_symbolic_candidates_tell_q_and_k_from_v_by_their_l2_norm(tmp_path):
+    # K == V and v in another layout than q and k (Qwen3-Next's: one of them is a view of
+    # the conv output transposed): every size agrees, only the strides tell the layouts
+    # apart, and each wrong guess of which is q costs a whole symbolic trace. The layout
+    # here is the one whose strides print first, which candidates ordered by name alone
+    # tried as q's. q and k are the ones HF L2-normalises: one trace, the right one
+    from ascend_graph.passes.fusion import gated_delta
+
+    torch._dynamo.reset()
+    ascend_graph.reset_stats()
+    gated_delta._traced.clear()
+    gated_delta._rows.clear()
+    compiled = torch.compile(_prefill, backend="ascend", options=OPTIONS, dynamic=True)
+    for B, T in [(2, 100), (3, 103)]:
+        q, k, _, g, beta, state = _prefill_inputs(B=B, T=T, K=16, V=16)
+        conv_out = torch.randn(B, 64, T, generator=torch.Generator().manual_seed(3))
+        v = conv_out.transpose(1, 2).reshape(B, T, 4, 16)
+        args = (q, k, v, g, beta, state)
+        for x in (q, k, g, beta):
+            for d in range(2, x.dim()):
+                torch._dynamo.mark_static(x, d)
+        torch._dynamo.mark_static(conv_out, 1)
+        for d in (1, 2, 3):
+            torch._dynamo.mark_static(state, d)
+        got, want = compiled(*args), _prefill(*args)
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    assert ascend_graph.stats()["fusions"]["gated_delta_rule"] == 1
+    assert len(gated_delta._traced) == 1, list(gated_delta._traced)

@@ -513,6 +513,7 @@ def _signatures(graph: torch.fx.Graph, anchor: torch.fx.Node, row_loop_first: bo
     four: dict[int, dict[int, set]] = {}  # T -> last dim -> metas
     three: dict[int, set] = {}
     uses: dict[tuple[int, int], int] = {}  # (T, last dim) -> transposes seen (q and k: two per region, v: one)
+    normed: set = set()  # metas of transposes HF L2-normalises (q and k)
     for p in graph.find_nodes(op="call_function", target=aten.permute.default):
         src = _val(p.args[0])
         if not isinstance(src, torch.Tensor) or src.dim() < 3:
@@ -524,8 +525,11 @@ def _signatures(graph: torch.fx.Graph, anchor: torch.fx.Node, row_loop_first: bo
             continue
         dims = list(p.args[1])
         if dims == [0, 2, 1, 3] and src.dim() == 4:
-            four.setdefault(shape[1], {}).setdefault(shape[3], set()).add(_meta_of(src))
+            meta = _meta_of(src)
+            four.setdefault(shape[1], {}).setdefault(shape[3], set()).add(meta)
             uses[shape[1], shape[3]] = uses.get((shape[1], shape[3]), 0) + 1
+            if _l2_normed(p):
+                normed.add(meta)
         elif dims == [0, 2, 1] and src.dim() == 3:
             three.setdefault(shape[1], set()).add(_meta_of(src))
     candidates = []
@@ -537,10 +541,16 @@ def _signatures(graph: torch.fx.Graph, anchor: torch.fx.Node, row_loop_first: bo
             qk, vv = sorted(by_dim[K], key=str), sorted(by_dim[V], key=str)
             state = _state_meta(anchor_val, qk[0], vv[0])
             combos = list(itertools.product(qk, qk, vv, gb, gb))
-            # most plausible first (each try costs a trace): g in float32 (HF computes it
-            # with .float()), beta in the model dtype (v's), q and k alike, and where K == V
-            # offers two layouts with q and k sharing one, v in the other
-            combos.sort(key=lambda c: (c[3].dtype != torch.float32) + (c[4].dtype != c[2].dtype) + (c[0] != c[1]) + (len(vv) > 1 and c[2] == c[0]))
+            # most plausible first (each try costs a trace): q and k L2-normalised and v not
+            # (where K == V, the one thing that tells q's layout from v's), g in float32 (HF
+            # computes it with .float()), beta in the model dtype (v's), q and k alike, and
+            # where K == V offers two layouts with q and k sharing one, v in the other
+            combos.sort(
+                key=lambda c: (
+                    2 * ((c[0] not in normed) + (c[1] not in normed) + (c[2] in normed))
+                    + (c[3].dtype != torch.float32) + (c[4].dtype != c[2].dtype) + (c[0] != c[1]) + (len(vv) > 1 and c[2] == c[0])
+                )
+            )
             candidates += [(c, state) for c in combos]
     # the branch the graph's own ops point at, for every candidate, before the other one
     out = [
@@ -550,6 +560,24 @@ def _signatures(graph: torch.fx.Graph, anchor: torch.fx.Node, row_loop_first: bo
         for out_state in (True, False)
     ]
     return out[:_MAX_SIGNATURES]
+
+
+def _l2_normed(transpose: torch.fx.Node, depth: int = 6) -> bool:
+    """Whether a transposed input reaches an ``rsqrt`` within a few ops: HF's L2 norm of q and
+    k (``x * rsqrt(sum(x * x) + eps)``, after the fp32 copy) does, v and the gates do not.
+    Orders candidates only; the match decides."""
+    frontier, seen = [transpose], {transpose}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u.target is aten.rsqrt.default:
+                    return True
+                if u not in seen:
+                    seen.add(u)
+                    nxt.append(u)
+        frontier = nxt
+    return False
 
 
 def _state_meta(anchor_val: torch.Tensor, qk: "_TensorMeta | _SymMeta", v: "_TensorMeta | _SymMeta") -> "_TensorMeta | _SymMeta":
