@@ -64,11 +64,12 @@ What is matched (Qwen3-Next / Qwen3.5 in transformers, ``modeling_qwen3_next.py`
 
   HF's function has two branches for the UT system: ``solve_triangular``, or a Python
   row loop (``for i in range(1, 64)``, unrolled by Dynamo too) taken when
-  ``is_torchdynamo_exporting()`` is true. Which one a Dynamo graph holds depends on the
-  torch / transformers pair (torch 2.13 + transformers 5.17 here: the solve; torch 2.11
-  on the GPU machine: the row loop), so both are matched: the signature records the
-  branch, the graph's own ops say which to try first, and the pattern trace pins HF's
-  predicate to that branch.
+  ``is_torchdynamo_exporting()`` is true: under ``torch.export``, and under
+  ``torch.compile`` on a torch whose Dynamo folds ``is_exporting()`` to True (torch 2.11,
+  pytorch#176347; ``capture/torch_fixes.py`` fixes that where the backend is used, and
+  the compile then holds the solve). Both are matched: the signature records the branch,
+  the graph's own ops say which to try first, and the pattern trace pins HF's predicate
+  to that branch.
 
 Negative: a step without the decay (``state * exp(g)``) is another recurrence (plain
 delta rule) and does not match; neither does the chunked function without the q/k L2
