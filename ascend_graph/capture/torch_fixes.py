@@ -23,12 +23,15 @@ applied is listed in ``ascend_graph.stats()["torch_fixes"]``.
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 from typing import Any
 
 import torch
 
 __all__ = ["apply", "applied", "is_exporting_folded_to_true"]
+
+log = logging.getLogger("ascend_graph.torch_fixes")
 
 _lock = threading.Lock()
 _applied: list[str] = []
@@ -69,9 +72,13 @@ def is_exporting_folded_to_true() -> bool:
 
 
 def _fix_is_exporting() -> bool:
-    if not hasattr(torch.compiler, "_is_exporting_flag") or not is_exporting_folded_to_true():
+    try:
+        if not hasattr(torch.compiler, "_is_exporting_flag") or not is_exporting_folded_to_true():
+            return False
+        variables = _dynamo_torch_variables()
+    except (ImportError, AttributeError) as e:  # a Dynamo laid out otherwise: leave it as it is
+        log.debug("is_exporting fix not applied: %s: %s", type(e).__name__, e)
         return False
-    variables = _dynamo_torch_variables()
     table = _LiveExportingFlag(variables.tracing_state_functions())
     # the handler looks the table up through this module global on every call
     variables.tracing_state_functions = lambda: table
