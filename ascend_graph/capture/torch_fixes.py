@@ -60,7 +60,10 @@ def is_exporting_folded_to_true() -> bool:
     ``torch.compiler._is_exporting_flag``; the unfixed one only has the table, whose entry
     is ``True``. (The test holds this to a compile of a function that returns the value.)
     """
-    variables = _dynamo_torch_variables()
+    return _folds(_dynamo_torch_variables())
+
+
+def _folds(variables: Any) -> bool:
     table = variables.tracing_state_functions()
     if isinstance(table, _LiveExportingFlag) or table.get(torch.compiler.is_exporting) is not True:
         return False
@@ -73,9 +76,9 @@ def is_exporting_folded_to_true() -> bool:
 
 def _fix_is_exporting() -> bool:
     try:
-        if not hasattr(torch.compiler, "_is_exporting_flag") or not is_exporting_folded_to_true():
-            return False
         variables = _dynamo_torch_variables()
+        if not hasattr(torch.compiler, "_is_exporting_flag") or not _folds(variables):
+            return False
     except (ImportError, AttributeError) as e:  # a Dynamo laid out otherwise: leave it as it is
         log.debug("is_exporting fix not applied: %s: %s", type(e).__name__, e)
         return False
