@@ -29,7 +29,7 @@ from torch._inductor import pattern_matcher as pm
 
 from .base import GraphPass, source_hash
 
-__all__ = ["Fusion", "PatternPass", "Match", "fwd_only", "explain", "as_the_graph_holds"]
+__all__ = ["Fusion", "Path", "PatternPass", "Match", "fwd_only", "explain", "as_the_graph_holds"]
 
 log = logging.getLogger("ascend_graph.passes.pattern")
 
@@ -76,6 +76,9 @@ class Fusion:
     graph without all of them cannot match the row, so the row is not traced for that
     graph (tracing costs ~0.05 s a row: attention's 94 rows took 4.5 s of every process's
     first compile, most of them forms the model does not use).
+    ``requires_path`` (a :class:`Path`) names a chain of ops the traced pattern contains
+    (the same test holds every row to it): ops that occur anywhere in a graph (a router's
+    softmax and an MoE's ``bmm``) can still rule a row out when no chain joins them.
     ``symbolic`` rows have example inputs with symbolic sizes (fake tensors of the graph's
     own shape environment, made under its fake mode): the pattern is traced once with
     them, every argument the trace computes from a size (a symbol, or an expression of
@@ -95,10 +98,46 @@ class Fusion:
     exact: bool = False
     retrace: bool = True
     requires: tuple[Any, ...] = ()
+    requires_path: "Path | None" = None
     symbolic: bool = False
     #: the pattern already traced in ``fwd_only``'s normal form, for a row whose pattern
     #: only replays a trace (the gated delta prefill rows): spares tracing it twice
     traced: Callable[[], torch.fx.GraphModule] | None = None
+
+
+@dataclass(frozen=True)
+class Path:
+    """A chain ``src -> ... -> dst`` of at most ``hops`` edges in which every node between
+    the two ends has a target in ``through``.
+
+    A graph that a pattern holding such a chain matches holds it too (a match maps the
+    pattern's nodes onto the graph's, same targets, same edges), so a graph without one
+    cannot match the row: :meth:`PatternPass.rows_for` then leaves the row untraced.
+    """
+
+    src: Any
+    dst: Any
+    through: frozenset[Any]
+    hops: int
+
+    def holds(self, graph: torch.fx.Graph) -> bool:
+        for start in graph.nodes:
+            if start.op != "call_function" or start.target is not self.src:
+                continue
+            frontier, seen = [start], {start}
+            for _ in range(self.hops):
+                nxt = []
+                for n in frontier:
+                    for user in n.users:
+                        if user.target is self.dst:
+                            return True
+                        if user not in seen and user.target in self.through:
+                            seen.add(user)
+                            nxt.append(user)
+                if not nxt:
+                    break
+                frontier = nxt
+        return False
 
 
 #: row identities -> (the rows, their matcher). The entry keeps the rows alive: an id is
@@ -264,11 +303,21 @@ class PatternPass(GraphPass):
         return _build(self.fusions, self.name)
 
     def rows_for(self, graph: torch.fx.Graph) -> tuple[Fusion, ...]:
-        """The rows whose ``requires`` ops are all in ``graph`` (the others cannot match it)."""
-        if not any(f.requires for f in self.fusions):
+        """The rows whose ``requires`` ops are all in ``graph`` and whose ``requires_path``
+        it holds (the others cannot match it)."""
+        if not any(f.requires or f.requires_path for f in self.fusions):
             return self.fusions
         targets = {n.target for n in graph.nodes if n.op == "call_function"}
-        return tuple(f for f in self.fusions if all(t in targets for t in f.requires))
+        paths: dict[Path, bool] = {}  # rows share a few paths: each is walked once
+
+        def has(path: Path | None) -> bool:
+            if path is None:
+                return True
+            if path not in paths:
+                paths[path] = path.holds(graph)
+            return paths[path]
+
+        return tuple(f for f in self.fusions if all(t in targets for t in f.requires) and has(f.requires_path))
 
     def __call__(self, graph: torch.fx.Graph) -> int:
         if not self.fusions:

@@ -82,3 +82,41 @@ def test_a_row_that_cannot_match_is_never_traced(monkeypatch):
     p2 = PatternPass("t", "t", (_row("bmm_only", (aten.bmm.default,)),))
     assert p2(_graph(with_relu=False).graph) == 0
     assert built == []
+
+
+@pytest.mark.parametrize(
+    "i",
+    [i for i, f in enumerate(attention.FUSIONS) if f.requires_path is not None],
+    ids=[f.name for f in attention.FUSIONS if f.requires_path is not None],
+)
+def test_every_attention_row_holds_the_path_it_requires(i):
+    f = attention.FUSIONS[i]
+    assert f.requires_path.holds(pat.traced_pattern(f).graph), f"{f.name}: its traced pattern lacks {f.requires_path}"
+
+
+def _router_and_bmm(x, w, a, b):
+    # a router's softmax (to top-k) and an unrelated bmm: both ops, no chain between them
+    probs = torch.softmax(x @ w, dim=-1)
+    _, ids = torch.topk(probs, 2, dim=-1)
+    return ids, torch.bmm(a, b)
+
+
+def _softmax_into_bmm(q, k, v):
+    return torch.bmm(torch.softmax(torch.bmm(q, k), dim=-1), v)
+
+
+def test_a_path_rules_out_rows_whose_ops_are_present_but_not_joined():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from ascend_graph.capture.trace import decompositions
+
+    router = make_fx(_router_and_bmm, decompositions())(torch.randn(5, 8), torch.randn(8, 4), torch.randn(2, 3, 4), torch.randn(2, 4, 3))
+    eager = make_fx(_softmax_into_bmm, decompositions())(torch.randn(2, 5, 8), torch.randn(2, 8, 5), torch.randn(2, 5, 8))
+    path = attention._SOFTMAX_TO_BMM
+    targets = {n.target for n in router.graph.nodes}
+    assert aten.amax.default in targets and aten.bmm.default in targets
+    assert not path.holds(router.graph)
+    assert path.holds(eager.graph)
+    p = PatternPass("t", "t", attention.FUSIONS)
+    assert not any(f.requires_path is path for f in p.rows_for(router.graph))
+    assert any(f.requires_path is path for f in p.rows_for(eager.graph))

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ...config import AscendConfig
 from ...ops import attention as _attention_ops  # noqa: F401  (registers ascend_graph::attention)
 from ..base import GraphPass
-from ..pattern import Fusion, Match, PatternPass, known_eq
+from ..pattern import Fusion, Match, Path, PatternPass, known_eq
 
 __all__ = ["make_pass", "FUSIONS", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "HEAD_DIM_ALIGN"]
 
@@ -213,6 +213,25 @@ _REQUIRES: dict[str, tuple[Any, ...]] = {
     "sdpa_math": _EAGER_OPS,
     "eager_sinks": _EAGER_OPS,
 }
+#: and the eager forms' softmax feeds the second bmm (through the softmax's own ops, casts,
+#: views, a mask's where and the sinks' slice): a router's softmax (Mixtral's, Qwen3-Next's)
+#: reaches a bmm only through top-k and an index, so an MoE model with SDPA attention
+#: does not trace the 50 eager rows (2.1 s of Qwen3-Next's first compile on the CPU)
+_SOFTMAX_TO_BMM = Path(
+    aten.amax.default,
+    aten.bmm.default,
+    through=frozenset(
+        {
+            aten.sub.Tensor, aten.exp.default, aten.div.Tensor, aten.mul.Tensor,
+            torch.ops.prims.convert_element_type.default, aten._to_copy.default,
+            aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+            aten.clone.default, aten.slice.Tensor, aten.where.self, aten.unsqueeze.default,
+            aten.squeeze.dim, aten.permute.default, aten.transpose.int,
+        }
+    ),
+    hops=10,
+)
+_REQUIRES_PATH: dict[str, Path] = {"eager": _SOFTMAX_TO_BMM, "sdpa_math": _SOFTMAX_TO_BMM, "eager_sinks": _SOFTMAX_TO_BMM}
 
 #: math-form example layouts: (q, k, v) each HF's transposed [B, S, N, D] view ("t") or
 #: contiguous BNSD ("c"). "ttt": HF prefill; "cct": MLA (q and k concatenated from their
@@ -543,6 +562,7 @@ def _rows() -> list[Fusion]:
                     scalar_workaround={"scale": _SCALE_SAMPLE} if scale else {},
                     retrace=form not in _RETRACE_FREE_FORMS,
                     requires=_REQUIRES[form],
+                    requires_path=_REQUIRES_PATH.get(form),
                 )
             )
     # SDPA's math path: the scale is always there (a constant sqrt). Without repeat_kv
@@ -566,6 +586,7 @@ def _rows() -> list[Fusion]:
                 scalar_workaround={"scale": _SCALE_SAMPLE},
                 retrace=False,
                 requires=_REQUIRES["sdpa_math"],
+                requires_path=_REQUIRES_PATH["sdpa_math"],
             )
         )
     # GptOss: eager attention with learned sink logits (fp32 graphs have no casts, half
@@ -581,6 +602,7 @@ def _rows() -> list[Fusion]:
                 scalar_workaround={"scale": _SCALE_SAMPLE},
                 retrace=False,
                 requires=_REQUIRES["eager_sinks"],
+                requires_path=_REQUIRES_PATH["eager_sinks"],
             )
         )
     return rows
