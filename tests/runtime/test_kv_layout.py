@@ -342,6 +342,18 @@ class TwoLayerPaged(nn.Module):
             b.copy_(s)
 
 
+def assert_same_cache_writes(compiled, eager, before):
+    """The compiled step wrote the cache where eager did, the same values, and nowhere else.
+
+    Entries eager left alone are bitwise unchanged (a padded row never writes). Written
+    entries are equal to fp32 rounding, not bitwise: the compiled step's projection runs
+    at the padded batch (3 -> 4 rows), and a CPU GEMM of 4 rows need not round as one of
+    3 does (oneDNN on an AMD EPYC differs in the last bit)."""
+    untouched = eager == before
+    torch.testing.assert_close(compiled[untouched], before[untouched], rtol=0, atol=0)
+    torch.testing.assert_close(compiled[~untouched], eager[~untouched])
+
+
 def decode_batch(r, seed, max_blocks=6):
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -371,8 +383,8 @@ def test_compiled_paged_step_over_cross_layer_views_equals_eager(layout):
             model.restore(snap)
             ref = model(*batch)
         torch.testing.assert_close(out, ref)
-        for a, b in zip(after, model.buffers()):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for a, b, s in zip(after, model.buffers(), snap):
+            assert_same_cache_writes(a, b, s)
     st = ascend_graph.stats()
     assert st["eager_fallbacks"] == 0 and st["padding"]["padded_rows"] > 0
 
@@ -396,8 +408,8 @@ def test_inductor_writes_into_the_cross_layer_views_without_copying_the_cache():
         model.restore(snap)
         ref = model(*batch)
     torch.testing.assert_close(out, ref)
-    for a, b in zip(after, model.buffers()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b, s in zip(after, model.buffers(), snap):
+        assert_same_cache_writes(a, b, s)
     code = "\n".join(codes)
     assert code.count("ascend_graph.reshape_and_cache.default(") == LAYERS
     assert "copy_(" not in code  # neither a clone of the cache nor a copy back into it
