@@ -12,7 +12,7 @@ import torch
 import torch.fx
 
 from ascend_graph.passes import pattern as pat
-from ascend_graph.passes.fusion import attention
+from ascend_graph.passes.fusion import attention, norm_rope
 from ascend_graph.passes.pattern import Fusion, PatternPass
 
 aten = torch.ops.aten
@@ -26,6 +26,14 @@ def _traced_targets(f: Fusion) -> set:
 def test_every_attention_row_contains_the_ops_it_requires(i):
     f = attention.FUSIONS[i]
     assert f.requires, f"{f.name}: every attention row names the ops it needs"
+    missing = [t for t in f.requires if t not in _traced_targets(f)]
+    assert not missing, f"{f.name}: requires {missing}, which its traced pattern does not hold"
+
+
+@pytest.mark.parametrize("i", range(len(norm_rope.FUSIONS)), ids=[f.name for f in norm_rope.FUSIONS])
+def test_every_norm_rope_row_contains_the_ops_it_requires(i):
+    f = norm_rope.FUSIONS[i]
+    assert f.requires, f"{f.name}: every norm/RoPE row names the ops it needs"
     missing = [t for t in f.requires if t not in _traced_targets(f)]
     assert not missing, f"{f.name}: requires {missing}, which its traced pattern does not hold"
 

@@ -101,6 +101,7 @@ __all__ = ["make_pass", "FUSIONS", "NormRopePass", "device_policy", "fuse_moe_co
 
 FAMILY = "norm_rope"
 ops = torch.ops.ascend_graph
+aten = torch.ops.aten
 _EPS = 1e-6
 
 # -------------------------------------------------------------------------------------
@@ -605,7 +606,41 @@ def _with_scalar_eps(row: pat.Fusion) -> pat.Fusion:
     return dataclasses.replace(row, extra_check=lambda match: _eps_is_a_number(match) and check(match))
 
 
-FUSIONS: tuple[pat.Fusion, ...] = tuple(_with_scalar_eps(row) for row in _rows())
+_RMS = (aten.rsqrt.default, aten.mean.dim, aten.pow.Tensor_Scalar)
+_SILU = (aten.exp.default, aten.div.Tensor, aten.neg.default)
+#: ops each row's traced pattern contains (``Fusion.requires``; a test holds every row to
+#: them): a graph without them is not traced against the row. An encoder (LayerNorm, GELU,
+#: no RoPE) then traces none of the table, a model without RoPE none of the RoPE rows.
+_ROW_REQUIRES: dict[str, tuple[Any, ...]] = {
+    "add_rms_norm": _RMS,
+    "add_gemma_rms_norm": _RMS,
+    "add_rms_norm_w_after": _RMS,
+    "rms_norm_w_after": _RMS,
+    "rms_norm": _RMS,
+    "gemma_rms_norm": _RMS,
+    "qk_norm_rope": _RMS + (aten.cat.default, aten.neg.default),
+    "qk_gemma_norm_rope": _RMS + (aten.cat.default, aten.neg.default),
+    "qk_gemma_norm_rope_partial": _RMS + (aten.cat.default, aten.neg.default),
+    "qkv_norm_rope_cache_v2": _RMS + (aten.cat.default, aten.split_with_sizes.default),
+    "qkv_norm_rope_cache_v1": _RMS + (aten.cat.default, aten.split_with_sizes.default),
+    "norm_rope_halves": _RMS + (aten.cat.default, aten.split.Tensor, aten.sub.Tensor),
+    "silu_and_mul_chunk": _SILU + (aten.split.Tensor,),
+    "silu_and_mul_chunk_up_first": _SILU + (aten.split.Tensor,),
+    "silu_and_mul_slice": _SILU + (aten.slice.Tensor,),
+    "silu_mul": _SILU,
+    "qk_rope": (aten.cat.default, aten.neg.default, aten.permute.default),
+    "qk_rope_partial": (aten.cat.default, aten.neg.default, aten.permute.default),
+    "qk_rope_interleave": (aten.cat.default, aten.sub.Tensor, aten.slice.Tensor),
+    "rope_halves": (aten.cat.default, aten.split.Tensor, aten.sub.Tensor),
+}
+
+
+def _with_requires(row: pat.Fusion) -> pat.Fusion:
+    base = row.name.removesuffix("_bf16").removesuffix("_fp32")
+    return dataclasses.replace(row, requires=_ROW_REQUIRES[base])
+
+
+FUSIONS: tuple[pat.Fusion, ...] = tuple(_with_requires(_with_scalar_eps(row)) for row in _rows())
 
 
 # -------------------------------------------------------------------------------------
