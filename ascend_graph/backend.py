@@ -8,7 +8,8 @@ has graph breaks):
 1. ``options`` -> :class:`AscendConfig` (unknown keys are an error);
 2. inputs checked: devices cpu/cuda/npu, no complex or quantized dtypes; float
    attributes of modules that Dynamo passed as inputs become constants again
-   (``capture/host_floats.py``; Dynamo then re-traces with them guarded);
+   (``capture/host_floats.py``; before a trace the backend asks Dynamo to re-trace with
+   them guarded);
 3. shape analysis (``capture/shapes.py``) on the Dynamo graph: the batch symbol;
 4. AOT trace to functional ATen (``capture/trace.py``); inside, the pass manager runs
    and the code generator (inductor, or the FX graph as is) compiles the result. With
@@ -31,7 +32,7 @@ import torch
 import torch.fx
 
 from . import _stats, plugins, precompile
-from .capture.host_floats import FloatGuard, specialize_module_floats
+from .capture.host_floats import FloatGuard, restart_to_specialize, specialize_module_floats
 from .capture.shapes import ShapeInfo, analyze_graph
 from .capture.torch_fixes import apply as _apply_torch_fixes
 from .capture.trace import aot_trace, make_boxed_func
@@ -233,6 +234,12 @@ def compile_graph(
         # With a tag (inductor codegen, graph cache on), AOTAutograd may save the result
         # to, or load it from, its own cache under that tag: see cache/aot.py. A load
         # never calls fw_compiler; the graph cache then restores ctx from its manifest.
+        if guards:
+            # about to trace a graph whose module floats we specialized: under Dynamo,
+            # have it re-trace them as guarded constants now, before this trace (AOT's
+            # tensorify pass would ask the same after it). A graph-cache hit never gets
+            # here: it loads, and FloatGuard checks the values.
+            restart_to_specialize(original, example_inputs)
         if aot_cache_tag is None:
             return aot_trace(gm, example_inputs, fw_compiler)
         from .cache.aot import keyed, serializable
@@ -273,7 +280,7 @@ def _build(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], ctx: Compile
 
         compiled = compile_with_cache(gm, example_inputs, ctx, build)
     else:
-        compiled = aot_trace(gm, example_inputs, fw_compiler)
+        compiled = build()
     # --- end cache hook ---
     return compiled, aot_precompile
 

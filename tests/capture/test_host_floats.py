@@ -81,6 +81,42 @@ def test_a_changed_module_float_gives_the_new_answer():
     assert st["graphs_compiled"] == 2 or st["eager_fallbacks"] == 1
 
 
+def test_module_floats_restart_dynamo_before_any_aot_trace(monkeypatch):
+    """The backend asks Dynamo for the re-trace with the floats guarded as soon as it gets
+    the graph: the aborted attempt runs no AOT trace (AOT's tensorify pass used to find the
+    floats unused and ask for the same re-trace from inside its capture: a wasted trace of
+    the whole graph, a quarter of Qwen3-Next's compile). One AOT trace per graph, the
+    compiled graph takes no float input, and the floats are Dynamo's guarded constants."""
+    import ascend_graph.backend as backend_mod
+    from torch._guards import CompileContext
+
+    traces, float_inputs = [], []
+    real_trace, real_compile = backend_mod.aot_trace, backend_mod.compile_graph
+
+    def counting_trace(gm, example_inputs, fw):
+        traces.append(CompileContext.get().attempt)
+        return real_trace(gm, example_inputs, fw)
+
+    def recording_compile(gm, example_inputs, config, **kw):
+        float_inputs.append(sum(1 for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() == 0 and x.dtype == torch.float64))
+        return real_compile(gm, example_inputs, config, **kw)
+
+    monkeypatch.setattr(backend_mod, "aot_trace", counting_trace)
+    monkeypatch.setattr(backend_mod, "compile_graph", recording_compile)
+    torch._dynamo.reset()
+    model = _Scaled()
+    compiled = torch.compile(model, backend="ascend", dynamic=True, options=FX)
+    x = torch.randn(3, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, 2.0), model(x, 2.0))
+        assert traces == [1]  # attempt 0 restarted before tracing; attempt 1 traced once
+        assert float_inputs == [3, 1]  # scale, eps, temperature; then the caller's temperature only
+        model.eps = 1e-3  # a guarded constant: a changed value recompiles, never a stale answer
+        torch.testing.assert_close(compiled(x, 2.0), model(x, 2.0))
+    st = ascend_graph.stats()
+    assert st["eager_fallbacks"] == 0 and st["graphs_compiled"] == 2
+
+
 def test_float_guard_runs_the_unspecialized_graph_on_a_changed_value():
     calls = []
     guard = FloatGuard(lambda *a: calls.append("compiled") or "compiled", ((1, 0.5, "l_self_alpha"),), lambda *a: calls.append("eager") or "eager")
