@@ -22,18 +22,13 @@ def _traced_targets(f: Fusion) -> set:
     return {n.target for n in pat.traced_pattern(f).graph.nodes if n.op == "call_function"}
 
 
-@pytest.mark.parametrize("i", range(len(attention.FUSIONS)), ids=[f.name for f in attention.FUSIONS])
-def test_every_attention_row_contains_the_ops_it_requires(i):
-    f = attention.FUSIONS[i]
-    assert f.requires, f"{f.name}: every attention row names the ops it needs"
-    missing = [t for t in f.requires if t not in _traced_targets(f)]
-    assert not missing, f"{f.name}: requires {missing}, which its traced pattern does not hold"
+_ROWS = [(table, i) for table in (attention, norm_rope) for i in range(len(table.FUSIONS))]
 
 
-@pytest.mark.parametrize("i", range(len(norm_rope.FUSIONS)), ids=[f.name for f in norm_rope.FUSIONS])
-def test_every_norm_rope_row_contains_the_ops_it_requires(i):
-    f = norm_rope.FUSIONS[i]
-    assert f.requires, f"{f.name}: every norm/RoPE row names the ops it needs"
+@pytest.mark.parametrize("table,i", _ROWS, ids=[t.FUSIONS[i].name for t, i in _ROWS])
+def test_every_row_contains_the_ops_it_requires(table, i):
+    f = table.FUSIONS[i]
+    assert f.requires, f"{f.name}: every attention and norm/RoPE row names the ops it needs"
     missing = [t for t in f.requires if t not in _traced_targets(f)]
     assert not missing, f"{f.name}: requires {missing}, which its traced pattern does not hold"
 
