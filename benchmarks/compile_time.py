@@ -11,6 +11,11 @@ timings are wall times), with ``TORCHINDUCTOR_COMPILE_THREADS`` set as the compa
 
     python benchmarks/compile_time.py qwen3_next --dynamic true --device cuda
     TORCHINDUCTOR_COMPILE_THREADS=1 python benchmarks/compile_time.py bamba --dynamic true
+    python benchmarks/compile_time.py bamba --backend reduce-overhead   # the baseline
+
+``--backend inductor`` / ``reduce-overhead`` time the same case under torch's own compiler
+(without and with its CUDA graphs), what ``ascend`` replaces: only each call's seconds and
+torch's breakdown are printed then.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import re
 import sys
 import time
 from pathlib import Path
@@ -64,12 +70,34 @@ def _jit_keys(kernels: dict) -> dict:
     return keys
 
 
+def _key_change(key: str, earlier: set) -> str:
+    """What makes a new specialisation key new: the items (argument types, divisibility,
+    constexpr values, options) that differ from the nearest earlier key of the same kernel,
+    as ``#index: old -> new``; the key's start when there is no earlier one."""
+    items = re.split(r"(?<=\)), (?=\()", key)
+    best = None
+    for old in earlier:
+        prev = re.split(r"(?<=\)), (?=\()", old)
+        if len(prev) != len(items):
+            continue
+        diff = [f"#{i}: {a} -> {b}" for i, (a, b) in enumerate(zip(prev, items)) if a != b]
+        if best is None or len(diff) < len(best):
+            best = diff
+    if best is None:
+        return f"first: {key[:160]}"
+    return "; ".join(best)[:400] or "same items"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("arch", help="an architecture of tests/models/archs.py (llama, qwen3_next, bamba, ...)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--dynamic", default="true", choices=("true", "false"))
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument(
+        "--backend", default="ascend", choices=("ascend", "inductor", "reduce-overhead"),
+        help="ascend (default), or a baseline: torch's inductor, or inductor with its CUDA graphs (mode reduce-overhead)",
+    )
     args = p.parse_args()
 
     import torch
@@ -97,8 +125,14 @@ def main() -> None:
     kernels = _our_triton_kernels() if device == "cuda" else {}
     before = _jit_keys(kernels)
     ascend_graph.reset_stats()
-    compiled = torch.compile(model, backend="ascend", dynamic=dynamic, options={"buckets": BUCKETS})
-    print(f"{args.arch} {args.dtype} dynamic={dynamic} on {device} (torch {torch.__version__})")
+    ours = args.backend == "ascend"
+    if ours:
+        compiled = torch.compile(model, backend="ascend", dynamic=dynamic, options={"buckets": BUCKETS})
+    elif args.backend == "inductor":
+        compiled = torch.compile(model, backend="inductor", dynamic=dynamic)
+    else:
+        compiled = torch.compile(model, backend="inductor", mode="reduce-overhead", dynamic=dynamic)
+    print(f"{args.arch} {args.dtype} dynamic={dynamic} on {device}, backend {args.backend} (torch {torch.__version__})")
     total, worst = time.perf_counter(), 0.0
     with torch.no_grad():
         for ids, ref in zip(inputs, refs):
@@ -106,9 +140,12 @@ def main() -> None:
             out = forward_output(arch, compiled, ids).float()
             sync()
             seconds = time.perf_counter() - t
+            worst = max(worst, ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item())
+            if not ours:
+                print(f"  batch {ids.shape[0]}: {seconds:6.2f} s")
+                continue
             st = ascend_graph.stats()
             passes = sum(v["seconds"] for v in st["passes"].values())
-            worst = max(worst, ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item())
             print(
                 f"  batch {ids.shape[0]}: {seconds:6.2f} s  graphs {st['graphs_compiled']}  compile {st['compile_seconds']:.1f} s"
                 f"  capture {st['capture_seconds']:.2f} s  passes {passes:.2f} s"
@@ -116,15 +153,18 @@ def main() -> None:
             after = _jit_keys(kernels)
             for name in sorted(after):
                 for key in sorted(after[name] - before.get(name, set())):
-                    print(f"      Triton JIT {name}: {key[:160]}")
+                    print(f"      Triton JIT {name}: {_key_change(key, before.get(name, set()))}")
             before = after
-    st = ascend_graph.stats()
-    print(
-        f"total {time.perf_counter() - total:.1f} s  max rel err {worst:.1e}  captures {st['buckets_captured']} ok /"
-        f" {st['capture_failures']} failed  eager fallbacks {st['eager_fallbacks']}"
-    )
-    print("passes (s):", {k: round(v["seconds"], 2) for k, v in st["passes"].items() if v["seconds"] >= 0.01})
-    print("captures (s):", {k: round(v["capture_seconds"], 2) for k, v in st["buckets"].items() if isinstance(v, dict) and "capture_seconds" in v})
+    if not ours:
+        print(f"total {time.perf_counter() - total:.1f} s  max rel err {worst:.1e}")
+    else:
+        st = ascend_graph.stats()
+        print(
+            f"total {time.perf_counter() - total:.1f} s  max rel err {worst:.1e}  captures {st['buckets_captured']} ok /"
+            f" {st['capture_failures']} failed  eager fallbacks {st['eager_fallbacks']}"
+        )
+        print("passes (s):", {k: round(v["seconds"], 2) for k, v in st["passes"].items() if v["seconds"] >= 0.01})
+        print("captures (s):", {k: round(v["capture_seconds"], 2) for k, v in st["buckets"].items() if isinstance(v, dict) and "capture_seconds" in v})
     from torch._dynamo.utils import compile_times
 
     print(compile_times(repr="str", aggregate=True))

@@ -151,11 +151,16 @@ def test_hybrid_linear_attention_model_matches_vllm(hybrid_checkpoint, tmp_path)
     assert_attention_kept_on_cpu(ours)
 
 
-def test_speculative_decoding_ngram_tokens_equal_the_plain_run(checkpoints, tmp_path):
+def test_speculative_decoding_ngram_tokens_equal_the_plain_run(checkpoints, dense_runs, tmp_path):
     k = 2
     spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
-    plain = run_engine(checkpoints["dense"], {"compilation_config": ASCEND}, cache_root=tmp_path / "plain", extra_env={"VLLM_DISABLE_COMPILE_CACHE": "1"})
-    spec_run = run_engine(checkpoints["dense"], {"compilation_config": ASCEND, "speculative_config": spec}, cache_root=tmp_path / "spec", record_host_options=True)
+    # the plain run: ours on the same checkpoint without speculation (dense_runs' cold start)
+    plain = dense_runs["cold"]
+    # and with vLLM's compile cache off (the engine start that neither saves nor loads)
+    spec_run = run_engine(
+        checkpoints["dense"], {"compilation_config": ASCEND, "speculative_config": spec}, cache_root=tmp_path / "spec",
+        extra_env={"VLLM_DISABLE_COMPILE_CACHE": "1"}, record_host_options=True,
+    )
     assert spec_run["tokens"] == plain["tokens"]
     assert_attention_kept_on_cpu(spec_run)
     # our backend is told k by the engine; its buckets are then multiples of 1+k
@@ -235,7 +240,7 @@ def register():
 '''
 
 
-def test_platform_route_mode3_with_our_compiler_interface(checkpoints, tmp_path):
+def test_platform_route_mode3_with_our_compiler_interface(checkpoints, dense_runs, tmp_path):
     """Mode 3 (VLLM_COMPILE) through a platform naming AscendGraphCompiler / AscendGraphWrapper.
 
     Three vLLM 0.32 bugs of the CPU build are worked around in the test platform: with mode 3
@@ -255,7 +260,7 @@ def test_platform_route_mode3_with_our_compiler_interface(checkpoints, tmp_path)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ascend-graph-test-platform\nVersion: 0.0\n")
     (dist / "entry_points.txt").write_text("[vllm.platform_plugins]\nascend_graph_test = ascend_graph_test_platform:register\n")
     env = {"PYTHONPATH": os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]), "VLLM_TARGET_DEVICE": ""}
-    default = run_engine(checkpoints["dense"], cache_root=tmp_path / "default")
+    default = dense_runs["default"]  # vLLM's own compile of the same checkpoint
     ours = run_engine(checkpoints["dense"], {"compilation_config": {"mode": 3}}, cache_root=tmp_path / "ours", extra_env=env)
     assert ours["mode"] == "VLLM_COMPILE"
     assert ours["tokens"] == default["tokens"]
