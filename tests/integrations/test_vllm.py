@@ -47,9 +47,10 @@ def _vllm_config(mode=CompilationMode.NONE, backend="", model_config=None, **cc)
 def dist():
     """vLLM's model-parallel groups (world size 1, gloo), once per module."""
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
-    from vllm.distributed.parallel_state import model_parallel_is_initialized
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel, model_parallel_is_initialized
 
-    if not model_parallel_is_initialized():
+    ours = not model_parallel_is_initialized()
+    if ours:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -57,6 +58,10 @@ def dist():
             init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", local_rank=0, backend="gloo")
             initialize_model_parallel(1, 1)
     yield
+    if ours:
+        # later modules of the same process (tests/distributed) start their own default group
+        destroy_model_parallel()
+        destroy_distributed_environment()
 
 
 def _norm_mlp(config: VllmConfig) -> torch.nn.Module:

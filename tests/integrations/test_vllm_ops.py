@@ -73,19 +73,24 @@ def dist(tmp_path_factory):
     """vLLM's parallel groups (world size 1, gloo) built under a MoE config: vLLM creates
     the expert-parallel group only for MoE models (test_vllm.py's groups have none)."""
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
-    from vllm.distributed.parallel_state import destroy_model_parallel, model_parallel_is_initialized
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel, model_parallel_is_initialized
 
     config = _moe_config(tmp_path_factory.mktemp("dist"))
     with set_current_vllm_config(config):
         if model_parallel_is_initialized():
             destroy_model_parallel()
-        if not torch.distributed.is_initialized():
+        ours = not torch.distributed.is_initialized()
+        if ours:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", local_rank=0, backend="gloo")
         initialize_model_parallel(1, 1)
     yield
+    destroy_model_parallel()
+    if ours:
+        # later modules of the same process (tests/distributed) start their own default group
+        destroy_distributed_environment()
 
 
 def _aten_graph(module, inputs, v2=True):
