@@ -7,9 +7,9 @@ has graph breaks):
 
 1. ``options`` -> :class:`AscendConfig` (unknown keys are an error);
 2. inputs checked: devices cpu/cuda/npu, no complex or quantized dtypes; float
-   attributes of modules that Dynamo passed as inputs become constants again
-   (``capture/host_floats.py``; before a trace the backend asks Dynamo to re-trace with
-   them guarded);
+   attributes of modules become constants, guarded (``capture/host_floats.py``: Dynamo
+   makes them constants in its trace for this backend; where it did not, the backend asks
+   for the re-trace that does);
 3. shape analysis (``capture/shapes.py``) on the Dynamo graph: the batch symbol;
 4. AOT trace to functional ATen (``capture/trace.py``); inside, the pass manager runs
    and the code generator (inductor, or the FX graph as is) compiles the result. With
@@ -23,6 +23,7 @@ Inference only: the trace runs under ``no_grad`` and outputs never require grad.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -32,7 +33,7 @@ import torch
 import torch.fx
 
 from . import _stats, plugins, precompile
-from .capture.host_floats import FloatGuard, restart_to_specialize, specialize_module_floats
+from .capture.host_floats import FloatGuard, restart_to_specialize, specialize_in_dynamo, specialize_module_floats
 from .capture.shapes import ShapeInfo, analyze_graph
 from .capture.torch_fixes import apply as _apply_torch_fixes
 from .capture.trace import aot_trace, make_boxed_func
@@ -132,6 +133,41 @@ class CompileContext:
         for name in cls._STATE:
             setattr(ctx, name, state[name])
         return ctx
+
+
+def _specializes_floats(compiler_fn: Any) -> bool:
+    """Whether Dynamo is tracing for this backend with ``specialize_floats`` on: the backend
+    Dynamo holds, unwrapped (its debug wrapper, ``torch.compile``'s wrapper with the
+    options, a ``functools.partial``), is :func:`ascend_backend`."""
+    options: Any = None
+    fn = compiler_fn
+    for _ in range(8):
+        if fn is None:
+            return False
+        if fn is ascend_backend:
+            break
+        if isinstance(fn, functools.partial):
+            options = fn.keywords.get("options", options)
+            fn = fn.func
+            continue
+        kwargs = getattr(fn, "kwargs", None)
+        if options is None and isinstance(kwargs, dict):
+            options = kwargs.get("options")
+        fn = getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None) or getattr(fn, "__wrapped__", None)
+    else:
+        return False
+    if options is not None and not isinstance(options, Mapping):
+        return False  # the backend says why when it is called
+    try:
+        host = plugins.host_compile()
+        return AscendConfig.from_options({**(host.options if host else {}), **(options or {})}).specialize_floats
+    except Exception:  # noqa: BLE001 - a bad option: the backend raises it when called
+        return False
+
+
+# Module floats become constants in Dynamo's first trace for this backend (no re-trace:
+# capture/host_floats.py); other backends' traces are left as they are
+specialize_in_dynamo(_specializes_floats)
 
 
 def resolve_codegen(config: AscendConfig, device: torch.device) -> str:

@@ -1,5 +1,7 @@
 """Module float attributes under dynamic=True: constants again, guarded (capture/host_floats.py)."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -81,12 +83,8 @@ def test_a_changed_module_float_gives_the_new_answer():
     assert st["graphs_compiled"] == 2 or st["eager_fallbacks"] == 1
 
 
-def test_module_floats_restart_dynamo_before_any_aot_trace(monkeypatch):
-    """The backend asks Dynamo for the re-trace with the floats guarded as soon as it gets
-    the graph: the aborted attempt runs no AOT trace (AOT's tensorify pass used to find the
-    floats unused and ask for the same re-trace from inside its capture: a wasted trace of
-    the whole graph, a quarter of Qwen3-Next's compile). One AOT trace per graph, the
-    compiled graph takes no float input, and the floats are Dynamo's guarded constants."""
+def _count_traces(monkeypatch):
+    """(Dynamo's attempt number of each AOT trace, the float inputs of each compile_graph call)."""
     import ascend_graph.backend as backend_mod
     from torch._guards import CompileContext
 
@@ -103,18 +101,63 @@ def test_module_floats_restart_dynamo_before_any_aot_trace(monkeypatch):
 
     monkeypatch.setattr(backend_mod, "aot_trace", counting_trace)
     monkeypatch.setattr(backend_mod, "compile_graph", recording_compile)
+    return traces, float_inputs
+
+
+def _compile_scaled_and_change_eps():
     torch._dynamo.reset()
     model = _Scaled()
     compiled = torch.compile(model, backend="ascend", dynamic=True, options=FX)
     x = torch.randn(3, 7)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, 2.0), model(x, 2.0))
-        assert traces == [1]  # attempt 0 restarted before tracing; attempt 1 traced once
-        assert float_inputs == [3, 1]  # scale, eps, temperature; then the caller's temperature only
         model.eps = 1e-3  # a guarded constant: a changed value recompiles, never a stale answer
         torch.testing.assert_close(compiled(x, 2.0), model(x, 2.0))
     st = ascend_graph.stats()
     assert st["eager_fallbacks"] == 0 and st["graphs_compiled"] == 2
+
+
+def test_module_floats_are_constants_in_dynamos_first_trace(monkeypatch):
+    """Dynamo makes module floats guarded constants in its first trace for our backend: no
+    restart at all (each one was a whole aborted Dynamo trace per graph, 10-11.5 s of
+    Qwen3-Next's and Bamba's compile on the H100), one AOT trace per graph, and the compiled
+    graph takes only the caller's float."""
+    traces, float_inputs = _count_traces(monkeypatch)
+    _compile_scaled_and_change_eps()
+    assert traces == [0, 0]  # the first attempt of each graph traced, once
+    assert float_inputs == [1, 1]  # the caller's temperature only; scale and eps are constants
+
+
+def test_other_backends_keep_module_floats_as_dynamo_has_them():
+    """The first trace's specialization is ours only: another backend in the same process
+    (here one that records its inputs) still gets the floats as inputs."""
+    importlib.import_module("ascend_graph.backend")  # the specialization is installed
+
+    seen = []
+
+    def recording(gm, example_inputs):
+        seen.append(sum(1 for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() == 0 and x.dtype == torch.float64))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(_Scaled(), backend=recording, dynamic=True)(torch.randn(3, 7), 2.0)
+    assert seen == [3]  # scale, eps, temperature
+
+
+def test_without_the_first_trace_hook_the_backend_restarts_dynamo_before_any_aot_trace(monkeypatch):
+    """Where Dynamo left the floats as inputs (a torch without the hook), the backend asks
+    for the re-trace with them guarded as soon as it gets the graph: the aborted attempt
+    runs no AOT trace (AOT's tensorify pass would ask the same from inside its capture)."""
+    importlib.import_module("ascend_graph.backend")  # installs the hook, which is then turned off
+    from ascend_graph.capture import host_floats
+
+    monkeypatch.setattr(host_floats._SpecializeForOurs, "wants", staticmethod(lambda compiler_fn: False))
+    traces, float_inputs = _count_traces(monkeypatch)
+    _compile_scaled_and_change_eps()
+    # graph 1: attempt 0 restarted before tracing, attempt 1 traced once (the recompile
+    # after eps changed may find its symbols still marked by torch: no restart then)
+    assert traces[0] == 1 and len(traces) == 2
+    assert float_inputs[:2] == [3, 1]  # scale, eps, temperature; then the caller's only
 
 
 def test_float_guard_runs_the_unspecialized_graph_on_a_changed_value():
