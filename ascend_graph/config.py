@@ -67,7 +67,7 @@ class AscendConfig:
     memory_budget_bytes: int | None = _doc("graph-pool bytes the captured buckets may use together; a capture that would exceed it is dropped (counted as a capture failure) and its batches go to the next bucket up or run without graphs", None)
     cache_dir: str | None = _doc("offline graph cache directory (see `ascend-graph build`)", None)
     cache_strict: bool = _doc("with cache_dir: anything but a verified cache hit is a CacheError (expected/got) instead of a logged rebuild", False)
-    specialize_floats: bool = _doc("float attributes of the model's modules that Dynamo passes as inputs (dynamic=True) become graph constants again; Dynamo re-traces with them guarded (a changed value recompiles; where it does not re-trace, a per-call check runs a changed value eagerly, counted)", True)
+    specialize_floats: bool = _doc("float attributes of the model's modules that Dynamo passes as inputs (dynamic=True) become graph constants again, guarded by Dynamo in its first trace (a changed value recompiles; where a torch does not, a re-trace or a per-call check that runs a changed value eagerly, counted)", True)
     clone_outputs: bool = _doc("with device graphs: copy outputs out of the graph's static buffers so they survive the next replay", True)
     dump_dir: str | None = _doc("write each pass's before/after graph code here", None)
     debug: bool = _doc("graph.lint() after each pass; check static input addresses at replay", False)

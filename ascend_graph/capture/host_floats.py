@@ -11,27 +11,27 @@ created on every call and read back with ``.item()`` inside the graph. Two thing
   silently ignored on replay. Dynamo itself specializes floats whenever inductor's CUDA
   graphs are on (``torch/_dynamo/variables/builder.py``, for this reason).
 
-:func:`specialize_module_floats` puts the example value in the graph in place of every
-``.item()`` of such an input (module attributes only: a float the caller passes may
-change per call) and returns the guards. What follows on torch 2.11-2.13: AOTAutograd's
-tensorify pass (``torch/fx/passes/_tensorify_python_scalars.py``) finds those float
-symbols no longer read, marks them to specialize and has Dynamo re-trace the frame, so
-the graph that is compiled has the floats as constants and Dynamo guards their values
-(``self.alpha == 1.702``): a changed value recompiles. The cost is one more Dynamo trace.
+:func:`specialize_in_dynamo` (installed when the backend module is imported) has Dynamo
+make them constants in its first trace for ``backend="ascend"``: at the end of a trace
+Dynamo replaces every float input whose symbol its ``TensorifyState`` names by the value,
+guarded (``self.alpha == 1.702``: a changed value recompiles), and drops the input
+(``OutputGraph.remove_tensorify_specialized_graphargs``, what it does after torch's own
+tensorify restart). The hook answers for module-attribute symbols while Dynamo traces for
+this backend with ``specialize_floats`` on; caller floats (they may change per call) and
+other backends' traces are left as Dynamo has them. Before it, every such graph cost an
+aborted Dynamo trace (Qwen3-Next and Bamba under ``dynamic=True`` on the H100: 10.0 s and
+11.5 s of their compile).
 
-:func:`restart_to_specialize` asks for that re-trace itself, as soon as the backend gets
-the graph, instead of letting AOTAutograd find out: it marks the same symbols in Dynamo's
-tensorify state and raises the same restart, so the aborted attempt no longer runs AOT's
-capture first (Qwen3-Next under ``dynamic=True`` on the CPU: 3.3 s and 5.7 s of its two
-graphs' aborted attempts, about a quarter of its compile). The re-trace is the one
-torch's own pass would have asked for: Dynamo replaces the marked inputs by their values
-and guards them (``OutputGraph.remove_tensorify_specialized_graphargs``).
-
-Where a torch passes the specialized graph on without that re-trace, :class:`FloatGuard`
-checks the values on every call (one ``.item()`` of a CPU tensor each, about 0.2 us,
-against the ~2.5 us Dynamo spends making each of those tensors) and runs the
-unspecialized graph eagerly when one differs, counted as an eager fallback. Floats that
-Dynamo specialized itself never reach here.
+Where Dynamo still passes module floats (a torch without that hook):
+:func:`restart_to_specialize` marks the same symbols and raises the same restart as soon
+as the backend gets the graph, before any AOT trace (AOTAutograd's tensorify pass,
+``torch/fx/passes/_tensorify_python_scalars.py``, would find them unread and ask for it
+from inside its capture, a wasted trace of the whole graph). Where there is no re-trace
+either (a direct call, a graph-cache hit), :func:`specialize_module_floats` puts the
+example value in the graph in place of every ``.item()`` of such an input and
+:class:`FloatGuard` checks the values on every call (one ``.item()`` of a CPU tensor each,
+about 0.2 us), running the unspecialized graph eagerly when one differs, counted as an
+eager fallback.
 """
 
 from __future__ import annotations
