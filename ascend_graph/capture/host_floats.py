@@ -180,15 +180,12 @@ def specialize_in_dynamo(wants: Callable[[Any], bool]) -> bool:
     the same set, so it no longer restarts for them either. Floats the caller passes and
     every other backend's traces are left as Dynamo has them. Idempotent.
     """
-    try:
-        from torch._dynamo.symbolic_convert import TensorifyState
-    except ImportError:  # pragma: no cover - another torch
-        return False
-    current = getattr(TensorifyState, "force_specializations", None)
-    if not isinstance(current, set) or _tensorify_internals() is None:
+    internals = _tensorify_internals()
+    current = getattr(internals[0], "force_specializations", None) if internals else None
+    if not isinstance(current, set):
         return False  # pragma: no cover - another torch
     if not isinstance(current, _SpecializeForOurs):
-        TensorifyState.force_specializations = _SpecializeForOurs(current)
+        internals[0].force_specializations = _SpecializeForOurs(current)
     _SpecializeForOurs.wants = staticmethod(wants)
     return True
 

@@ -63,15 +63,19 @@ def test_nothing_to_specialize_returns_the_graph_itself():
     assert out_gm is got["gm"] and guards == ()
 
 
-def test_a_changed_module_float_gives_the_new_answer():
-    """Dynamo puts no guard on a float it passes as an input. Once our graph no longer reads
-    it, AOT's tensorify pass has Dynamo re-trace with the float specialized and guarded
-    (torch >= 2.6): a changed value recompiles. Where a torch does not, FloatGuard runs
-    the call eagerly and counts it. Either way the answer is the new one."""
+def _compiled_scaled():
+    """(the model, it compiled with dynamic=True, an input), Dynamo's caches reset."""
     torch._dynamo.reset()
     model = _Scaled()
-    compiled = torch.compile(model, backend="ascend", dynamic=True, options=FX)
-    x = torch.randn(3, 7)
+    return model, torch.compile(model, backend="ascend", dynamic=True, options=FX), torch.randn(3, 7)
+
+
+def test_a_changed_module_float_gives_the_new_answer():
+    """Dynamo puts no guard on a float it passes as an input. Ours are guarded constants
+    (made so in Dynamo's first trace, or by a re-trace where a torch lacks that): a changed
+    value recompiles. Where neither happens, FloatGuard runs the call eagerly and counts it.
+    Either way the answer is the new one."""
+    model, compiled, x = _compiled_scaled()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, 2.0), model(x, 2.0))
         torch.testing.assert_close(compiled(x, 3.0), model(x, 3.0))  # the argument may vary
@@ -105,10 +109,7 @@ def _count_traces(monkeypatch):
 
 
 def _compile_scaled_and_change_eps():
-    torch._dynamo.reset()
-    model = _Scaled()
-    compiled = torch.compile(model, backend="ascend", dynamic=True, options=FX)
-    x = torch.randn(3, 7)
+    model, compiled, x = _compiled_scaled()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, 2.0), model(x, 2.0))
         model.eps = 1e-3  # a guarded constant: a changed value recompiles, never a stale answer
