@@ -34,6 +34,7 @@ import torch.fx
 
 from . import _stats, plugins, precompile
 from .capture.host_floats import FloatGuard, restart_to_specialize, specialize_in_dynamo, specialize_module_floats
+from .cache.dynamic import seed_from_cache
 from .capture.shapes import ShapeInfo, analyze_graph
 from .capture.torch_fixes import apply as _apply_torch_fixes
 from .capture.trace import aot_trace, make_boxed_func
@@ -135,15 +136,17 @@ class CompileContext:
         return ctx
 
 
-def _specializes_floats(compiler_fn: Any) -> bool:
-    """Whether Dynamo is tracing for this backend with ``specialize_floats`` on: the backend
-    Dynamo holds, unwrapped (its debug wrapper, ``torch.compile``'s wrapper with the
-    options, a ``functools.partial``), is :func:`ascend_backend`."""
+def _config_for(compiler_fn: Any) -> tuple[AscendConfig, bool] | None:
+    """``(config, under a host)`` of a compile Dynamo is tracing for this backend, or None
+    for another backend: the backend Dynamo holds, unwrapped (its debug wrapper,
+    ``torch.compile``'s wrapper with the options, a ``functools.partial``), is
+    :func:`ascend_backend`. Options the backend would refuse give None too (it says why
+    when it is called)."""
     options: Any = None
     fn = compiler_fn
     for _ in range(8):
         if fn is None:
-            return False
+            return None
         if fn is ascend_backend:
             break
         if isinstance(fn, functools.partial):
@@ -155,19 +158,38 @@ def _specializes_floats(compiler_fn: Any) -> bool:
             options = kwargs.get("options")
         fn = getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None) or getattr(fn, "__wrapped__", None)
     else:
-        return False
+        return None
     if options is not None and not isinstance(options, Mapping):
-        return False  # the backend says why when it is called
+        return None
     try:
         host = plugins.host_compile()
-        return AscendConfig.from_options({**(host.options if host else {}), **(options or {})}).specialize_floats
+        return AscendConfig.from_options({**(host.options if host else {}), **(options or {})}), host is not None
     except Exception:  # noqa: BLE001 - a bad option: the backend raises it when called
-        return False
+        return None
+
+
+def _specializes_floats(compiler_fn: Any) -> bool:
+    """Whether Dynamo is tracing for this backend with ``specialize_floats`` on."""
+    found = _config_for(compiler_fn)
+    return found is not None and found[0].specialize_floats
+
+
+def _batch_dynamic_cache_dir(compiler_fn: Any) -> str | None:
+    """The ``cache_dir`` whose records make this compile's first trace batch-dynamic: an
+    ``ascend`` compile with ``cache_dir``, outside a host (which owns its shapes: see
+    :func:`ascend_backend`)."""
+    found = _config_for(compiler_fn)
+    if found is None or found[1]:
+        return None
+    return found[0].cache_dir or None
 
 
 # Module floats become constants in Dynamo's first trace for this backend (no re-trace:
 # capture/host_floats.py); other backends' traces are left as they are
 specialize_in_dynamo(_specializes_floats)
+# With cache_dir, a frame the cache holds a batch-dynamic entry of is traced batch-dynamic
+# the first time (no static trace thrown away: cache/dynamic.py)
+seed_from_cache(_batch_dynamic_cache_dir)
 
 
 def resolve_codegen(config: AscendConfig, device: torch.device) -> str:

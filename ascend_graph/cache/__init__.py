@@ -61,6 +61,7 @@ import torch.fx
 from .. import _stats
 from ..errors import CacheError
 from . import aot
+from .dynamic import frame_record
 from .key import ENVIRONMENT_FACTORS, KEY_FACTORS, SERVING_OPTIONS, CacheKey, compute_key, environment_factors, graph_options, serving_options
 from .store import (
     TORCH_ARTIFACTS,
@@ -180,6 +181,9 @@ def compile_with_cache(
         strict = bool(getattr(ctx.config, "cache_strict", False))
     store = CacheStore(ctx.config.cache_dir)
     key = compute_key(gm, example_inputs, ctx)
+    # which frame this graph is, and its batch inputs: a later process traces that frame
+    # batch-dynamic from the start (cache/dynamic.py); not part of the key
+    ctx.frame = frame_record(gm, ctx.shapes, ctx.config)
     digest = key.digest
     try:
         # Reading takes no lock and writes nothing: a read-only cache is read like any other.
@@ -461,6 +465,8 @@ def _save(
     }
     if aot_cache_tag is not None:
         manifest["aot_cache_tag"] = aot_cache_tag
+    if getattr(ctx, "frame", None) is not None:
+        manifest["frame"] = ctx.frame
     start = time.perf_counter()
     try:
         with store.lock(exclusive=True):

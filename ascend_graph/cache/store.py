@@ -218,6 +218,7 @@ _MANIFEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pass_records": (lambda v: isinstance(v, list) and all(isinstance(r, dict) and isinstance(r.get("name"), str) and _is_int(r.get("rewrites")) for r in v), "a list of {name, rewrites, ...}"),
     "aot_cache_tag": (lambda v: isinstance(v, str), "a string"),
     "build_id": (lambda v: isinstance(v, str), "a string"),
+    "frame": (lambda v: isinstance(v, dict) and isinstance(v.get("code"), dict) and isinstance(v.get("sources"), dict), "an object {code, batch_dim, sources}"),
 }
 _REQUIRED_FIELDS = ("key", "factors", "files")
 

@@ -189,7 +189,7 @@ def _inductor_settings(vllm_inductor: dict[str, Any], cpu: bool) -> dict[str, An
 
 
 def host_compile() -> HostCompile | None:
-    """The core's host hook (entry point ``ascend_graph.hosts: vllm``, plugins.py).
+    """The core's host hook (entry point ``ascend_graph.hosts: vllm`` through ``vllm_host``, plugins.py).
 
     While vLLM compiles a model (a current vLLM config is set), the ``ascend`` backend
     takes its option defaults from :func:`options_from_vllm` and runs the vLLM op

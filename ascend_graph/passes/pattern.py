@@ -21,20 +21,43 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx
-from torch._inductor import pattern_matcher as pm
 
 from .base import GraphPass, source_hash
+
+if TYPE_CHECKING:
+    from torch._inductor import pattern_matcher as pm
+    from torch._inductor.pattern_matcher import Match
 
 __all__ = ["Fusion", "Path", "PatternPass", "Match", "fwd_only", "explain", "as_the_graph_holds"]
 
 log = logging.getLogger("ascend_graph.passes.pattern")
 
-Match = pm.Match
-fwd_only = pm.fwd_only
+
+# The pattern matcher (and inductor's lowering, which it imports) is imported when a
+# pass first runs, not with this module: building a pass manager imports every family
+# (their sources are part of the graph cache key), and a warm start that loads every
+# graph from the cache runs no pass, so it never pays the ~1 s import on a 2-core CPU.
+
+
+def _pm() -> Any:
+    from torch._inductor import pattern_matcher
+
+    return pattern_matcher
+
+
+def fwd_only(fn: Callable[..., Any], args: Sequence[Any], *rest: Any, **kwargs: Any) -> torch.fx.GraphModule:
+    """Inductor's ``pattern_matcher.fwd_only``: ``fn`` traced as the matcher traces patterns."""
+    return _pm().fwd_only(fn, args, *rest, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Match":  # inductor's Match, for callers that use it at run time
+        return _pm().Match
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def known_eq(a: Any, b: Any) -> bool:
@@ -160,7 +183,7 @@ def traced_pattern(f: Fusion, inputs: Sequence[Any] | None = None) -> torch.fx.G
     given = iter(inputs)
     args = [f.scalar_workaround[a] if a in f.scalar_workaround and len(inputs) < len(argnames) else next(given) for a in argnames]
     with torch.no_grad():
-        return pm.fwd_only(f.pattern, args)
+        return fwd_only(f.pattern, args)
 
 
 _as_traced: dict[tuple, torch.fx.GraphModule] = {}
@@ -236,6 +259,7 @@ def _build(fusions: Sequence[Fusion], pass_name: str) -> pm.PatternMatcherPass:
         entry = _built.get(key)
         if entry is not None:
             return entry[1]
+        pm = _pm()
         matcher = pm.PatternMatcherPass(pass_name=pass_name)
         for f in fusions:
             inputs = list(f.example_inputs())
@@ -334,7 +358,7 @@ class PatternPass(GraphPass):
             # input defined after that output (DeepSeek-V3's routed scaling under
             # dynamic=True: a 0-dim tensor cast to fp32 just before the final multiply,
             # after the top-k ids) would then be used before its definition.
-            pm.stable_topological_sort(graph)
+            _pm().stable_topological_sort(graph)
         return count
 
     def uuid_sources(self) -> list[Any]:

@@ -39,6 +39,7 @@ def make():
 
 def first_call(cache_dir: str | None, batch: int, options: dict) -> dict:
     import ascend_graph
+    import ascend_graph.backend  # noqa: F401 - what torch.compile(backend="ascend") imports: an import, not the call
     import ascend_graph.cache as cache
 
     model, inputs = make()

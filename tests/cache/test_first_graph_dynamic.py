@@ -77,3 +77,86 @@ class Branchy(torch.nn.Module):
 def test_a_model_that_specialises_on_its_batch_is_restarted_once(tmp_path, graphs):
     _run(Branchy().eval(), [3], {"cache_dir": str(tmp_path), **FX})
     assert graphs == [None]
+
+
+# -- a frame the cache holds batch-dynamic: its first trace is batch-dynamic, no restart --
+
+
+@pytest.fixture
+def restarts(monkeypatch):
+    """Every restart the backend raised (a static first trace thrown away)."""
+    raised = []
+    real = dynamic.restart_batch_dynamic
+
+    def spy(*args, **kwargs):
+        try:
+            return real(*args, **kwargs)
+        except Exception:
+            raised.append(True)
+            raise
+
+    monkeypatch.setattr(dynamic, "restart_batch_dynamic", spy)
+    return raised
+
+
+def _frame_records(cache_dir):
+    from ascend_graph.cache.store import CacheStore
+
+    return [s.manifest.get("frame") for s in CacheStore(str(cache_dir)).summaries()]
+
+
+def test_a_batch_dynamic_entry_records_its_frame_and_batch_inputs(tmp_path, graphs, restarts):
+    _run(MLP().eval(), [3], {"cache_dir": str(tmp_path), **FX})
+    assert restarts == [True] and len(graphs) == 1  # no record yet: the static trace restarted
+    (record,) = [r for r in _frame_records(tmp_path) if r is not None]
+    assert record["batch_dim"] == 0 and list(record["sources"].values()) == [2]
+    assert record["code"]["name"] and record["code"]["firstlineno"] > 0
+
+
+def test_a_frame_the_cache_holds_is_traced_batch_dynamic_first(tmp_path, graphs, restarts):
+    model = MLP().eval()
+    _run(model, [3], {"cache_dir": str(tmp_path), **FX})
+    del graphs[:], restarts[:]
+    # a new process, as far as Dynamo's state goes (_run resets it): the record seeds it
+    _run(model, [5, 2, 7], {"cache_dir": str(tmp_path), **FX})
+    assert restarts == [] and len(graphs) == 1 and graphs[0] is not None
+
+
+def test_batch_1_first_stays_static_with_a_record(tmp_path, graphs):
+    model = MLP().eval()
+    _run(model, [3], {"cache_dir": str(tmp_path), **FX})
+    del graphs[:]
+    _run(model, [1, 4], {"cache_dir": str(tmp_path), **FX})
+    assert len(graphs) == 2 and graphs[0] is None and graphs[1] is not None  # as ascend-graph build traces
+
+
+def test_other_backends_and_compiles_without_cache_dir_are_not_seeded(tmp_path, graphs):
+    model = MLP().eval()
+    _run(model, [3], {"cache_dir": str(tmp_path), **FX})
+    seen = []
+
+    def other_backend(gm, example_inputs):
+        seen.append(any(isinstance(s, torch.SymInt) for t in example_inputs if isinstance(t, torch.Tensor) for s in t.shape))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=other_backend)(torch.randn(3, 8))
+    assert seen == [False]
+    del graphs[:]
+    _run(model, [3], dict(FX))
+    assert graphs == [None]
+
+
+def test_the_seeding_state_pickles_and_copies_as_dynamos_own():
+    import collections
+    import copy
+    import pickle
+
+    from torch._dynamo import pgo
+
+    torch._dynamo.reset()
+    state = pgo.get_code_state()
+    assert type(state) is not collections.defaultdict  # the seeding map is installed
+    assert type(pickle.loads(pickle.dumps(state))) is collections.defaultdict  # Dynamo's PGO file
+    assert type(copy.deepcopy(state)) is collections.defaultdict

@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,11 @@ import torch.nn.functional as F
 from ...config import AscendConfig
 from ...ops import attention as _attention_ops  # noqa: F401  (registers ascend_graph::attention)
 from ..base import GraphPass
-from ..pattern import Fusion, Match, Path, PatternPass, known_eq
+from ..pattern import Fusion, Path, PatternPass, known_eq
+
+if TYPE_CHECKING:
+    from torch._inductor.pattern_matcher import Match
+
 
 __all__ = ["make_pass", "FUSIONS", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "HEAD_DIM_ALIGN"]
 

@@ -85,11 +85,10 @@ import itertools
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
-from torch._inductor.fx_passes.post_grad import remove_noop_ops
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make_fx
 
@@ -98,7 +97,11 @@ from ...config import AscendConfig
 from ...ops import gated_delta as _ops  # registers the ops the replacements call
 from ..base import GraphPass
 from ..cleanup import DeadCodeElimination, NoOpElimination, hoist_size_reads
-from ..pattern import Fusion, Match, PatternPass, known_eq
+from ..pattern import Fusion, PatternPass, known_eq
+
+if TYPE_CHECKING:
+    from torch._inductor.pattern_matcher import Match
+
 
 __all__ = ["make_pass", "FUSIONS"]
 
@@ -391,6 +394,8 @@ def _normalised_hf_chunk(metas: tuple[_TensorMeta, ...], device: torch.device, o
         gm = make_fx(torch.func.functionalize(call), decompositions(), tracing_mode="real")(*inputs)
     NoOpElimination()(gm.graph)
     DeadCodeElimination()(gm.graph)
+    from torch._inductor.fx_passes.post_grad import remove_noop_ops
+
     remove_noop_ops(gm.graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()
@@ -619,6 +624,8 @@ class GatedDeltaPass(GraphPass):
         # nodes (a noop copy's destination view: HF's output buffer of a single chunk
         # kept a dead select, one more user of a node inside the region than the pattern
         # has, so a prompt under 64 tokens never fused in the row-loop branch), which go too
+        from torch._inductor.fx_passes.post_grad import remove_noop_ops
+
         remove_noop_ops(graph)
         DeadCodeElimination()(graph)
         # under dynamic shapes AOT reads the chunk count and chunk size off the region's

@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +84,11 @@ from ...config import AscendConfig
 from ...ops import moe as _moe_ops  # noqa: F401  (registers the ops)
 from ..base import GraphPass
 from ..cleanup import hoist_size_reads
-from ..pattern import Fusion, Match, PatternPass, as_the_graph_holds, known_eq
+from ..pattern import Fusion, PatternPass, as_the_graph_holds, known_eq
+
+if TYPE_CHECKING:
+    from torch._inductor.pattern_matcher import Match
+
 from .norm_rope import _graph_device as graph_device  # the device a graph runs on, as that family's policy reads it
 
 __all__ = ["make_pass", "MoEFusion", "ROUTER_FUSIONS", "LOOP_FORMS", "expert_fusions", "expert_variants", "loop_fusion", "loop_variants", "LIST_LOOP_FORMS", "list_loop_fusion", "list_loop_variants", "list_loop_policy", "drop_nonzero_size_asserts", "shared_fusions", "shared_variants"]
