@@ -283,6 +283,9 @@ class _SeedingCodeState(collections.defaultdict):  # type: ignore[type-arg]
         pgo, current_tx, cache_dir_for = _seeding
         try:
             tx = current_tx()
+        except AttributeError:  # no trace running: Dynamo reads the map after a trace too
+            return state
+        try:
             cache_dir = cache_dir_for(tx.output.compiler_fn) if tx is not None else None
             # the state asked for is the frame being traced (the only one whose inputs Dynamo wraps)
             if cache_dir and torch._dynamo.config.automatic_dynamic_shapes and _code_id(pgo, tx) == code_id:
