@@ -153,6 +153,14 @@ def triton_supported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bo
 # --------------------------------------------------------------------------- kernels
 
 
+# The pair count P (tokens x top-k) is only a bound (``pairs < P``), never a stride or an
+# offset, so Triton's "divisible by 16" specialisation of it buys nothing, and it flips
+# from one batch bucket to the next (17 tokens x 8 slots x batch 1, 2, 4, 8): a new compile
+# of each expert kernel per bucket at capture time (session 13, H100: 3-4 per bucket for
+# Qwen3-Next). Not specialised on alignment, one compile serves every bucket.
+_PAIR_COUNT = ["P"]
+
+
 @triton.jit
 def _pair_expert(ids_ptr, mask_ptr, p, P, E, stride_it, stride_ik, TOPK: tl.constexpr, HAS_MASK: tl.constexpr):
     """Expert of pair ``p`` (token ``p // TOPK``, slot ``p % TOPK``), or ``E`` if the pair does no work."""
@@ -282,7 +290,7 @@ def _gate_up(x_ptr, w_ptr, e, tok, rmask, n, nmask, k_lo, H, N, stride_xt, strid
     return acc_g, acc_u
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=_PAIR_COUNT)
 def _w13_kernel(
     x_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_ptr, mask_ptr,
     P, E, N, H,
@@ -319,7 +327,7 @@ def _w13_kernel(
         tl.atomic_add(o_ptrs + N, acc_u, mask=omask, sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=_PAIR_COUNT)
 def _w2_kernel(
     a_ptr, w_ptr, y_ptr, tw_ptr, sorted_ptr, block_expert_ptr, ids_ptr, mask_ptr,
     P, E, N,
@@ -376,7 +384,7 @@ def _w2_kernel(
     tl.store(y_ptr + pr[:, None] * stride_yp + n[None, :], acc, mask=rmask[:, None] & nmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=_PAIR_COUNT)
 def _ffn_kernel(
     x_ptr, w13_ptr, w2_ptr, y_ptr, tw_ptr, ids_ptr, mask_ptr,
     P, E, I,
