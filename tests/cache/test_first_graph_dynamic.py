@@ -130,7 +130,7 @@ def test_batch_1_first_stays_static_with_a_record(tmp_path, graphs):
     assert len(graphs) == 2 and graphs[0] is None and graphs[1] is not None  # as ascend-graph build traces
 
 
-def test_other_backends_and_compiles_without_cache_dir_are_not_seeded(tmp_path, graphs):
+def test_other_backends_compiles_without_cache_dir_and_dynamic_false_are_not_seeded(tmp_path, graphs):
     model = MLP().eval()
     _run(model, [3], {"cache_dir": str(tmp_path), **FX})
     seen = []
@@ -145,6 +145,9 @@ def test_other_backends_and_compiles_without_cache_dir_are_not_seeded(tmp_path, 
     assert seen == [False]
     del graphs[:]
     _run(model, [3], dict(FX))
+    assert graphs == [None]
+    del graphs[:]
+    _run(model, [3], {"cache_dir": str(tmp_path), **FX}, dynamic=False)  # no automatic dynamic: nothing to seed
     assert graphs == [None]
 
 
