@@ -551,6 +551,9 @@ def _entry_report(store: Any, summary: Any) -> dict[str, Any]:
         # "load": a hit loads the compiled graph (AOTAutograd's cache); "rebuild": a hit
         # runs the build with the artifacts hot-loaded (FX codegen, or torch declined to save)
         "on_hit": "load" if m.get("aot_cache_tag") else "rebuild",
+        # the frame this batch-dynamic graph was traced from and its batch inputs: a later
+        # process traces that frame batch-dynamic from its first call (cache/dynamic.py)
+        "frame": m.get("frame"),
     }
 
 
@@ -581,6 +584,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         if e["graph_options"]:
             print("  options in the key (config factor): " + " ".join(f"{k}={_option(v)}" for k, v in sorted(e["graph_options"].items())))
         print("  options recorded beside the key (not in it): " + " ".join(f"{k}={_option(v)}" for k, v in sorted(e["serving_options"].items())))
+        frame = e["frame"]
+        if frame:
+            code = frame.get("code", {})
+            print(f"  frame {code.get('name')} line {code.get('firstlineno')}: first trace batch-dynamic in dim {frame.get('batch_dim')} of " + " ".join(sorted(frame.get("sources", {}))))
     return EXIT_OK
 
 

@@ -50,11 +50,14 @@ def test_build_then_inspect_then_verify_then_clear(tmp_path, factory, capsys):
     assert "options recorded beside the key (not in it): " in out and "buckets=[2,4]" in out and "warmup=false" in out
     assert "options in the key (config factor): " in out and "codegen=\"fx\"" in out
     assert "a hit will rebuild" in out  # FX codegen: a hit runs the build (only inductor output loads)
+    # the batch-dynamic entry names its frame: a later process traces it batch-dynamic first
+    assert "first trace batch-dynamic in dim 0 of L[" in out
 
     assert main(["inspect", str(cache_dir), "--json"]) == EXIT_OK
     doc = json.loads(capsys.readouterr().out)
     assert doc["entries"][0]["factors"]["torch"] and doc["builds"][0]["buckets"] == [2, 4]
     assert {e["on_hit"] for e in doc["entries"]} == {"rebuild"}
+    assert [list(e["frame"]["sources"].values()) for e in doc["entries"]] == [[2]]
 
     assert main(["verify", str(cache_dir)]) == EXIT_OK
     assert "1 ok, 0 corrupt, 0 stale" in capsys.readouterr().out
