@@ -76,6 +76,15 @@ def _internals() -> tuple[Any, Any, Any] | None:
     return pgo, InstructionTranslator.current_tx, restart
 
 
+def _tx(current_tx: Any) -> Any:
+    """The translator tracing in this thread, or None (Dynamo's getter raises in a thread
+    that never traced: a direct ``compile_graph`` call, a read of its state after a trace)."""
+    try:
+        return current_tx()
+    except AttributeError:
+        return None
+
+
 def supported() -> str | None:
     """None when a static first graph can be re-traced batch-dynamic here, else why not."""
     if _internals() is None:
@@ -115,7 +124,7 @@ def restart_batch_dynamic(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
         log.info("first graph stays static: %s", supported())
         return
     pgo, current_tx, restart = internals
-    tx = current_tx()
+    tx = _tx(current_tx)
     if tx is None:
         return
     batch_dim = config.batch_dim
@@ -161,7 +170,6 @@ def restart_batch_dynamic(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
         speculation.clear()
     log.info("graph of batch %d re-traced with a dynamic batch dim (%s), as a second call would be: one graph for every batch, the one `ascend-graph build` caches", batch, ", ".join(widened))
     raise restart(restart_reason="ascend-graph: the first graph is batch-dynamic (graph cache)")
-
 
 
 # -- the first trace already batch-dynamic: no static trace to throw away ---------------
@@ -215,7 +223,7 @@ def frame_record(gm: torch.fx.GraphModule, shapes: Any, config: Any) -> dict[str
     if internals is None:
         return None
     pgo, current_tx, _ = internals
-    tx = current_tx()
+    tx = _tx(current_tx)
     if tx is None:
         return None
     batch_dim = config.batch_dim
@@ -240,8 +248,9 @@ def _records_for(cache_dir: str, code: dict[str, Any]) -> list[dict[str, Any]]:
     from .store import CacheStore
 
     out = []
+    store = CacheStore(cache_dir)
     try:
-        summaries = CacheStore(cache_dir).summaries() if CacheStore(cache_dir).is_cache() else []
+        summaries = store.summaries() if store.is_cache() else []
     except Exception:  # noqa: BLE001 - an unreadable cache is the cache's to report, at compile
         return []
     for s in summaries:
@@ -281,12 +290,11 @@ class _SeedingCodeState(collections.defaultdict):  # type: ignore[type-arg]
         if _seeding is None:
             return state
         pgo, current_tx, cache_dir_for = _seeding
-        try:
-            tx = current_tx()
-        except AttributeError:  # no trace running: Dynamo reads the map after a trace too
+        tx = _tx(current_tx)
+        if tx is None:  # no trace running: Dynamo reads the map after a trace too
             return state
         try:
-            cache_dir = cache_dir_for(tx.output.compiler_fn) if tx is not None else None
+            cache_dir = cache_dir_for(tx.output.compiler_fn)
             # the state asked for is the frame being traced (the only one whose inputs Dynamo wraps)
             if cache_dir and torch._dynamo.config.automatic_dynamic_shapes and _code_id(pgo, tx) == code_id:
                 seeded = _seed(state, _frame_fields(pgo, tx), cache_dir, pgo)

@@ -163,3 +163,20 @@ def test_the_seeding_state_pickles_and_copies_as_dynamos_own():
     assert type(state) is not collections.defaultdict  # the seeding map is installed
     assert type(pickle.loads(pickle.dumps(state))) is collections.defaultdict  # Dynamo's PGO file
     assert type(copy.deepcopy(state)) is collections.defaultdict
+
+
+def test_no_record_and_no_seed_outside_a_trace():
+    """A compile outside Dynamo (``compile_graph`` called directly, in a thread that never
+    traced): no frame to record, nothing raised."""
+    import threading
+    import types
+
+    from ascend_graph.config import AscendConfig
+
+    gm = torch.fx.symbolic_trace(MLP())
+    shapes = types.SimpleNamespace(batch_symbol="s0", inputs=[])
+    out = []
+    thread = threading.Thread(target=lambda: out.append(dynamic.frame_record(gm, shapes, AscendConfig())))
+    thread.start()
+    thread.join()
+    assert out == [None]
