@@ -57,6 +57,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
+from ..capture.host_floats import tracing_tx
+
 __all__ = ["restart_batch_dynamic", "supported", "frame_record", "seed_from_cache"]
 
 log = logging.getLogger("ascend_graph.cache")
@@ -74,15 +76,6 @@ def _internals() -> tuple[Any, Any, Any] | None:
     if restart is None or not all(hasattr(pgo, n) for n in needed) or not hasattr(InstructionTranslator, "current_tx"):
         return None
     return pgo, InstructionTranslator.current_tx, restart
-
-
-def _tx(current_tx: Any) -> Any:
-    """The translator tracing in this thread, or None (Dynamo's getter raises in a thread
-    that never traced: a direct ``compile_graph`` call, a read of its state after a trace)."""
-    try:
-        return current_tx()
-    except AttributeError:
-        return None
 
 
 def supported() -> str | None:
@@ -124,7 +117,7 @@ def restart_batch_dynamic(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
         log.info("first graph stays static: %s", supported())
         return
     pgo, current_tx, restart = internals
-    tx = _tx(current_tx)
+    tx = tracing_tx(current_tx)
     if tx is None:
         return
     batch_dim = config.batch_dim
@@ -223,7 +216,7 @@ def frame_record(gm: torch.fx.GraphModule, shapes: Any, config: Any) -> dict[str
     if internals is None:
         return None
     pgo, current_tx, _ = internals
-    tx = _tx(current_tx)
+    tx = tracing_tx(current_tx)
     if tx is None:
         return None
     batch_dim = config.batch_dim
@@ -290,7 +283,7 @@ class _SeedingCodeState(collections.defaultdict):  # type: ignore[type-arg]
         if _seeding is None:
             return state
         pgo, current_tx, cache_dir_for = _seeding
-        tx = _tx(current_tx)
+        tx = tracing_tx(current_tx)
         if tx is None:  # no trace running: Dynamo reads the map after a trace too
             return state
         try:

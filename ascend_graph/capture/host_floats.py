@@ -96,6 +96,16 @@ def _float_symbol(node: torch.fx.Node) -> str | None:
     return name if isinstance(name, str) else None
 
 
+def tracing_tx(current_tx: Callable[[], Any]) -> Any:
+    """The translator Dynamo is tracing with in this thread, or None. ``current_tx`` is
+    ``InstructionTranslator.current_tx``, which raises in a thread that never traced
+    (a direct ``compile_graph`` call there, a read of Dynamo's state after a trace)."""
+    try:
+        return current_tx()
+    except AttributeError:
+        return None
+
+
 def _tensorify_internals() -> tuple[Any, Any, Any] | None:
     """(TensorifyState, the restart exception, the current-tx getter), or None on a torch without them."""
     try:
@@ -125,7 +135,7 @@ def restart_to_specialize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
     if internals is None:
         return
     state, restart, current_tx = internals
-    if current_tx() is None:
+    if tracing_tx(current_tx) is None:
         return
     names = [_float_symbol(node) for _, _, node in chosen.values()]
     if any(n is None for n in names) or all(state.should_specialize(n) for n in names):
@@ -157,7 +167,7 @@ def _module_float_of_ours(name: str, wants: Callable[[Any], bool]) -> bool:
     internals = _tensorify_internals()
     if internals is None:
         return False
-    tx = internals[2]()
+    tx = tracing_tx(internals[2])
     if tx is None or not wants(getattr(tx.output, "compiler_fn", None)):
         return False
     for symbol, sources in tx.output.shape_env.var_to_sources.items():
