@@ -183,7 +183,7 @@ def compile_with_cache(
     key = compute_key(gm, example_inputs, ctx)
     # which frame this graph is, and its batch inputs: a later process traces that frame
     # batch-dynamic from the start (cache/dynamic.py); not part of the key
-    ctx.frame = frame_record(gm, ctx.shapes, ctx.config)
+    frame = frame_record(gm, ctx.shapes, ctx.config)
     digest = key.digest
     try:
         # Reading takes no lock and writes nothing: a read-only cache is read like any other.
@@ -236,7 +236,7 @@ def compile_with_cache(
                 # written without a tag: until the key is fixed, its hits rebuild and
                 # compare rather than load.
                 log.warning("graph cache entry %s matched %s but the post-pass graph differs from the stored one; the cache key misses a factor; entry %s", digest[:12], ctx.graph_id, "kept (read-only cache)" if read_only else "rewritten")
-                written = None if read_only else _save(store, key, gm, ctx, artifacts, recorder.collect(), seconds, None, replace=True)
+                written = None if read_only else _save(store, key, gm, ctx, artifacts, recorder.collect(), seconds, None, frame, replace=True)
                 _emit(CacheEvent(ctx.graph_id, digest, "mismatch", compile_seconds=seconds, load_seconds=load_seconds, read_only=read_only))
                 return _amend_after_first_call(compiled, store, key.digest, written, recorder)
             else:
@@ -278,7 +278,7 @@ def compile_with_cache(
         written = None
     else:
         # replace: an entry whose checksums hold but that torch could not read must go too.
-        written = _save(store, key, gm, ctx, artifacts, recorder.collect(), seconds, tag, replace=bool(problems))
+        written = _save(store, key, gm, ctx, artifacts, recorder.collect(), seconds, tag, frame, replace=bool(problems))
     _emit(CacheEvent(ctx.graph_id, digest, status, changed=changed, compile_seconds=seconds, detail=detail, read_only=read_only))
     return _amend_after_first_call(compiled, store, digest, written, recorder)
 
@@ -427,12 +427,14 @@ def _save(
     kernels: dict[str, bytes],
     build_seconds: float,
     aot_cache_tag: str | None,
+    frame: dict[str, Any] | None,
     *,
     replace: bool = False,
 ) -> tuple[dict[str, Any], dict[str, bytes]] | None:
     """Write the entry; returns its manifest and files, or None when it was not written.
 
-    ``kernels``: entry file name -> bytes, from :meth:`KernelRecorder.collect`.
+    ``kernels``: entry file name -> bytes, from :meth:`KernelRecorder.collect`;
+    ``frame``: the graph's frame record (:func:`~ascend_graph.cache.dynamic.frame_record`).
     """
     files: dict[str, bytes] = {GRAPH_FILE: gm.code.encode()}
     if ctx.post_pass_code is not None:
@@ -465,8 +467,8 @@ def _save(
     }
     if aot_cache_tag is not None:
         manifest["aot_cache_tag"] = aot_cache_tag
-    if getattr(ctx, "frame", None) is not None:
-        manifest["frame"] = ctx.frame
+    if frame is not None:
+        manifest["frame"] = frame
     start = time.perf_counter()
     try:
         with store.lock(exclusive=True):

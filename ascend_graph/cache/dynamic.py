@@ -192,10 +192,10 @@ def _closure_fields(closure: Any) -> list[str | None]:
     return out
 
 
-def _frame_fields(pgo: Any, tx: Any) -> dict[str, Any]:
-    """What identifies the frame ``tx`` traces across processes: Dynamo's ``CodeId`` of it
-    (the file's hash where it has one, torch >= 2.12, else the path) and its closure."""
-    code_id = _code_id(pgo, tx)
+def _frame_fields(code_id: Any, tx: Any) -> dict[str, Any]:
+    """What identifies the frame ``tx`` traces across processes: ``code_id``, Dynamo's
+    ``CodeId`` of it (the file's hash where it has one, torch >= 2.12, else the path), and
+    its closure."""
     fields: dict[str, Any] = {"name": str(code_id.name), "firstlineno": int(code_id.firstlineno)}
     file_hash = getattr(code_id, "file_hash", None)
     if file_hash is not None:
@@ -231,7 +231,7 @@ def frame_record(gm: torch.fx.GraphModule, shapes: Any, config: Any) -> dict[str
     if not sources:
         return None
     try:
-        code = _frame_fields(pgo, tx)
+        code = _frame_fields(_code_id(pgo, tx), tx)
     except Exception:  # noqa: BLE001 - a CodeId of another shape: no record, the restart serves
         return None
     return {"code": code, "batch_dim": int(batch_dim), "sources": sources}
@@ -290,7 +290,7 @@ class _SeedingCodeState(collections.defaultdict):  # type: ignore[type-arg]
             cache_dir = cache_dir_for(tx.output.compiler_fn)
             # the state asked for is the frame being traced (the only one whose inputs Dynamo wraps)
             if cache_dir and torch._dynamo.config.automatic_dynamic_shapes and _code_id(pgo, tx) == code_id:
-                seeded = _seed(state, _frame_fields(pgo, tx), cache_dir, pgo)
+                seeded = _seed(state, _frame_fields(code_id, tx), cache_dir, pgo)
                 if seeded:
                     log.info("first trace of %s is batch-dynamic (%s), as the cache's entry for this frame was built", code_id, ", ".join(seeded))
         except Exception as e:  # noqa: BLE001 - never break a trace: the restart still serves
@@ -315,8 +315,9 @@ def seed_from_cache(cache_dir_for: Callable[[Any], str | None]) -> bool:
     if internals is None or not all(hasattr(internals[0], n) for n in ("auto_unset", "CodeState", "get_code_state", "_CODE_STATE")):
         return False
     pgo, current_tx, _ = internals
-    if _seeding is not None:
-        _seeding = (pgo, current_tx, cache_dir_for)
+    installed = _seeding is not None
+    _seeding = (pgo, current_tx, cache_dir_for)
+    if installed:
         return True
     original = pgo.get_code_state
 
@@ -328,5 +329,4 @@ def seed_from_cache(cache_dir_for: Callable[[Any], str | None]) -> bool:
         return state
 
     pgo.get_code_state = get_code_state
-    _seeding = (pgo, current_tx, cache_dir_for)
     return True
